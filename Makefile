@@ -1,0 +1,39 @@
+# The two commands of README: `make repro` (whole pipeline) and `make test`.
+# Each sets everything up on a fresh machine: .venv with the pinned requirements, git, dvc.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell md5sum requirements.txt | cut -c1-12)
+# DVC runs each stage's `python -m stages.X` through the shell: make it the venv's python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup repro test bench clean-venv
+
+$(STAMP): requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
+	@[ -d .dvc ] || dvc init -q
+
+# `make repro` runs the pipeline as params.yaml says (default: the official Zenodo archive).
+# `make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=<md5>` runs it on a local archive,
+# recorded by DVC as an experiment with download.url/md5 set (params.yaml is updated).
+repro: setup
+ifdef ARCHIVE
+	dvc exp run -S 'download.url=$(ARCHIVE)' -S 'download.md5=$(ARCHIVE_MD5)'
+else
+	dvc repro
+endif
+
+test: setup
+	python -m pytest -q tests
+
+bench: setup
+	python bench/bench_features.py
+	python bench/bench_repro.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,63 @@
+"""The RAVDESS label schema: file-name fields and the emotion class list."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+# Order is the class index order of every model this project trains.
+EMOTIONS: list[str] = [
+    "neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised",
+]
+MODALITIES = {1: "full-AV", 2: "video-only", 3: "audio-only"}
+VOCAL_CHANNELS = {1: "speech", 2: "song"}
+INTENSITIES = {1: "normal", 2: "strong"}
+STATEMENTS = {1: "Kids are talking by the door", 2: "Dogs are sitting by the door"}
+
+_NAME = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
+
+
+def parse_name(path: str | Path) -> dict[str, Any]:
+    """Decode a RAVDESS file name like 03-01-05-02-01-02-12.wav.
+
+    Raises ValueError saying what is wrong when the name is not a valid RAVDESS name.
+    """
+    stem = Path(path).stem
+    match = _NAME.match(stem)
+    if not match:
+        raise ValueError(f"not a RAVDESS name (want MM-VV-EE-II-SS-RR-AA): {Path(path).name}")
+    modality, channel, emotion, intensity, statement, repetition, actor = map(int, match.groups())
+    checks = [
+        (modality in MODALITIES, "modality"),
+        (channel in VOCAL_CHANNELS, "vocal channel"),
+        (1 <= emotion <= len(EMOTIONS), "emotion"),
+        (intensity in INTENSITIES, "intensity"),
+        (statement in STATEMENTS, "statement"),
+        (repetition in (1, 2), "repetition"),
+        (1 <= actor <= 24, "actor"),
+    ]
+    for ok, field in checks:
+        if not ok:
+            raise ValueError(f"invalid {field} code in RAVDESS name: {Path(path).name}")
+    if emotion == 1 and intensity == 2:
+        raise ValueError(f"neutral has no strong intensity in RAVDESS: {Path(path).name}")
+    return {
+        "modality": MODALITIES[modality],
+        "vocal_channel": VOCAL_CHANNELS[channel],
+        "emotion": EMOTIONS[emotion - 1],
+        "intensity": INTENSITIES[intensity],
+        "statement": statement,
+        "repetition": repetition,
+        "actor": actor,
+        "sex": "male" if actor % 2 == 1 else "female",
+    }
+
+
+def resolve_classes(selected: list[str] | None) -> list[str]:
+    """The class set a model is trained on: all eight, or a subset in schema order."""
+    if not selected:
+        return list(EMOTIONS)
+    unknown = sorted(set(selected) - set(EMOTIONS))
+    if unknown:
+        raise ValueError(f"unknown emotion(s) {unknown}; choose from {EMOTIONS}")
+    return [e for e in EMOTIONS if e in selected]

@@ -1,0 +1,135 @@
+"""Model definitions and the self-contained checkpoint format shared by train, evaluate, predict."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.audio import FeatureParams
+from stages.util import atomic_path
+
+CHECKPOINT_FORMAT = 1
+
+
+class EmotionCNN(nn.Module):
+    """2D CNN over log-Mel: conv blocks (conv, [BatchNorm], ReLU) -> max-pool -> dropout,
+    then optional BiLSTM over time, then mean+max (or attention) pooling over time and a
+    dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
+
+    def __init__(self, n_mels: int, n_classes: int, channels: list[int], convs_per_block: int,
+                 batch_norm: bool, dropout: float, head_hidden: int, pooling: str,
+                 lstm_hidden: int) -> None:
+        super().__init__()
+        if pooling not in ("meanmax", "attention"):
+            raise ValueError(f"pooling must be 'meanmax' or 'attention', not {pooling!r}")
+        self.register_buffer("feature_mean", torch.zeros(n_mels))
+        self.register_buffer("feature_std", torch.ones(n_mels))
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for out_ch in channels:
+            for _ in range(convs_per_block):
+                layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm)]
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(out_ch))
+                layers.append(nn.ReLU(inplace=True))
+                in_ch = out_ch
+            layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+        self.conv = nn.Sequential(*layers)
+        width = in_ch
+        self.lstm = None
+        if lstm_hidden > 0:
+            self.lstm = nn.LSTM(width, lstm_hidden, batch_first=True, bidirectional=True)
+            width = 2 * lstm_hidden
+        self.pooling = pooling
+        if pooling == "attention":
+            self.attention = nn.Linear(width, 1)
+            pooled = width
+        else:
+            pooled = 2 * width
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(pooled, head_hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(head_hidden, n_classes),
+        )
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.feature_mean[:, None]) / self.feature_std[:, None]
+        x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
+        x = x.mean(dim=2).transpose(1, 2)  # average frequency -> (B, frames', C)
+        if self.lstm is not None:
+            x, _ = self.lstm(x)
+        if self.pooling == "attention":
+            weights = torch.softmax(self.attention(x), dim=1)
+            x = (weights * x).sum(dim=1)
+        else:
+            x = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)
+        return self.head(x)
+
+
+def build_model(arch: dict[str, Any], n_mels: int, n_classes: int) -> EmotionCNN:
+    return EmotionCNN(n_mels=n_mels, n_classes=n_classes, **arch)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path: str | Path, model: EmotionCNN, arch: dict[str, Any],
+                    classes: list[str], fp: FeatureParams, extra: dict[str, Any]) -> None:
+    """Everything needed to use the model alone; only tensors and plain types, so it loads
+    with torch.load(weights_only=True)."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": dict(arch),
+        "classes": list(classes),
+        "feature_params": fp.to_dict(),
+        "extra": dict(extra),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message says which file and why."""
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
+                    ) -> tuple[EmotionCNN, dict[str, Any]]:
+    """Load a model saved by save_checkpoint, in eval mode, plus its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no model file (train one with `dvc repro train`)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{path}: not a loadable model file ({e})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: not a model file of format {CHECKPOINT_FORMAT}")
+    fp = FeatureParams.from_dict(checkpoint["feature_params"])
+    model = build_model(checkpoint["arch"], fp.n_mels, len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    meta = {k: checkpoint[k] for k in ("arch", "classes", "extra")}
+    meta["feature_params"] = fp
+    return model, meta
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
+          device: torch.device | str) -> torch.Tensor:
+    """Logits for a (clips, mels, frames) tensor, batch by batch, returned on the CPU."""
+    model.eval()
+    device = torch.device(device)
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            outputs.append(model(xb).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
