@@ -25,7 +25,8 @@ class FeatureParams:
     fmin: float
     fmax: float
     trim_db: float | None  # None: keep leading/trailing silence
-    amin: float  # power floor before log, sets the dB floor
+    amin: float  # power floor before log
+    top_db: float | None  # dB relative to the clip's peak (loudness-invariant); None: absolute dB
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureParams":
@@ -98,7 +99,8 @@ def fix_length(y: np.ndarray, n_samples: int) -> np.ndarray:
 
 class LogMel:
     """Log-Mel in dB, numerically the same as librosa's melspectrogram + power_to_db
-    (centred Hann STFT, zero padding) with librosa's trim, computed in NumPy.
+    (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
+    computed in NumPy.
 
     The mel filterbank comes from librosa once, when the extractor is built; worker
     processes receive the arrays and never import librosa (its first call costs seconds
@@ -139,7 +141,10 @@ class LogMel:
         spectrum = np.fft.rfft(self._frames(y) * self.window, axis=1)
         power = spectrum.real ** 2 + spectrum.imag ** 2
         mel = self.filterbank @ power.T.astype(np.float32)
-        return (10 * np.log10(np.maximum(mel, self.fp.amin))).astype(np.float32)
+        db = 10 * np.log10(np.maximum(mel, self.fp.amin))
+        if self.fp.top_db is not None:  # librosa's power_to_db(ref=np.max, top_db=top_db)
+            db = np.maximum(db - db.max(), -self.fp.top_db)
+        return db.astype(np.float32)
 
     def from_file(self, path: str | Path) -> np.ndarray:
         """Load one file and compute its log-Mel: what features and predict both call."""

@@ -1,0 +1,57 @@
+"""Benchmark the features stage on the 1,200 mirror clips: clips/s for n_jobs=1 and 2,
+and the wall time of the whole stage (`python -m stages.features`, process start included)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stages.audio import FeatureParams  # noqa: E402
+from stages.features import build  # noqa: E402
+from stages.metadata import collect, write_parquet  # noqa: E402
+
+MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
+
+
+def main() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    fp = FeatureParams.from_dict(params["features"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        zipfile.ZipFile(MIRROR).extractall(tmp / "data/raw")
+        clips, _ = collect(tmp / "data/raw", [], [])
+        paths = clips["path"].tolist()
+        rates = {n: build(paths, fp, tmp / f"f{n}", n_jobs=n) for n in (1, 2)}
+        # whole stage, as DVC runs it, in a scratch project with the same params
+        shutil.copytree(ROOT / "stages", tmp / "stages")
+        params["features"].update(metadata="data/metadata.parquet", out_dir="data/features")
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        write_parquet(clips.assign(path=[str(Path(p).relative_to(tmp)) for p in paths]),
+                      tmp / "data/metadata.parquet")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stages.features"], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stage_s = time.perf_counter() - start
+    result = {
+        "clips": len(paths),
+        "clips_per_s_n_jobs_1": round(rates[1], 1),
+        "clips_per_s_n_jobs_2": round(rates[2], 1),
+        "speedup_2_vs_1": round(rates[2] / rates[1], 2),
+        "stage_seconds_n_jobs_all": round(stage_s, 1),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"target: speedup >= 1.7 ({'met' if result['speedup_2_vs_1'] >= 1.7 else 'NOT met'}), "
+          f"stage < 30 s ({'met' if stage_s < 30 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

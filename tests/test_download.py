@@ -1,0 +1,167 @@
+import hashlib
+import io
+import stat
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from stages.download import fetch, safe_extract
+from stages.util import UserError
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+class RangeServer:
+    """A local HTTP server for PAYLOAD that honours Range and can drop the connection
+    part-way through the first response, to force a resume."""
+
+    def __init__(self, cut_first_at: int | None = None, fail_first: int = 0) -> None:
+        self.requests: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.headers.get("Range"))
+                if len(server.requests) <= fail_first:
+                    self.send_error(503)
+                    return
+                start = 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+                else:
+                    self.send_response(200)
+                body = PAYLOAD[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if cut_first_at is not None and len(server.requests) == 1:
+                    self.wfile.write(body[:cut_first_at])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # drop mid-body
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _fetch(url, archive, md5=PAYLOAD_MD5, retries=3):
+    fetch(url, archive, md5, retries=retries, backoff_s=0.01, timeout_s=5, chunk_bytes=65536)
+
+
+def test_interrupted_download_resumes_with_range(tmp_path):
+    server = RangeServer(cut_first_at=300_000)
+    try:
+        _fetch(server.url, tmp_path / "a.zip")
+    finally:
+        server.close()
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+    assert server.requests[0] is None
+    assert server.requests[1].startswith("bytes=") and int(server.requests[1][6:-1]) > 0
+    assert not (tmp_path / "a.zip.part").exists()
+
+
+def test_leftover_part_file_is_continued(tmp_path):
+    (tmp_path / "a.zip.part").write_bytes(PAYLOAD[:1000])
+    server = RangeServer()
+    try:
+        _fetch(server.url, tmp_path / "a.zip")
+    finally:
+        server.close()
+    assert server.requests == ["bytes=1000-"]
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+
+
+def test_server_errors_are_retried(tmp_path):
+    server = RangeServer(fail_first=2)
+    try:
+        _fetch(server.url, tmp_path / "a.zip")
+    finally:
+        server.close()
+    assert len(server.requests) == 3
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+
+
+def test_wrong_checksum_leaves_nothing(tmp_path):
+    server = RangeServer()
+    try:
+        with pytest.raises(UserError, match="checksum mismatch.*download.md5"):
+            _fetch(server.url, tmp_path / "a.zip", md5="0" * 32)
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_gives_one_line_with_the_local_hint(tmp_path):
+    # Port 9 on loopback: nothing listens, the connection is refused at once.
+    with pytest.raises(UserError) as err:
+        _fetch("http://127.0.0.1:9/archive.zip", tmp_path / "a.zip", retries=1)
+    message = str(err.value)
+    assert "cannot download" in message and "download.url=" in message and "\n" not in message
+    assert not (tmp_path / "a.zip").exists()
+
+
+def test_local_path_and_file_url(tmp_path):
+    source = tmp_path / "src.zip"
+    source.write_bytes(PAYLOAD)
+    _fetch(str(source), tmp_path / "a.zip")
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+    _fetch(source.as_uri(), tmp_path / "b.zip")
+    assert (tmp_path / "b.zip").read_bytes() == PAYLOAD
+    with pytest.raises(UserError, match="no such file"):
+        _fetch(str(tmp_path / "missing.zip"), tmp_path / "c.zip")
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def test_safe_extract_extracts_the_tree(tmp_path):
+    archive = _zip(tmp_path / "ok.zip", [("Actor_01/x.wav", b"1"), ("Actor_02/y.wav", b"2")])
+    assert safe_extract(archive, tmp_path / "out") == 2
+    assert (tmp_path / "out" / "Actor_02" / "y.wav").read_bytes() == b"2"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("../evil.wav", "'..' in path"),
+    ("Actor_01/../../evil.wav", "'..' in path"),
+    ("/etc/evil.wav", "absolute path"),
+])
+def test_safe_extract_refuses_escaping_members(tmp_path, name, reason):
+    archive = _zip(tmp_path / "bad.zip", [("Actor_01/x.wav", b"1"), (name, b"evil")])
+    with pytest.raises(UserError, match=f"refusing to extract member '{name}' \\({reason}\\)"):
+        safe_extract(archive, tmp_path / "out" / "raw")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "evil.wav").exists()
+
+
+def test_safe_extract_refuses_symlinks(tmp_path):
+    info = zipfile.ZipInfo("Actor_01/link.wav")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    (tmp_path / "link.zip").write_bytes(buffer.getvalue())
+    with pytest.raises(UserError, match="link.wav' \\(symbolic link\\)"):
+        safe_extract(tmp_path / "link.zip", tmp_path / "out")
+
+
+def test_not_a_zip_is_refused(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"nope")
+    with pytest.raises(UserError, match="not a zip archive"):
+        safe_extract(tmp_path / "x.zip", tmp_path / "out")

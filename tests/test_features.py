@@ -1,0 +1,35 @@
+import numpy as np
+import pandas as pd
+
+from conftest import write_tone
+from stages.audio import LogMel
+from stages.features import build, load
+
+
+def test_build_writes_an_aligned_memmap_and_same_numbers_for_any_n_jobs(tmp_path, feature_params):
+    paths = [str(write_tone(tmp_path / f"clip{i}.wav", seconds=0.5 + 0.1 * i, sr=22050, freq=200 + 50 * i))
+             for i in range(5)]
+    build(paths, feature_params, tmp_path / "f1", n_jobs=1)
+    build(paths, feature_params, tmp_path / "f2", n_jobs=2)
+    array, index, fp = load(tmp_path / "f1")
+    assert isinstance(array, np.memmap)
+    assert array.shape == (5, feature_params.n_mels, feature_params.n_frames)
+    assert index["path"].tolist() == paths
+    assert fp == feature_params
+    np.testing.assert_array_equal(array, load(tmp_path / "f2")[0])
+    # the stored row is exactly what prediction computes for the same file
+    np.testing.assert_array_equal(array[3], LogMel(feature_params).from_file(paths[3]))
+
+
+def test_a_bad_clip_fails_the_stage_naming_it_and_leaves_no_output(tmp_path, feature_params):
+    import pytest
+
+    from stages.util import UserError
+
+    good = str(write_tone(tmp_path / "good.wav"))
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="bad.wav"):
+        build([good, str(bad)], feature_params, tmp_path / "out", n_jobs=1)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "good.wav"]

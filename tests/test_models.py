@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from conftest import TINY_ARCH
+from stages.labels import EMOTIONS
+from stages.models import ModelFileError, build_model, count_parameters, infer, load_checkpoint
+
+
+@pytest.mark.parametrize("change", [{}, {"pooling": "attention"}, {"lstm_hidden": 6},
+                                    {"batch_norm": False, "convs_per_block": 2}])
+def test_forward_shapes(change):
+    model = build_model({**TINY_ARCH, **change}, n_mels=32, n_classes=8)
+    assert model(torch.randn(3, 32, 63)).shape == (3, 8)
+    assert count_parameters(model) > 0
+
+
+def test_paper_vgg_shape_from_params():
+    arch = {"channels": [32, 64, 128, 256], "convs_per_block": 1, "batch_norm": True,
+            "dropout": 0.3, "head_hidden": 128, "pooling": "meanmax", "lstm_hidden": 0}
+    assert build_model(arch, 64, 8)(torch.randn(2, 64, 201)).shape == (2, 8)
+
+
+def test_checkpoint_round_trip_with_weights_only(tiny_checkpoint, feature_params):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    assert raw["classes"] == EMOTIONS and raw["feature_params"] == feature_params.to_dict()
+    model, meta = load_checkpoint(tiny_checkpoint)
+    assert meta["feature_params"] == feature_params and not model.training
+    x = torch.randn(4, feature_params.n_mels, feature_params.n_frames)
+    again, _ = load_checkpoint(tiny_checkpoint)
+    torch.testing.assert_close(infer(model, x, 3, "cpu"), infer(again, x, 2, "cpu"))
+
+
+def test_bad_model_files_are_refused_clearly(tmp_path):
+    with pytest.raises(ModelFileError, match="no model file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ModelFileError, match="junk.pt: not a loadable model file"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="not a model file of format"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_normalisation_is_part_of_the_model(tiny_checkpoint):
+    model, _ = load_checkpoint(tiny_checkpoint)
+    assert "feature_mean" in model.state_dict() and "feature_std" in model.state_dict()
