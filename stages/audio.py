@@ -1,9 +1,10 @@
 """Audio loading and the log-Mel feature: the one code path for training and prediction."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -64,20 +65,45 @@ def audio_info(path: str | Path) -> dict[str, Any]:
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode a file to mono float32 at `sample_rate`. Raises AudioError naming the file."""
+    """Decode a whole file to mono float32 at `sample_rate`. Raises AudioError naming the file."""
+    _, _, y = next(read_windows(path, sample_rate, math.inf, math.inf))
+    return y
+
+
+def window_bounds(duration_s: float, segment_s: float, hop_s: float) -> list[tuple[float, float]]:
+    """(start, end) seconds of the analysis windows of a recording: the whole recording when
+    it is at most segment_s long, else windows of segment_s every hop_s, the last one
+    ending at the end of the recording."""
+    if duration_s <= segment_s:
+        return [(0.0, duration_s)]
+    starts = list(np.arange(0.0, duration_s - segment_s, hop_s)) + [duration_s - segment_s]
+    return [(round(float(s), 3), round(float(s) + segment_s, 3)) for s in starts]
+
+
+def read_windows(path: str | Path, sample_rate: int, segment_s: float, hop_s: float
+                 ) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Yield (start_s, end_s, mono float32 at sample_rate) per window, reading one window at
+    a time from disk so that a long recording never sits in memory whole."""
     path = Path(path)
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr, frames = f.samplerate, f.frames
+            if frames == 0:
+                raise AudioError(f"{path}: contains no audio samples")
+            for start, end in window_bounds(frames / sr, segment_s, hop_s):
+                first, last = int(round(start * sr)), min(frames, int(round(end * sr)))
+                f.seek(first)
+                data = f.read(last - first, dtype="float32", always_2d=True)
+                y = data.mean(axis=1)
+                if not np.all(np.isfinite(y)):
+                    raise AudioError(f"{path}: contains NaN or infinite samples")
+                yield start, end, resample(y, sr, sample_rate)
+    except AudioError:
+        raise
     except Exception as e:
         raise AudioError(f"{path}: not readable audio ({_reason(e)})") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: contains no audio samples")
-    y = data.mean(axis=1)  # mix down to mono
-    if not np.all(np.isfinite(y)):
-        raise AudioError(f"{path}: contains NaN or infinite samples")
-    return resample(y, sr, sample_rate)
 
 
 def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -111,9 +111,15 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
         raise ModelFileError(f"{path}: not a loadable model file ({e})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(f"{path}: not a model file of format {CHECKPOINT_FORMAT}")
-    fp = FeatureParams.from_dict(checkpoint["feature_params"])
-    model = build_model(checkpoint["arch"], fp.n_mels, len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        fp = FeatureParams.from_dict(checkpoint["feature_params"])
+        model = build_model(checkpoint["arch"], fp.n_mels, len(checkpoint["classes"]))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0]
+        raise ModelFileError(
+            f"{path}: weights do not match the file's class list ({len(checkpoint.get('classes', []))} "
+            f"classes) or feature params ({detail})") from None
     model.to(device).eval()
     meta = {k: checkpoint[k] for k in ("arch", "classes", "extra")}
     meta["feature_params"] = fp

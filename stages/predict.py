@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,9 +23,13 @@ import torch
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from stages.audio import AUDIO_EXTENSIONS, AudioError, LogMel, audio_info, load_audio
+from stages.audio import AUDIO_EXTENSIONS, AudioError, LogMel, audio_info, read_windows
 from stages.models import ModelFileError, infer, load_checkpoint
 from stages.util import PARAMS_FILE, UserError, atomic_path, load_params, pick_device
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# Files per task sent to a worker: amortises inter-process overhead for short clips.
+FILES_PER_TASK = 8
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -43,64 +48,93 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found, key=lambda p: str(p))
 
 
-def prepare(path: Path, extractor: LogMel, min_duration_s: float, silence_peak: float
-            ) -> tuple[np.ndarray | None, float | None, str]:
-    """(features, duration, error) for one file; never raises."""
+@dataclass(frozen=True)
+class Settings:
+    batch_size: int  # windows per forward pass
+    n_jobs: int  # decoding/feature worker processes (-1: all cores)
+    min_duration_s: float  # shorter files are refused
+    silence_peak: float  # a window whose peak is below this is silent
+    segment_s: float  # recordings longer than this are cut into windows of this length
+    hop_s: float  # step between windows
+
+
+def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
+    """Features of every non-silent window of one file, or the reason it cannot be
+    labelled. Runs in a worker process and never raises."""
+    result: dict[str, Any] = {"features": None, "starts": [], "ends": [], "duration": None, "error": ""}
     try:
         if path.is_symlink() and not path.exists():
-            return None, None, f"{path}: broken symbolic link"
-        if path.is_dir():
-            return None, None, f"{path}: is a directory, not an audio file"
-        if not os.access(path, os.R_OK):
-            return None, None, f"{path}: permission denied"
-        if path.stat().st_size == 0:
-            return None, None, f"{path}: empty file (0 bytes)"
-        duration = audio_info(path)["duration_s"]
-        if duration < min_duration_s:
-            return None, duration, f"{path}: too short ({duration:.3f} s < {min_duration_s} s)"
-        y = load_audio(path, extractor.fp.sample_rate)
-        if np.abs(y).max() < silence_peak:
-            return None, duration, f"{path}: silent (peak below {silence_peak})"
-        return extractor(y), duration, ""
+            result["error"] = f"{path}: broken symbolic link"
+        elif path.is_dir():
+            result["error"] = f"{path}: is a directory, not an audio file"
+        elif not os.access(path, os.R_OK):
+            result["error"] = f"{path}: permission denied"
+        elif path.stat().st_size == 0:
+            result["error"] = f"{path}: empty file (0 bytes)"
+        else:
+            result["duration"] = duration = audio_info(path)["duration_s"]
+            if duration < s.min_duration_s:
+                result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
+                return result
+            features = []
+            for start, end, y in read_windows(path, extractor.fp.sample_rate, s.segment_s, s.hop_s):
+                if np.abs(y).max() >= s.silence_peak:
+                    features.append(extractor(y))
+                    result["starts"].append(start)
+                    result["ends"].append(end)
+            if not features:
+                result["error"] = f"{path}: silent (peak below {s.silence_peak})"
+            else:
+                result["features"] = np.stack(features)
     except AudioError as e:
-        return None, None, str(e)
+        result["error"] = str(e)
     except Exception as e:  # one bad file must not stop a batch of thousands
-        return None, None, f"{path}: {type(e).__name__}: {e}"
+        result["error"] = f"{path}: {type(e).__name__}: {e}"
+    return result
 
 
-def label_files(paths: list[Path], model: torch.nn.Module, meta: dict[str, Any],
-                batch_size: int, n_jobs: int, min_duration_s: float, silence_peak: float,
-                device: torch.device) -> pd.DataFrame:
+def label_files(paths: list[Path], model: torch.nn.Module, meta: dict[str, Any], s: Settings,
+                device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per file, one row per window). Workers decode and compute features in
+    parallel; windows are batched for the model; only a batch's worth is held in memory."""
     classes, extractor = meta["classes"], LogMel(meta["feature_params"])
-    jobs = (delayed(prepare)(p, extractor, min_duration_s, silence_peak) for p in paths)
-    results: Iterator = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
+    prob_columns = [f"prob_{c}" for c in classes]
+    jobs = (delayed(prepare)(p, extractor, s) for p in paths)
+    results: Iterator = Parallel(n_jobs=s.n_jobs, return_as="generator", batch_size=FILES_PER_TASK)(jobs)
     rows: list[dict[str, Any]] = []
-    pending: list[tuple[int, np.ndarray]] = []
+    segments: list[dict[str, Any]] = []
+    pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
-        x = torch.from_numpy(np.stack([f for _, f in pending]))
-        probs = torch.softmax(infer(model, x, batch_size, device), dim=1).numpy()
-        for (row_index, _), prob in zip(pending, probs):
-            best = int(prob.argmax())
-            rows[row_index].update(
-                status="ok", emotion=classes[best], confidence=float(prob[best]),
-                **{f"prob_{c}": float(v) for c, v in zip(classes, prob)})
+        x = torch.from_numpy(np.concatenate([r["features"] for _, r in pending]))
+        probs = torch.softmax(infer(model, x, s.batch_size, device), dim=1).numpy()
+        offset = 0
+        for row_index, r in pending:
+            window_probs = probs[offset : offset + len(r["features"])]
+            offset += len(r["features"])
+            mean = window_probs.mean(axis=0)  # file label: average over its windows
+            best = int(mean.argmax())
+            rows[row_index].update(status="ok", emotion=classes[best], confidence=float(mean[best]),
+                                   **dict(zip(prob_columns, mean.tolist())))
+            for start, end, p in zip(r["starts"], r["ends"], window_probs):
+                segments.append({"path": rows[row_index]["path"], "start_s": start, "end_s": end,
+                                 "emotion": classes[int(p.argmax())], "confidence": float(p.max()),
+                                 **dict(zip(prob_columns, p.tolist()))})
         pending.clear()
 
-    for path, (feature, duration, error) in tqdm(zip(paths, results), total=len(paths),
-                                                 desc="predict", unit="file"):
-        rows.append({"path": str(path), "status": "error", "error": error, "emotion": None,
-                     "confidence": np.nan, **{f"prob_{c}": np.nan for c in classes},
-                     "duration_s": duration})
-        if feature is not None:
-            pending.append((len(rows) - 1, feature))
-            if len(pending) == batch_size:
+    for path, result in tqdm(zip(paths, results), total=len(paths), desc="predict", unit="file"):
+        rows.append({"path": str(path), "status": "error", "error": result["error"], "emotion": None,
+                     "confidence": np.nan, **{c: np.nan for c in prob_columns},
+                     "duration_s": result["duration"]})
+        if result["features"] is not None:
+            pending.append((len(rows) - 1, result))
+            if sum(len(r["features"]) for _, r in pending) >= s.batch_size:
                 flush()
     if pending:
         flush()
-    columns = ["path", "status", "error", "emotion", "confidence",
-               *[f"prob_{c}" for c in classes], "duration_s"]
-    return pd.DataFrame(rows, columns=columns)
+    file_columns = ["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s"]
+    segment_columns = ["path", "start_s", "end_s", "emotion", "confidence", *prob_columns]
+    return pd.DataFrame(rows, columns=file_columns), pd.DataFrame(segments, columns=segment_columns)
 
 
 def write_table(frame: pd.DataFrame, out: str | Path) -> None:
@@ -112,16 +146,18 @@ def write_table(frame: pd.DataFrame, out: str | Path) -> None:
             frame.to_csv(tmp, index=False, float_format="%.5f")
 
 
-def run(inputs: list[str], out: str, model_path: str, batch_size: int, n_jobs: int,
-        min_duration_s: float, silence_peak: float, device_name: str) -> int:
+def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
+        segments_out: str | None = None) -> int:
     device = pick_device(device_name)
     try:
         model, meta = load_checkpoint(model_path, device)
     except ModelFileError as e:
         raise UserError(str(e)) from None
     paths = collect_inputs(inputs)
-    frame = label_files(paths, model, meta, batch_size, n_jobs, min_duration_s, silence_peak, device)
+    frame, segments = label_files(paths, model, meta, settings, device)
     write_table(frame, out)
+    if segments_out:
+        write_table(segments, segments_out)
     failed = int((frame["status"] == "error").sum())
     print(f"predict: {len(frame) - failed} of {len(frame)} files labelled -> {out}")
     for row in frame[frame["status"] == "error"].itertuples():
@@ -131,21 +167,27 @@ def run(inputs: list[str], out: str, model_path: str, batch_size: int, n_jobs: i
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = load_params("predict") if PARAMS_FILE.exists() else {}
+    # Defaults: the `predict` section of ./params.yaml, else of the project's own params.yaml.
+    p = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
     parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="*", help="audio files or folders (default: predict.input_dir)")
-    parser.add_argument("-o", "--output", default=p.get("output"), help="CSV or .parquet to write")
-    parser.add_argument("--model", default=p.get("model", "data/model/model.pt"))
-    parser.add_argument("--batch-size", type=int, default=p.get("batch_size", 64))
-    parser.add_argument("--jobs", type=int, default=p.get("n_jobs", -1), help="worker processes (-1: all cores)")
-    parser.add_argument("--device", default=p.get("device", "auto"))
+    parser.add_argument("inputs", nargs="*", help=f"audio files or folders (default: {p['input_dir']})")
+    parser.add_argument("-o", "--output", default=p["output"], help="CSV, or Parquet if it ends in .parquet")
+    parser.add_argument("--segments", default=p["segments_output"],
+                        help="also write one row per analysis window (start_s, end_s, probabilities)")
+    parser.add_argument("--model", default=p["model"])
+    parser.add_argument("--batch-size", type=int, default=p["batch_size"])
+    parser.add_argument("--jobs", type=int, default=p["n_jobs"], help="worker processes (-1: all cores)")
+    parser.add_argument("--segment-s", type=float, default=p["segment_s"])
+    parser.add_argument("--hop-s", type=float, default=p["hop_s"])
+    parser.add_argument("--device", default=p["device"])
     args = parser.parse_args(argv)
-    inputs = args.inputs or ([p["input_dir"]] if "input_dir" in p else [])
-    if not inputs or not args.output:
-        parser.error("give INPUT(s) and -o OUT.csv (or run inside the project for params.yaml defaults)")
+    settings = Settings(batch_size=args.batch_size, n_jobs=args.jobs, min_duration_s=p["min_duration_s"],
+                        silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s)
+    if settings.hop_s <= 0 or settings.segment_s <= 0 or settings.batch_size <= 0:
+        parser.error("--segment-s, --hop-s and --batch-size must be positive")
     try:
-        return run(inputs, args.output, args.model, args.batch_size, args.jobs,
-                   p.get("min_duration_s", 0.1), p.get("silence_peak", 1e-4), args.device)
+        return run(args.inputs or [p["input_dir"]], args.output, args.model, settings, args.device,
+                   args.segments)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,3 +44,13 @@ def test_bad_model_files_are_refused_clearly(tmp_path):
 def test_normalisation_is_part_of_the_model(tiny_checkpoint):
     model, _ = load_checkpoint(tiny_checkpoint)
     assert "feature_mean" in model.state_dict() and "feature_std" in model.state_dict()
+
+
+def test_a_model_whose_weights_do_not_match_its_classes_or_features_is_refused(tiny_checkpoint):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**raw, "classes": ["angry", "sad"]}, tiny_checkpoint)
+    with pytest.raises(ModelFileError, match="do not match the file's class list \\(2 classes\\)"):
+        load_checkpoint(tiny_checkpoint)
+    torch.save({**raw, "feature_params": {**raw["feature_params"], "n_mels": 40}}, tiny_checkpoint)
+    with pytest.raises(ModelFileError, match="feature params"):
+        load_checkpoint(tiny_checkpoint)

@@ -7,7 +7,10 @@ import pytest
 
 from conftest import write_tone
 from stages.labels import EMOTIONS
-from stages.predict import main, prepare
+from stages.audio import LogMel, window_bounds
+from stages.predict import Settings, main, prepare
+
+SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0)
 
 
 def _run(args):
@@ -83,9 +86,43 @@ def test_usage_errors_exit_2(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_permission_denied_is_an_error_row(tmp_path, feature_params, monkeypatch):
-    from stages.audio import LogMel
-
     path = write_tone(tmp_path / "locked.wav")
     monkeypatch.setattr(os, "access", lambda p, mode: False)
-    features, _, error = prepare(path, LogMel(feature_params), 0.1, 1e-4)
-    assert features is None and error == f"{path}: permission denied"
+    result = prepare(path, LogMel(feature_params), SETTINGS)
+    assert result["features"] is None and result["error"] == f"{path}: permission denied"
+
+
+def test_window_bounds():
+    assert window_bounds(4.0, 6.0, 3.0) == [(0.0, 4.0)]
+    assert window_bounds(13.0, 6.0, 3.0) == [(0.0, 6.0), (3.0, 9.0), (6.0, 12.0), (7.0, 13.0)]
+    assert window_bounds(12.0, 6.0, 3.0) == [(0.0, 6.0), (3.0, 9.0), (6.0, 12.0)]
+
+
+def test_long_recording_gets_a_timeline_and_one_file_label(tmp_path, tiny_checkpoint):
+    write_tone(tmp_path / "call.wav", seconds=20.0, sr=8000)
+    out, seg = tmp_path / "o.csv", tmp_path / "seg.csv"
+    assert _run([tmp_path / "call.wav", "-o", out, "--segments", seg, "--model", tiny_checkpoint]) == 0
+    frame, segments = pd.read_csv(out), pd.read_csv(seg)
+    assert len(frame) == 1 and frame["duration_s"][0] == pytest.approx(20.0)
+    assert segments["start_s"].tolist() == [0, 3, 6, 9, 12, 14]
+    assert segments["end_s"].tolist() == [6, 9, 12, 15, 18, 20]
+    probs = [f"prob_{c}" for c in EMOTIONS]
+    # the file's probabilities are the mean over its windows
+    assert frame[probs].to_numpy()[0] == pytest.approx(segments[probs].mean().to_numpy(), abs=1e-4)
+
+
+def test_ten_minute_recording_is_read_window_by_window(tmp_path, feature_params):
+    import tracemalloc
+
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(str(path), "w", 48000, 2, "PCM_16") as f:  # 10 min, 48 kHz stereo: 110 MB
+        for _ in range(60):
+            f.write((0.1 * rng.standard_normal((480000, 2))).astype(np.float32))
+    tracemalloc.start()
+    result = prepare(path, LogMel(feature_params), SETTINGS)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result["error"] == "" and len(result["features"]) == 199
+    # decoding the whole file as float32 would take 230 MB; windows and features stay far below
+    assert peak < 40e6, peak
