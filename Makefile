@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell md5sum requirements.txt | cut -c1-12)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup browser repro test app bench clean-venv
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -28,11 +28,22 @@ else
 	dvc repro
 endif
 
-test: setup
+# The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "warning: could not install chromium + chromium-driver; browser tests will be skipped (fail in CI)"
+
+test: setup browser
 	python -m pytest -q tests
+
+# The demo page on http://127.0.0.1:7860 (ARGS="--host 0.0.0.0 --port 8080 --model path.pt").
+app: setup
+	python -m stages.app $(ARGS)
 
 bench: setup
 	python bench/bench_features.py
+	python bench/bench_predict.py
 	python bench/bench_repro.py
 
 clean-venv:

@@ -23,7 +23,8 @@ from stages.util import UserError, atomic_path, load_params, run_main
 
 LOCAL_HINT = (
     "to use a local copy of the archive run: "
-    "dvc exp run -S download.url=PATH/TO/ARCHIVE.zip -S download.md5=ITS_MD5"
+    "make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=its_md5 "
+    "(that is: dvc exp run -S download.url=... -S download.md5=...)"
 )
 
 

@@ -15,12 +15,14 @@ CHECKPOINT_FORMAT = 1
 
 class EmotionCNN(nn.Module):
     """2D CNN over log-Mel: conv blocks (conv, [BatchNorm], ReLU) -> max-pool -> dropout,
+    (block dropout before a BatchNorm shifts its statistics between training and eval:
+    keep it small; the head's dropout does the regularising),
     then optional BiLSTM over time, then mean+max (or attention) pooling over time and a
     dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
 
     def __init__(self, n_mels: int, n_classes: int, channels: list[int], convs_per_block: int,
-                 batch_norm: bool, dropout: float, head_hidden: int, pooling: str,
-                 lstm_hidden: int) -> None:
+                 batch_norm: bool, block_dropout: float, head_dropout: float, head_hidden: int,
+                 pooling: str, lstm_hidden: int) -> None:
         super().__init__()
         if pooling not in ("meanmax", "attention"):
             raise ValueError(f"pooling must be 'meanmax' or 'attention', not {pooling!r}")
@@ -35,7 +37,7 @@ class EmotionCNN(nn.Module):
                     layers.append(nn.BatchNorm2d(out_ch))
                 layers.append(nn.ReLU(inplace=True))
                 in_ch = out_ch
-            layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+            layers += [nn.MaxPool2d(2), nn.Dropout(block_dropout)]
         self.conv = nn.Sequential(*layers)
         width = in_ch
         self.lstm = None
@@ -49,8 +51,8 @@ class EmotionCNN(nn.Module):
         else:
             pooled = 2 * width
         self.head = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(pooled, head_hidden), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(head_hidden, n_classes),
+            nn.Dropout(head_dropout), nn.Linear(pooled, head_hidden), nn.ReLU(inplace=True),
+            nn.Dropout(head_dropout), nn.Linear(head_hidden, n_classes),
         )
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:

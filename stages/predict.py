@@ -45,6 +45,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             found.add(path)
         else:
             raise UserError(f"input not found: {item}")
+    if not found:
+        raise UserError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {', '.join(inputs)}")
     return sorted(found, key=lambda p: str(p))
 
 

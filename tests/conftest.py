@@ -34,7 +34,7 @@ def feature_params() -> FeatureParams:
                          hop_length=256, fmin=20.0, fmax=8000.0, trim_db=30.0, amin=1e-10, top_db=80.0)
 
 
-TINY_ARCH = {"channels": [4, 8], "convs_per_block": 1, "batch_norm": True, "dropout": 0.1,
+TINY_ARCH = {"channels": [4, 8], "convs_per_block": 1, "batch_norm": True, "block_dropout": 0.0, "head_dropout": 0.1,
              "head_hidden": 8, "pooling": "meanmax", "lstm_hidden": 0}
 
 

@@ -16,7 +16,7 @@ def test_forward_shapes(change):
 
 def test_paper_vgg_shape_from_params():
     arch = {"channels": [32, 64, 128, 256], "convs_per_block": 1, "batch_norm": True,
-            "dropout": 0.3, "head_hidden": 128, "pooling": "meanmax", "lstm_hidden": 0}
+            "block_dropout": 0.1, "head_dropout": 0.3, "head_hidden": 128, "pooling": "meanmax", "lstm_hidden": 0}
     assert build_model(arch, 64, 8)(torch.randn(2, 64, 201)).shape == (2, 8)
 
 

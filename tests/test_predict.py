@@ -80,6 +80,9 @@ def test_labels_do_not_come_from_file_names(tmp_path, tiny_checkpoint):
 def test_usage_errors_exit_2(tmp_path, tiny_checkpoint, capsys):
     assert _run([tmp_path / "missing", "-o", tmp_path / "o.csv", "--model", tiny_checkpoint]) == 2
     assert "input not found" in capsys.readouterr().err
+    (tmp_path / "empty_dir").mkdir()
+    assert _run([tmp_path / "empty_dir", "-o", tmp_path / "o.csv", "--model", tiny_checkpoint]) == 2
+    assert "no audio files" in capsys.readouterr().err
     write_tone(tmp_path / "a.wav")
     assert _run([tmp_path / "a.wav", "-o", tmp_path / "o.csv", "--model", tmp_path / "nope.pt"]) == 2
     assert not (tmp_path / "o.csv").exists()

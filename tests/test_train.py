@@ -52,7 +52,8 @@ def test_train_learns_saves_and_is_deterministic(tmp_path, feature_params):
     assert len(history) == 8 and first["val_accuracy"] == pytest.approx(history["val_accuracy"].max(), abs=1e-4)
     assert first["val_accuracy"] >= 0.9  # the two classes are trivially separable
     model, meta = load_checkpoint(tmp_path / "m" / "model.pt")
-    assert meta["classes"] == ["sad", "angry"]  # schema order and meta["feature_params"] == feature_params
+    assert meta["classes"] == ["sad", "angry"]  # schema order
+    assert meta["feature_params"] == feature_params
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     second = train(_params(tmp_path, features, metadata))
     assert {k: v for k, v in first.items() if k != "train_minutes"} == \

@@ -1,0 +1,126 @@
+"""A web page to try the trained model: upload or record a clip, see the emotion.
+
+    python -m stages.app [--model data/model/model.pt] [--host 127.0.0.1] [--port 7860]
+
+It scores audio with the batch labeller's own code (same decoding, windows, features and
+model), so the page shows what `python -m stages.predict` would write for the file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.audio import LogMel
+from stages.models import ModelFileError, infer, load_checkpoint
+from stages.predict import PROJECT_PARAMS, Settings, prepare
+from stages.util import PARAMS_FILE, load_params
+
+
+class Analyser:
+    """Loads the model once; turns one audio file into a label, probabilities and a timeline."""
+
+    def __init__(self, model_path: str | Path, settings: Settings, max_duration_s: float) -> None:
+        self.model, meta = load_checkpoint(model_path, "cpu")
+        self.classes: list[str] = meta["classes"]
+        self.extractor = LogMel(meta["feature_params"])
+        self.settings = settings
+        self.max_duration_s = max_duration_s
+
+    def analyse(self, path: str | Path | None) -> dict[str, Any]:
+        """{'error': str} or {'emotion', 'confidence', 'probabilities', 'starts', 'ends', 'window_probs'}."""
+        if not path:
+            return {"error": "No audio yet: upload a file or record from the microphone."}
+        path = Path(path)
+        result = prepare(path, self.extractor, self.settings)
+        duration = result["duration"]
+        if duration is not None and duration > self.max_duration_s:
+            return {"error": f"The clip is {duration:.0f} s long; this page takes up to "
+                             f"{self.max_duration_s:.0f} s (use `python -m stages.predict` for longer files)."}
+        if result["error"]:
+            return {"error": "Cannot use this file: " + result["error"].replace(f"{path}: ", "", 1)}
+        x = torch.from_numpy(result["features"])
+        window_probs = torch.softmax(infer(self.model, x, self.settings.batch_size, "cpu"), dim=1).numpy()
+        mean = window_probs.mean(axis=0)
+        best = int(mean.argmax())
+        return {"emotion": self.classes[best], "confidence": float(mean[best]),
+                "probabilities": dict(zip(self.classes, mean.tolist())),
+                "starts": result["starts"], "ends": result["ends"], "window_probs": window_probs,
+                "duration": duration}
+
+
+def timeline_figure(result: dict[str, Any], classes: list[str]):
+    """Emotion probabilities over time for clips with more than one window, else None."""
+    if len(result["starts"]) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = (np.array(result["starts"]) + np.array(result["ends"])) / 2
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for i, name in enumerate(classes):
+        ax.plot(centres, result["window_probs"][:, i], marker="o", label=name)
+    ax.set_xlabel("time (s, window centre)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def build_page(analyser: Analyser):
+    import gradio as gr
+
+    def on_submit(path: str | None):
+        result = analyser.analyse(path)
+        if "error" in result:
+            return f"**{result['error']}**", None, None
+        headline = (f"## {result['emotion']} ({result['confidence']:.0%})\n"
+                    f"{result['duration']:.1f} s, {len(result['starts'])} window(s)")
+        return headline, result["probabilities"], timeline_figure(result, analyser.classes)
+
+    with gr.Blocks(title="Speech emotion recognition") as page:
+        gr.Markdown("# Speech emotion recognition\nUpload a clip (WAV, FLAC, OGG) or record one; "
+                    "the model trained by this project's pipeline labels it with one of "
+                    f"{len(analyser.classes)} emotions.")
+        audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech", elem_id="audio")
+        button = gr.Button("Analyse", variant="primary", elem_id="analyse")
+        headline = gr.Markdown(elem_id="headline")
+        probabilities = gr.Label(num_top_classes=len(analyser.classes), label="Probabilities",
+                                 elem_id="probabilities")
+        timeline = gr.Plot(label="Emotion over time (clips longer than one window)", elem_id="timeline")
+        button.click(on_submit, inputs=audio, outputs=[headline, probabilities, timeline])
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = load_params("app", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
+    predict = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
+    parser = argparse.ArgumentParser(prog="python -m stages.app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=predict["model"])
+    parser.add_argument("--host", default=p["host"])
+    parser.add_argument("--port", type=int, default=p["port"])
+    args = parser.parse_args(argv)
+    settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
+                        silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
+                        hop_s=predict["hop_s"])
+    try:
+        analyser = Analyser(args.model, settings, p["max_duration_s"])
+    except ModelFileError as e:
+        print(f"error: {e}\nTrain a model first: `make repro` (or `make repro ARCHIVE=... ARCHIVE_MD5=...`), "
+              f"or pass --model PATH.", file=sys.stderr)
+        return 2
+    page = build_page(analyser)
+    page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{p['max_upload_mb']}mb",
+                show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

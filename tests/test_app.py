@@ -1,0 +1,193 @@
+"""The demo page: its prediction function, and the real page in headless Chromium."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import MIRROR, ROOT, write_tone
+from stages.app import Analyser, timeline_figure
+from stages.labels import EMOTIONS
+from stages.predict import Settings
+
+SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0)
+
+
+@pytest.fixture
+def analyser(tiny_checkpoint):
+    return Analyser(tiny_checkpoint, SETTINGS, max_duration_s=30)
+
+
+def test_a_clip_gets_a_label_and_all_probabilities(analyser, tmp_path):
+    result = analyser.analyse(write_tone(tmp_path / "a.wav", seconds=2.0, sr=44100, channels=2))
+    assert result["emotion"] in EMOTIONS
+    assert set(result["probabilities"]) == set(EMOTIONS)
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert result["confidence"] == pytest.approx(max(result["probabilities"].values()))
+    assert timeline_figure(result, EMOTIONS) is None  # one window: no timeline
+
+
+def test_a_long_clip_gets_a_timeline(analyser, tmp_path):
+    result = analyser.analyse(write_tone(tmp_path / "long.flac", seconds=14.0, sr=16000))
+    assert len(result["starts"]) == 4
+    figure = timeline_figure(result, EMOTIONS)
+    assert figure is not None and len(figure.axes[0].lines) == len(EMOTIONS)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "No audio yet"),
+    (lambda d: (d / "x.wav").write_text("not audio") and d / "x.wav", "Cannot use this file: not readable audio"),
+    (lambda d: (d / "e.wav").write_bytes(b"") or d / "e.wav", "Cannot use this file: empty file"),
+    (lambda d: write_tone(d / "short.wav", seconds=0.05), "too short"),
+    (lambda d: write_tone(d / "long.wav", seconds=31.0, sr=8000), "this page takes up to 30 s"),
+])
+def test_bad_input_gives_a_readable_message(analyser, tmp_path, make, message):
+    result = analyser.analyse(make(tmp_path))
+    assert set(result) == {"error"} and message in result["error"] and "Traceback" not in result["error"]
+
+
+def test_no_model_gives_how_to_train(tmp_path, capsys, monkeypatch):
+    from stages import app
+
+    monkeypatch.chdir(ROOT)
+    assert app.main(["--model", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "no model file" in err and "make repro" in err
+
+
+# ---- the real page in headless Chromium -------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium and chromium-driver are missing (make test installs them)")
+        pytest.skip("chromium/chromedriver not installed")
+    if not MIRROR.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"RAVDESS mirror missing at {MIRROR}")
+        pytest.skip("mirror not found")
+    import torch
+
+    from conftest import TINY_ARCH
+    from stages.audio import FeatureParams
+    from stages.models import build_model, save_checkpoint
+
+    work = tmp_path_factory.mktemp("app")
+    fp = FeatureParams(sample_rate=16000, duration_s=3.2, n_mels=64, n_fft=1024, hop_length=256,
+                       fmin=20.0, fmax=8000.0, trim_db=30.0, amin=1e-10, top_db=80.0)
+    torch.manual_seed(0)
+    model_path = work / "model.pt"
+    save_checkpoint(model_path, build_model(TINY_ARCH, fp.n_mels, len(EMOTIONS)), TINY_ARCH, EMOTIONS, fp, {})
+    with zipfile.ZipFile(MIRROR) as zf:
+        clip = work / "clip.wav"
+        clip.write_bytes(zf.read("Actor_01/03-01-05-02-01-01-01.wav"))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.app", "--model", str(model_path), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"app exited: {proc.stdout.read()}")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("app did not start within 120 s")
+    yield url, clip, work
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _browser(work: Path, fake_audio: Path | None = None):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-dev-shm-usage", "--use-fake-ui-for-media-stream",
+                 "--use-fake-device-for-media-stream", "--window-size=1200,1400",
+                 f"--user-data-dir={work / ('profile-mic' if fake_audio else 'profile')}"]:
+        options.add_argument(flag)
+    if fake_audio:
+        options.add_argument(f"--use-file-for-fake-audio-capture={fake_audio}")
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def _wait_for_label(driver, timeout=60) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def headline(d):
+        text = d.find_element(By.ID, "headline").text.strip()
+        return text if any(text.startswith(e) for e in EMOTIONS) else False
+
+    return WebDriverWait(driver, timeout).until(headline)
+
+
+def test_page_upload_shows_label_and_chart(page_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, clip, work = page_server
+    driver = _browser(work)
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "#audio input[type=file]").send_keys(str(clip))
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio button.play-pause-button"))
+        driver.find_element(By.ID, "analyse").click()
+        label = _wait_for_label(driver)
+        chart = driver.find_element(By.ID, "probabilities").text
+        assert sum(e in chart for e in EMOTIONS) == len(EMOTIONS), chart
+        (ROOT / "reports").mkdir(exist_ok=True)
+        driver.save_screenshot(str(ROOT / "reports" / "app_test_screenshot.png"))
+        assert label.split()[0] in EMOTIONS
+    finally:
+        driver.quit()
+
+
+def test_page_records_from_the_fake_microphone(page_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, clip, work = page_server
+    driver = _browser(work, fake_audio=clip)
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio button"))
+        mic = [b for b in driver.find_elements(By.CSS_SELECTOR, "#audio button")
+               if (b.get_attribute("aria-label") or "").lower() == "record audio"]
+        assert mic, "no microphone source button"
+        mic[0].click()
+        record = WebDriverWait(driver, 30).until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "#audio button")
+                                                           if "record" in b.text.lower()])
+        record[0].click()
+        time.sleep(3)
+        stop = WebDriverWait(driver, 30).until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "#audio button")
+                                                         if "stop" in b.text.lower()])
+        stop[0].click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio button.play-pause-button"))
+        driver.find_element(By.ID, "analyse").click()
+        assert _wait_for_label(driver).split()[0] in EMOTIONS
+    finally:
+        driver.quit()
