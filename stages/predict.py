@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     # Defaults: the `predict` section of ./params.yaml, else of the project's own params.yaml.
     p = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
     parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="*", help=f"audio files or folders (default: {p['input_dir']})")
-    parser.add_argument("-o", "--output", default=p["output"], help="CSV, or Parquet if it ends in .parquet")
-    parser.add_argument("--segments", default=p["segments_output"],
-                        help="also write one row per analysis window (start_s, end_s, probabilities)")
+    parser.add_argument("inputs", nargs="*",
+                        help=f"audio files or folders; none: the DVC stage's predict.input_dir ({p['input_dir']})")
+    parser.add_argument("-o", "--output", help="CSV, or Parquet if it ends in .parquet "
+                        f"(required with INPUTs; the DVC stage writes {p['output']})")
+    parser.add_argument("--segments", help="also write one row per analysis window (start_s, end_s, probabilities)")
     parser.add_argument("--model", default=p["model"])
     parser.add_argument("--batch-size", type=int, default=p["batch_size"])
     parser.add_argument("--jobs", type=int, default=p["n_jobs"], help="worker processes (-1: all cores)")
@@ -183,13 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hop-s", type=float, default=p["hop_s"])
     parser.add_argument("--device", default=p["device"])
     args = parser.parse_args(argv)
+    if args.inputs and not args.output:
+        parser.error("give -o OUT.csv (or OUT.parquet) for the inputs")
+    if not args.inputs:  # the DVC stage: inputs and outputs all from params.yaml
+        args.inputs, args.output = [p["input_dir"]], args.output or p["output"]
+        args.segments = args.segments or p["segments_output"]
     settings = Settings(batch_size=args.batch_size, n_jobs=args.jobs, min_duration_s=p["min_duration_s"],
                         silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s)
     if settings.hop_s <= 0 or settings.segment_s <= 0 or settings.batch_size <= 0:
         parser.error("--segment-s, --hop-s and --batch-size must be positive")
     try:
-        return run(args.inputs or [p["input_dir"]], args.output, args.model, settings, args.device,
-                   args.segments)
+        return run(args.inputs, args.output, args.model, settings, args.device, args.segments)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,13 +57,15 @@ def test_every_file_gets_one_row_in_path_order_and_exit_code_1(folder, tiny_chec
         assert row.status == "error" and reason in row.error and name in row.error and pd.isna(row.emotion)
 
 
-def test_all_good_gives_exit_0_and_parquet_by_extension(tmp_path, tiny_checkpoint):
+def test_all_good_gives_exit_0_and_parquet_by_extension(tmp_path, tiny_checkpoint, monkeypatch):
     write_tone(tmp_path / "a.wav")
     write_tone(tmp_path / "b.ogg", subtype="VORBIS")
     out = tmp_path / "out.parquet"
+    monkeypatch.chdir(tmp_path)  # a CLI run writes only what it is told: no segments file
     assert _run([tmp_path / "a.wav", tmp_path / "b.ogg", "-o", out, "--model", tiny_checkpoint]) == 0
     frame = pd.read_parquet(out)
     assert frame["status"].tolist() == ["ok", "ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.ogg", "model.pt", "out.parquet"]
 
 
 def test_labels_do_not_come_from_file_names(tmp_path, tiny_checkpoint):
@@ -78,6 +80,10 @@ def test_labels_do_not_come_from_file_names(tmp_path, tiny_checkpoint):
 
 
 def test_usage_errors_exit_2(tmp_path, tiny_checkpoint, capsys):
+    write_tone(tmp_path / "in.wav")
+    with pytest.raises(SystemExit) as exit_info:  # inputs without -o
+        _run([tmp_path / "in.wav", "--model", tiny_checkpoint])
+    assert exit_info.value.code == 2
     assert _run([tmp_path / "missing", "-o", tmp_path / "o.csv", "--model", tiny_checkpoint]) == 2
     assert "input not found" in capsys.readouterr().err
     (tmp_path / "empty_dir").mkdir()
