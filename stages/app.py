@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=predict["model"])
     parser.add_argument("--host", default=p["host"])
     parser.add_argument("--port", type=int, default=p["port"])
+    parser.add_argument("--max-upload-mb", type=float, default=p["max_upload_mb"])
     args = parser.parse_args(argv)
     settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
                         silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"or pass --model PATH.", file=sys.stderr)
         return 2
     page = build_page(analyser)
-    page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{p['max_upload_mb']}mb",
+    page.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 1024 * 1024),
                 show_error=False)
     return 0
 

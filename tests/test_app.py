@@ -71,6 +71,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_app(model_path: Path, *args: str):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.app", "--model", str(model_path), "--port", str(port), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"app exited: {proc.stdout.read()}")
+            time.sleep(1)
+    proc.kill()
+    pytest.fail("app did not start within 120 s")
+
+
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory):
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
@@ -96,22 +114,8 @@ def page_server(tmp_path_factory):
     with zipfile.ZipFile(MIRROR) as zf:
         clip = work / "clip.wav"
         clip.write_bytes(zf.read("Actor_01/03-01-05-02-01-01-01.wav"))
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.app", "--model", str(model_path), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"app exited: {proc.stdout.read()}")
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("app did not start within 120 s")
+    # uploads over 1 MB are refused: small enough for a test file, far above a clip's size
+    proc, url = _start_app(model_path, "--max-upload-mb", "1")
     yield url, clip, work
     proc.terminate()
     proc.wait(timeout=20)
@@ -189,5 +193,24 @@ def test_page_records_from_the_fake_microphone(page_server):
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio button.play-pause-button"))
         driver.find_element(By.ID, "analyse").click()
         assert _wait_for_label(driver).split()[0] in EMOTIONS
+    finally:
+        driver.quit()
+
+
+def test_page_refuses_a_too_large_upload_with_a_message(page_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, work = page_server
+    big = work / "big.wav"
+    sf.write(str(big), np.zeros(16000 * 40, dtype=np.float32), 16000)  # 2.6 MB > 1 MB
+    driver = _browser(work)
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "#audio input[type=file]").send_keys(str(big))
+        WebDriverWait(driver, 30).until(
+            lambda d: "exceed the maximum allowed size" in d.find_element(By.TAG_NAME, "body").text)
+        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()
