@@ -1,6 +1,7 @@
 """Model definitions and the self-contained checkpoint format shared by train, evaluate, predict."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,12 @@ def save_checkpoint(path: str | Path, model: EmotionCNN, arch: dict[str, Any],
         "feature_params": fp.to_dict(),
         "extra": dict(extra),
     }
+    # Through memory: torch.save names the archive after the file, and the temp name is
+    # random; a fixed name makes the same weights give the same bytes (and DVC hash).
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 class ModelFileError(ValueError):

@@ -54,3 +54,14 @@ def test_a_model_whose_weights_do_not_match_its_classes_or_features_is_refused(t
     torch.save({**raw, "feature_params": {**raw["feature_params"], "n_mels": 40}}, tiny_checkpoint)
     with pytest.raises(ModelFileError, match="feature params"):
         load_checkpoint(tiny_checkpoint)
+
+
+def test_the_same_weights_give_the_same_file_bytes(tmp_path, feature_params):
+    from conftest import TINY_ARCH
+    from stages.models import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(TINY_ARCH, feature_params.n_mels, 8)
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(tmp_path / name, model, TINY_ARCH, EMOTIONS, feature_params, extra={})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
