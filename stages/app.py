@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.audio import LogMel
-from stages.models import ModelFileError, infer, load_checkpoint
-from stages.predict import PROJECT_PARAMS, Settings, prepare
+from stages.audio import AudioError, audio_info
+from stages.models import ModelFileError, load_checkpoint
+from stages.predict import PROJECT_PARAMS, Settings, label_files
 from stages.util import PARAMS_FILE, load_params
 
 
@@ -25,32 +25,34 @@ class Analyser:
     """Loads the model once; turns one audio file into a label, probabilities and a timeline."""
 
     def __init__(self, model_path: str | Path, settings: Settings, max_duration_s: float) -> None:
-        self.model, meta = load_checkpoint(model_path, "cpu")
-        self.classes: list[str] = meta["classes"]
-        self.extractor = LogMel(meta["feature_params"])
+        self.model, self.meta = load_checkpoint(model_path, "cpu")
+        self.classes: list[str] = self.meta["classes"]
         self.settings = settings
         self.max_duration_s = max_duration_s
 
     def analyse(self, path: str | Path | None) -> dict[str, Any]:
-        """{'error': str} or {'emotion', 'confidence', 'probabilities', 'starts', 'ends', 'window_probs'}."""
+        """{'error': str} or {'emotion', 'confidence', 'probabilities', 'starts', 'ends',
+        'window_probs', 'duration'}, computed by the batch labeller's own label_files."""
         if not path:
             return {"error": "No audio yet: upload a file or record from the microphone."}
         path = Path(path)
-        result = prepare(path, self.extractor, self.settings)
-        duration = result["duration"]
+        try:  # refuse an over-long clip from its header, before decoding any of it
+            duration = audio_info(path)["duration_s"]
+        except AudioError:
+            duration = None  # label_files reports why the file cannot be read
         if duration is not None and duration > self.max_duration_s:
             return {"error": f"The clip is {duration:.0f} s long; this page takes up to "
                              f"{self.max_duration_s:.0f} s (use `python -m stages.predict` for longer files)."}
-        if result["error"]:
-            return {"error": "Cannot use this file: " + result["error"].replace(f"{path}: ", "", 1)}
-        x = torch.from_numpy(result["features"])
-        window_probs = torch.softmax(infer(self.model, x, self.settings.batch_size, "cpu"), dim=1).numpy()
-        mean = window_probs.mean(axis=0)
-        best = int(mean.argmax())
-        return {"emotion": self.classes[best], "confidence": float(mean[best]),
-                "probabilities": dict(zip(self.classes, mean.tolist())),
-                "starts": result["starts"], "ends": result["ends"], "window_probs": window_probs,
-                "duration": duration}
+        files, segments = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"))
+        row = files.iloc[0]
+        if row["status"] != "ok":
+            return {"error": "Cannot use this file: " + row["error"].replace(f"{path}: ", "", 1)}
+        prob_columns = [f"prob_{c}" for c in self.classes]
+        return {"emotion": row["emotion"], "confidence": float(row["confidence"]),
+                "probabilities": dict(zip(self.classes, row[prob_columns].astype(float).tolist())),
+                "starts": segments["start_s"].tolist(), "ends": segments["end_s"].tolist(),
+                "window_probs": segments[prob_columns].to_numpy(dtype=float),
+                "duration": float(row["duration_s"])}
 
 
 def timeline_figure(result: dict[str, Any], classes: list[str]):
