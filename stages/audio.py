@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -175,6 +176,51 @@ class LogMel:
     def from_file(self, path: str | Path) -> np.ndarray:
         """Load one file and compute its log-Mel: what features and predict both call."""
         return self(load_audio(path, self.fp.sample_rate))
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_size: int  # windows per forward pass
+    n_jobs: int  # decoding/feature worker processes (-1: all cores)
+    min_duration_s: float  # shorter files are refused
+    silence_peak: float  # a window whose peak is below this is silent
+    segment_s: float  # recordings longer than this are cut into windows of this length
+    hop_s: float  # step between windows
+
+
+def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
+    """Features of every non-silent window of one file, or the reason it cannot be
+    labelled. Runs in a worker process and never raises."""
+    result: dict[str, Any] = {"features": None, "starts": [], "ends": [], "duration": None, "error": ""}
+    try:
+        if path.is_symlink() and not path.exists():
+            result["error"] = f"{path}: broken symbolic link"
+        elif path.is_dir():
+            result["error"] = f"{path}: is a directory, not an audio file"
+        elif not os.access(path, os.R_OK):
+            result["error"] = f"{path}: permission denied"
+        elif path.stat().st_size == 0:
+            result["error"] = f"{path}: empty file (0 bytes)"
+        else:
+            result["duration"] = duration = audio_info(path)["duration_s"]
+            if duration < s.min_duration_s:
+                result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
+                return result
+            features = []
+            for start, end, y in read_windows(path, extractor.fp.sample_rate, s.segment_s, s.hop_s):
+                if np.abs(y).max() >= s.silence_peak:
+                    features.append(extractor(y))
+                    result["starts"].append(start)
+                    result["ends"].append(end)
+            if not features:
+                result["error"] = f"{path}: silent (peak below {s.silence_peak})"
+            else:
+                result["features"] = np.stack(features)
+    except AudioError as e:
+        result["error"] = str(e)
+    except Exception as e:  # one bad file must not stop a batch of thousands
+        result["error"] = f"{path}: {type(e).__name__}: {e}"
+    return result
 
 
 def find_audio_files(root: str | Path) -> list[Path]:

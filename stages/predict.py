@@ -11,9 +11,7 @@ Exit code: 0 all labelled, 1 some files could not be, 2 usage error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +21,9 @@ import torch
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from stages.audio import AUDIO_EXTENSIONS, AudioError, LogMel, audio_info, read_windows
+# Settings and prepare live in stages.audio so that worker processes never import torch
+# (seconds per worker, longer than labelling a thousand short clips).
+from stages.audio import AUDIO_EXTENSIONS, LogMel, Settings, prepare
 from stages.models import ModelFileError, infer, load_checkpoint
 from stages.util import PARAMS_FILE, UserError, atomic_path, load_params, pick_device
 
@@ -48,51 +48,6 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     if not found:
         raise UserError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {', '.join(inputs)}")
     return sorted(found, key=lambda p: str(p))
-
-
-@dataclass(frozen=True)
-class Settings:
-    batch_size: int  # windows per forward pass
-    n_jobs: int  # decoding/feature worker processes (-1: all cores)
-    min_duration_s: float  # shorter files are refused
-    silence_peak: float  # a window whose peak is below this is silent
-    segment_s: float  # recordings longer than this are cut into windows of this length
-    hop_s: float  # step between windows
-
-
-def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
-    """Features of every non-silent window of one file, or the reason it cannot be
-    labelled. Runs in a worker process and never raises."""
-    result: dict[str, Any] = {"features": None, "starts": [], "ends": [], "duration": None, "error": ""}
-    try:
-        if path.is_symlink() and not path.exists():
-            result["error"] = f"{path}: broken symbolic link"
-        elif path.is_dir():
-            result["error"] = f"{path}: is a directory, not an audio file"
-        elif not os.access(path, os.R_OK):
-            result["error"] = f"{path}: permission denied"
-        elif path.stat().st_size == 0:
-            result["error"] = f"{path}: empty file (0 bytes)"
-        else:
-            result["duration"] = duration = audio_info(path)["duration_s"]
-            if duration < s.min_duration_s:
-                result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
-                return result
-            features = []
-            for start, end, y in read_windows(path, extractor.fp.sample_rate, s.segment_s, s.hop_s):
-                if np.abs(y).max() >= s.silence_peak:
-                    features.append(extractor(y))
-                    result["starts"].append(start)
-                    result["ends"].append(end)
-            if not features:
-                result["error"] = f"{path}: silent (peak below {s.silence_peak})"
-            else:
-                result["features"] = np.stack(features)
-    except AudioError as e:
-        result["error"] = str(e)
-    except Exception as e:  # one bad file must not stop a batch of thousands
-        result["error"] = f"{path}: {type(e).__name__}: {e}"
-    return result
 
 
 def label_files(paths: list[Path], model: torch.nn.Module, meta: dict[str, Any], s: Settings,
