@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell md5sum requirements.txt | cut -c1-12)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup browser repro test app bench clean-venv
+.PHONY: setup browser repro test app bench compare clean-venv
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: setup
 	python bench/bench_features.py
 	python bench/bench_predict.py
 	python bench/bench_repro.py
+
+# Arch comparison and ablations on the params split (hours of CPU; see bench/experiments.py).
+compare: setup
+	python bench/experiments.py archs
+	python bench/experiments.py ablations
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,10 +53,23 @@ def parse_name(path: str | Path) -> dict[str, Any]:
     }
 
 
-def resolve_classes(selected: list[str] | None) -> list[str]:
-    """The class set a model is trained on: all eight, or a subset in schema order."""
+# Named class sets for train.classes. "six": without calm and surprised, the set often
+# reported when RAVDESS is compared with corpora that lack those two.
+CLASS_SETS: dict[str, list[str]] = {
+    "all": list(EMOTIONS),
+    "six": [e for e in EMOTIONS if e not in ("calm", "surprised")],
+}
+
+
+def resolve_classes(selected: str | list[str] | None) -> list[str]:
+    """The class set a model is trained on: a named set (all, six), or a list of
+    emotions, returned in schema order. Empty or None means all eight."""
     if not selected:
         return list(EMOTIONS)
+    if isinstance(selected, str):
+        if selected not in CLASS_SETS:
+            raise ValueError(f"unknown class set {selected!r}; use one of {sorted(CLASS_SETS)} or a list")
+        return list(CLASS_SETS[selected])
     unknown = sorted(set(selected) - set(EMOTIONS))
     if unknown:
         raise ValueError(f"unknown emotion(s) {unknown}; choose from {EMOTIONS}")

@@ -11,7 +11,12 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
 from stages.audio import FeatureParams  # noqa: E402
+from stages.features import ARRAY_NAME, INDEX_NAME, PARAMS_NAME  # noqa: E402
 
 MIRROR = ROOT.parent / "shared" / "data" / "ravdess" / "Audio_Speech_Actors_01-20_16k.zip"
 
@@ -51,3 +56,37 @@ def tiny_checkpoint(tmp_path, feature_params) -> Path:
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, TINY_ARCH, EMOTIONS, feature_params, extra={})
     return path
+
+
+def synthetic_dataset(root, feature_params, per_class=24):
+    """Two emotions that differ by which mel bands are loud; actors 1-4 train, 5 val, 6 test."""
+    rng = np.random.default_rng(0)
+    rows, arrays = [], []
+    for actor in range(1, 7):
+        for emotion, band in (("angry", slice(0, 10)), ("sad", slice(20, 30))):
+            for i in range(per_class // 2):
+                x = rng.normal(-60, 5, (feature_params.n_mels, feature_params.n_frames))
+                x[band] += 30
+                arrays.append(x.astype(np.float32))
+                rows.append({"path": f"a{actor}/{emotion}{i}.wav", "emotion": emotion, "actor": actor,
+                             "split": "train" if actor <= 4 else ("val" if actor == 5 else "test")})
+    features = root / "features"
+    features.mkdir()
+    np.save(features / ARRAY_NAME, np.stack(arrays))
+    pd.DataFrame({"path": [r["path"] for r in rows]}).to_parquet(features / INDEX_NAME)
+    (features / PARAMS_NAME).write_text(json.dumps(feature_params.to_dict()))
+    pd.DataFrame(rows).to_parquet(root / "metadata.parquet")
+    return features, root / "metadata.parquet"
+
+
+def train_params(root, features, metadata, **overrides):
+    p = {"features_dir": str(features), "metadata": str(metadata), "model_out": str(root / "m" / "model.pt"),
+         "history": str(root / "history.csv"), "metrics": str(root / "train.json"),
+         "classes": ["angry", "sad"], "seed": 3, "device": "cpu", "epochs": 8, "patience": 10,
+         "batch_size": 8, "lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 0.0,
+         "label_smoothing": 0.1, "mixup_alpha": 0.0, "bn_calibration_clips": 16, "ensemble_folds": 1,
+         "augment": {"time_shift_frames": 4, "freq_mask": 4, "n_freq_masks": 1, "time_mask": 4, "n_time_masks": 1,
+                     "speed": 0.1},
+         "arch": "tiny", "archs": {"tiny": TINY_ARCH}}
+    p.update(overrides)
+    return p

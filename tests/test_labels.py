@@ -34,3 +34,10 @@ def test_resolve_classes_keeps_schema_order():
     assert resolve_classes(["sad", "neutral"]) == ["neutral", "sad"]
     with pytest.raises(ValueError, match="unknown"):
         resolve_classes(["bored"])
+
+
+def test_named_class_sets():
+    assert resolve_classes("all") == EMOTIONS
+    assert resolve_classes("six") == ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
+    with pytest.raises(ValueError, match="unknown class set 'seven'"):
+        resolve_classes("seven")

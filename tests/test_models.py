@@ -7,7 +7,8 @@ from stages.models import ModelFileError, build_model, count_parameters, infer, 
 
 
 @pytest.mark.parametrize("change", [{}, {"pooling": "attention"}, {"lstm_hidden": 6},
-                                    {"batch_norm": False, "convs_per_block": 2}])
+                                    {"batch_norm": False, "convs_per_block": 2},
+                                    {"deltas": True, "utterance_norm": True}])
 def test_forward_shapes(change):
     model = build_model({**TINY_ARCH, **change}, n_mels=32, n_classes=8)
     assert model(torch.randn(3, 32, 63)).shape == (3, 8)
@@ -65,3 +66,40 @@ def test_the_same_weights_give_the_same_file_bytes(tmp_path, feature_params):
     for name in ("a.pt", "b.pt"):
         save_checkpoint(tmp_path / name, model, TINY_ARCH, EMOTIONS, feature_params, extra={})
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_utterance_norm_ignores_a_constant_gain():
+    model = build_model({**TINY_ARCH, "utterance_norm": True}, n_mels=32, n_classes=8).eval()
+    x = torch.randn(2, 32, 63)
+    torch.testing.assert_close(model(x), model(x + 12.0), rtol=1e-4, atol=1e-4)
+
+
+def test_an_ensemble_round_trips_and_averages_its_members_probabilities(tmp_path, feature_params):
+    from stages.models import Ensemble, save_checkpoint
+
+    torch.manual_seed(0)
+    members = [build_model(TINY_ARCH, feature_params.n_mels, 8).eval() for _ in range(3)]
+    x = torch.randn(5, feature_params.n_mels, feature_params.n_frames)
+    with torch.no_grad():
+        expected = torch.stack([m(x).softmax(dim=1) for m in members]).mean(dim=0)
+    save_checkpoint(tmp_path / "e.pt", Ensemble(members), TINY_ARCH, EMOTIONS, feature_params, extra={})
+    model, _ = load_checkpoint(tmp_path / "e.pt")
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and not model.training
+    torch.testing.assert_close(infer(model, x, 2, "cpu").softmax(dim=1), expected)
+
+
+def test_fusing_batch_norm_for_inference_keeps_the_outputs(feature_params):
+    torch.manual_seed(0)
+    model = build_model({**TINY_ARCH, "convs_per_block": 2}, feature_params.n_mels, 8)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+    model.eval()
+    x = torch.randn(3, feature_params.n_mels, feature_params.n_frames)
+    with torch.no_grad():
+        expected = model(x)
+        fused = model.fuse_for_inference()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)

@@ -55,6 +55,7 @@ def project(tmp_path_factory):
     params["download"].update(url=str(work / "slice.zip"), md5=md5)
     params["metadata"].update(val_actors=[13, 14], test_actors=[17, 18])
     params["train"].update(epochs=2)
+    params["cv"].update(fold_size=2)  # 6 actors: 3 folds of 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -68,7 +69,7 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_outputs(project):
     repo, _, _, first = project
-    for stage in ["download", "metadata", "features", "train", "evaluate", "predict"]:
+    for stage in ["download", "metadata", "features", "train", "cv", "evaluate", "predict"]:
         assert f"Running stage '{stage}'" in first
     clips = pd.read_parquet(repo / "data/metadata.parquet")
     assert len(clips) == 360 and set(clips["actor"]) == {1, 2, 13, 14, 17, 18}
@@ -86,6 +87,10 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert len(pd.read_csv(repo / "reports/train_history.csv")) == 2
     predictions = pd.read_csv(repo / "data/predictions.csv")
     assert len(predictions) == 360 and (predictions["status"] == "ok").all()
+    cv = json.loads((repo / "metrics/cv.json").read_text())
+    assert cv["folds"] == 3 and 0 <= cv["test_accuracy_mean"] <= 1 and cv["test_accuracy_std"] >= 0
+    folds = pd.read_csv(repo / "reports/cv_folds.csv")
+    assert folds["test_actors"].tolist() == ["1 2", "13 14", "17 18"]
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
@@ -99,11 +104,11 @@ def test_train_param_experiment_reruns_only_downstream_and_diffs(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline"], repo, env)
     out = _run(dvc + ["exp", "run", "-S", "train.epochs=1"], repo, env)
-    ran = {s for s in ["download", "metadata", "features", "train", "evaluate", "predict"]
+    ran = {s for s in ["download", "metadata", "features", "train", "cv", "evaluate", "predict"]
            if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "predict"}
+    assert ran == {"train", "cv", "evaluate", "predict"}
     diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], repo, env))
-    assert "metrics/eval.json" in diff and "metrics/train.json" in diff
+    assert {"metrics/eval.json", "metrics/train.json", "metrics/cv.json"} <= set(diff)
     assert diff["metrics/train.json"]["epochs_run"] == {"old": 2, "new": 1, "diff": -1}
     plots = json.loads(_run(dvc + ["plots", "diff", "--json"], repo, env))["data"]
     assert {"Loss", "Accuracy", "Confusion (test actors)"} <= set(plots)

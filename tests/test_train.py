@@ -1,61 +1,25 @@
-import json
-
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_ARCH
-from stages.features import ARRAY_NAME, INDEX_NAME, PARAMS_NAME
+from conftest import TINY_ARCH, synthetic_dataset, train_params
 from stages.models import load_checkpoint
-from stages.train import Augment, load_split, train
-
-
-def _synthetic_dataset(root, feature_params, per_class=24):
-    """Two emotions that differ by which mel bands are loud; actors 1-4 train, 5 val, 6 test."""
-    rng = np.random.default_rng(0)
-    rows, arrays = [], []
-    for actor in range(1, 7):
-        for emotion, band in (("angry", slice(0, 10)), ("sad", slice(20, 30))):
-            for i in range(per_class // 2):
-                x = rng.normal(-60, 5, (feature_params.n_mels, feature_params.n_frames))
-                x[band] += 30
-                arrays.append(x.astype(np.float32))
-                rows.append({"path": f"a{actor}/{emotion}{i}.wav", "emotion": emotion, "actor": actor,
-                             "split": "train" if actor <= 4 else ("val" if actor == 5 else "test")})
-    features = root / "features"
-    features.mkdir()
-    np.save(features / ARRAY_NAME, np.stack(arrays))
-    pd.DataFrame({"path": [r["path"] for r in rows]}).to_parquet(features / INDEX_NAME)
-    (features / PARAMS_NAME).write_text(json.dumps(feature_params.to_dict()))
-    pd.DataFrame(rows).to_parquet(root / "metadata.parquet")
-    return features, root / "metadata.parquet"
-
-
-def _params(root, features, metadata, **overrides):
-    p = {"features_dir": str(features), "metadata": str(metadata), "model_out": str(root / "m" / "model.pt"),
-         "history": str(root / "history.csv"), "metrics": str(root / "train.json"),
-         "classes": ["angry", "sad"], "seed": 3, "device": "cpu", "epochs": 8, "patience": 10,
-         "batch_size": 8, "lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 0.0,
-         "label_smoothing": 0.1, "mixup_alpha": 0.0,
-         "augment": {"time_shift_frames": 4, "freq_mask": 4, "n_freq_masks": 1, "time_mask": 4, "n_time_masks": 1},
-         "model": TINY_ARCH}
-    p.update(overrides)
-    return p
+from stages.train import Augment, calibrate_batch_norm, load_split, member_splits, speed_perturb, train
+from stages.util import UserError
 
 
 def test_train_learns_saves_and_is_deterministic(tmp_path, feature_params):
-    features, metadata = _synthetic_dataset(tmp_path, feature_params)
-    first = train(_params(tmp_path, features, metadata))
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    first = train(train_params(tmp_path, features, metadata))
     history = pd.read_csv(tmp_path / "history.csv")
-    assert list(history.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+    assert list(history.columns) == ["member", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
     assert len(history) == 8 and first["val_accuracy"] == pytest.approx(history["val_accuracy"].max(), abs=1e-4)
     assert first["val_accuracy"] >= 0.9  # the two classes are trivially separable
     model, meta = load_checkpoint(tmp_path / "m" / "model.pt")
     assert meta["classes"] == ["sad", "angry"]  # schema order
     assert meta["feature_params"] == feature_params
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    second = train(_params(tmp_path, features, metadata))
+    second = train(train_params(tmp_path, features, metadata))
     assert {k: v for k, v in first.items() if k != "train_minutes"} == \
            {k: v for k, v in second.items() if k != "train_minutes"}
     again, _ = load_checkpoint(tmp_path / "m" / "model.pt")
@@ -64,17 +28,17 @@ def test_train_learns_saves_and_is_deterministic(tmp_path, feature_params):
 
 
 def test_test_actors_never_reach_training(tmp_path, feature_params):
-    features, metadata = _synthetic_dataset(tmp_path, feature_params)
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
     _, _, train_rows = load_split(str(features), str(metadata), ["angry", "sad"], "train")
     _, _, val_rows = load_split(str(features), str(metadata), ["angry", "sad"], "val")
     assert set(train_rows["actor"]) == {1, 2, 3, 4} and set(val_rows["actor"]) == {5}
 
 
 def test_mixup_and_crnn_paths_run(tmp_path, feature_params):
-    features, metadata = _synthetic_dataset(tmp_path, feature_params)
-    summary = train(_params(tmp_path, features, metadata, epochs=1, mixup_alpha=0.4,
-                            model={**TINY_ARCH, "lstm_hidden": 4, "pooling": "attention"}))
-    assert summary["epochs_run"] == 1
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    summary = train(train_params(tmp_path, features, metadata, epochs=1, mixup_alpha=0.4,
+                            archs={"tiny": {**TINY_ARCH, "lstm_hidden": 4, "pooling": "attention"}}))
+    assert summary["per_member"][0]["epochs_run"] == 1
 
 
 def test_augment_keeps_shape_and_masks_to_the_bin_mean():
@@ -86,3 +50,60 @@ def test_augment_keeps_shape_and_masks_to_the_bin_mean():
     out = augment(x)
     assert out.shape == x.shape
     assert set(torch.unique(out).tolist()) <= {0.0, -50.0}
+
+
+def test_speed_perturbation_at_factor_one_is_the_identity_and_keeps_shape():
+    z = torch.randn(3, 16, 40)
+    assert torch.allclose(speed_perturb(z, 0.0), z, atol=1e-5)
+    torch.manual_seed(0)
+    out = speed_perturb(z, 0.2)
+    assert out.shape == z.shape and not torch.allclose(out, z)
+
+
+def test_speed_perturbation_moves_a_tone_up_when_faster():
+    z = torch.zeros(1, 32, 40)
+    z[0, 10] = 1.0  # one mel bin lit
+    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        factor = 1 + (torch.rand(1) * 2 - 1) * 0.2
+    torch.manual_seed(1)
+    peak = int(speed_perturb(z, 0.2)[0].mean(dim=1).argmax())
+    assert peak == pytest.approx(10.5 * float(factor) - 0.5, abs=1)
+
+
+def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    model[0].running_mean.fill_(100.0)
+    x = torch.randn(49, 3) + torch.tensor([1.0, 2.0, 3.0])
+    calibrate_batch_norm(model, x, batch_size=7, device=torch.device("cpu"))
+    torch.testing.assert_close(model[0].running_mean, x.mean(dim=0))
+    assert not model.training and model[0].momentum == 0.1
+
+
+def test_an_unknown_arch_name_is_a_clear_error(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    with pytest.raises(UserError, match="train.arch 'resnet' is not one of train.archs: \\['tiny'\\]"):
+        train(train_params(tmp_path, features, metadata, arch="resnet"))
+
+
+def test_ensemble_members_validate_on_disjoint_actor_groups_and_never_see_test_actors():
+    clips = pd.DataFrame({"actor": list(range(1, 11)),
+                          "split": ["train"] * 6 + ["val"] * 2 + ["test"] * 2})
+    assert member_splits(clips, 1) == [([1, 2, 3, 4, 5, 6], [7, 8])]
+    splits = member_splits(clips, 4)
+    assert [val for _, val in splits] == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    for train_actors, val_actors in splits:
+        assert not set(train_actors) & set(val_actors)
+        assert set(train_actors) | set(val_actors) == set(range(1, 9))
+    with pytest.raises(UserError, match="ensemble_folds=9 needs at least 9 train\\+val actors; there are 8"):
+        member_splits(clips, 9)
+
+
+def test_an_ensemble_of_folds_trains_one_model_per_fold(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    summary = train(train_params(tmp_path, features, metadata, epochs=2, ensemble_folds=5))
+    assert summary["members"] == 5 and [m["val_actors"] for m in summary["per_member"]] == [[1], [2], [3], [4], [5]]
+    model, _ = load_checkpoint(tmp_path / "m" / "model.pt")
+    assert len(model.members) == 5
+    assert sorted(pd.read_csv(tmp_path / "history.csv")["member"].unique()) == [1, 2, 3, 4, 5]

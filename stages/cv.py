@@ -1,0 +1,89 @@
+"""Stage: actor-fold cross-validation of the training recipe (params `train`).
+
+The actors are cut into folds of `fold_size` consecutive actor numbers (odd = male, even =
+female, so every fold of 4 has two of each). Fold k is tested on its actors, the model's
+checkpoint is chosen on fold k+1's actors, and it trains on the rest: no actor is in two of
+train/val/test, and the test actors never influence training or checkpoint selection.
+Writes per-fold and mean/std metrics, and the per-fold table.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages.evaluate import confusion_matrix, scores_from_confusion
+from stages.models import infer
+from stages.train import fit, load_clips, train_classes
+from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
+
+
+def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:
+    """Consecutive groups of fold_size actors, in actor order."""
+    actors = sorted(actors)
+    if fold_size < 1 or len(actors) < 3 * fold_size:
+        raise UserError(f"cv: {len(actors)} actors cannot make train/val/test folds of {fold_size}")
+    if len(actors) % fold_size:
+        raise UserError(f"cv: {len(actors)} actors do not split into folds of {fold_size}")
+    return [actors[i : i + fold_size] for i in range(0, len(actors), fold_size)]
+
+
+def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    device = pick_device(recipe["device"])
+    classes = train_classes(recipe)
+    clips = pd.read_parquet(cv["metadata"])
+    folds = make_folds(clips["actor"].unique().tolist(), cv["fold_size"])
+    n_mels = load_clips(cv["features_dir"], cv["metadata"], classes, actors=[])[0].shape[1]
+    rows = []
+    for k, test_actors in enumerate(folds):
+        val_actors = folds[(k + 1) % len(folds)]
+        train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
+        data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)[:2]
+                for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
+        start = time.perf_counter()
+        model, _, best = fit(recipe, *data["train"], *data["val"], n_mels, len(classes), device,
+                             label=f"fold {k + 1}/{len(folds)} ")
+        minutes = (time.perf_counter() - start) / 60
+        x_test, y_test = data["test"]
+        predicted = infer(model, x_test, recipe["batch_size"], device).argmax(1).numpy()
+        scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
+        rows.append({
+            "fold": k + 1,
+            "test_actors": " ".join(map(str, test_actors)),
+            "val_actors": " ".join(map(str, val_actors)),
+            "test_accuracy": round(scores["accuracy"], 5),
+            "test_uar": round(scores["uar"], 5),
+            "test_macro_f1": round(scores["macro_f1"], 5),
+            "val_accuracy": round(best["val_accuracy"], 5),
+            "best_epoch": best["epoch"],
+            "train_minutes": round(minutes, 2),
+        })
+        print(f"cv fold {k + 1}: test actors {test_actors}: accuracy {scores['accuracy']:.3f}, "
+              f"UAR {scores['uar']:.3f}", flush=True)
+    table = pd.DataFrame(rows)
+    summary: dict[str, Any] = {"folds": len(folds), "fold_size": cv["fold_size"], "classes": classes}
+    for column in ("test_accuracy", "test_uar", "test_macro_f1"):
+        summary[f"{column}_mean"] = round(float(table[column].mean()), 5)
+        summary[f"{column}_std"] = round(float(table[column].std(ddof=1)), 5)  # sample std over folds
+    summary["per_fold"] = {f"fold{r['fold']}": {k: r[k] for k in ("test_accuracy", "test_uar", "test_macro_f1")}
+                           for r in rows}
+    summary["train_minutes_total"] = round(float(table["train_minutes"].sum()), 2)
+    return table, summary
+
+
+def main() -> None:
+    cv = load_params("cv")
+    recipe = load_params("train")  # the recipe under test: cv depends on the whole train section
+    table, summary = cross_validate(cv, recipe)
+    with atomic_path(cv["table"]) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(cv["metrics"], summary)
+    print(f"cv: accuracy {summary['test_accuracy_mean']:.3f} +/- {summary['test_accuracy_std']:.3f}, "
+          f"UAR {summary['test_uar_mean']:.3f} +/- {summary['test_uar_std']:.3f} over {summary['folds']} folds")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,26 @@
+import pytest
+
+from conftest import synthetic_dataset, train_params
+from stages.cv import cross_validate, make_folds
+from stages.util import UserError
+
+
+def test_folds_are_consecutive_actor_groups():
+    assert make_folds(list(range(20, 0, -1)), 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12],
+                                                      [13, 14, 15, 16], [17, 18, 19, 20]]
+    with pytest.raises(UserError, match="do not split into folds of 4"):
+        make_folds(list(range(1, 15)), 4)
+    with pytest.raises(UserError, match="cannot make train/val/test folds"):
+        make_folds([1, 2, 3, 4, 5, 6, 7, 8], 4)
+
+
+def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
+    table, summary = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
+    assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
+    assert table["val_actors"].tolist() == ["3 4", "5 6", "1 2"]
+    assert summary["folds"] == 3 and set(summary["per_fold"]) == {"fold1", "fold2", "fold3"}
+    assert summary["test_accuracy_mean"] == pytest.approx(table["test_accuracy"].mean(), abs=1e-5)
+    assert summary["test_accuracy_std"] == pytest.approx(table["test_accuracy"].std(), abs=1e-5)
+    assert summary["test_accuracy_mean"] >= 0.9  # the synthetic classes are separable
