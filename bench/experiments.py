@@ -80,7 +80,8 @@ def run(kind: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
             "val_accuracy": summary["val_accuracy"], "test_accuracy": round(scores["accuracy"], 4),
             "test_uar": round(scores["uar"], 4), "test_macro_f1": round(scores["macro_f1"], 4),
             "best_epochs": " ".join(str(m["best_epoch"]) for m in summary["per_member"]),
-            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads()}
+            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads(),
+            "source": "bench/experiments.py"}
 
 
 def table() -> None:
