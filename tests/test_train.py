@@ -63,10 +63,8 @@ def test_speed_perturbation_at_factor_one_is_the_identity_and_keeps_shape():
 def test_speed_perturbation_moves_a_tone_up_when_faster():
     z = torch.zeros(1, 32, 40)
     z[0, 10] = 1.0  # one mel bin lit
-    torch.manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        factor = 1 + (torch.rand(1) * 2 - 1) * 0.2
+    torch.manual_seed(1)
+    factor = 1 + (torch.rand(1) * 2 - 1) * 0.2  # the factor speed_perturb will draw
     torch.manual_seed(1)
     peak = int(speed_perturb(z, 0.2)[0].mean(dim=1).argmax())
     assert peak == pytest.approx(10.5 * float(factor) - 0.5, abs=1)
