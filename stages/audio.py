@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import scipy.fft
 import soundfile as sf
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -81,30 +82,58 @@ def window_bounds(duration_s: float, segment_s: float, hop_s: float) -> list[tup
     return [(round(float(s), 3), round(float(s) + segment_s, 3)) for s in starts]
 
 
-def read_windows(path: str | Path, sample_rate: int, segment_s: float, hop_s: float
-                 ) -> Iterator[tuple[float, float, np.ndarray]]:
-    """Yield (start_s, end_s, mono float32 at sample_rate) per window, reading one window at
-    a time from disk so that a long recording never sits in memory whole."""
-    path = Path(path)
-    if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
-    try:
-        with sf.SoundFile(str(path)) as f:
-            sr, frames = f.samplerate, f.frames
-            if frames == 0:
-                raise AudioError(f"{path}: contains no audio samples")
-            for start, end in window_bounds(frames / sr, segment_s, hop_s):
-                first, last = int(round(start * sr)), min(frames, int(round(end * sr)))
+class AudioFile:
+    """An audio file open for reading, window by window; every failure is an AudioError
+    naming the file. The header is read once, on opening."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise AudioError(f"{self.path}: is a directory, not an audio file")
+        try:
+            self._file = sf.SoundFile(str(self.path))
+        except Exception as e:  # soundfile raises several types; all mean "not readable audio"
+            raise AudioError(f"{self.path}: not readable audio ({_reason(e)})") from None
+        if self._file.frames == 0:
+            self._file.close()
+            raise AudioError(f"{self.path}: contains no audio samples")
+
+    @property
+    def duration_s(self) -> float:
+        return self._file.frames / self._file.samplerate
+
+    def windows(self, sample_rate: int, segment_s: float, hop_s: float
+                ) -> Iterator[tuple[float, float, np.ndarray]]:
+        """Yield (start_s, end_s, mono float32 at sample_rate) per window, reading one window
+        at a time from disk so that a long recording never sits in memory whole."""
+        f, sr, frames = self._file, self._file.samplerate, self._file.frames
+        for start, end in window_bounds(frames / sr, segment_s, hop_s):
+            first, last = int(round(start * sr)), min(frames, int(round(end * sr)))
+            try:
                 f.seek(first)
                 data = f.read(last - first, dtype="float32", always_2d=True)
-                y = data.mean(axis=1)
-                if not np.all(np.isfinite(y)):
-                    raise AudioError(f"{path}: contains NaN or infinite samples")
-                yield start, end, resample(y, sr, sample_rate)
-    except AudioError:
-        raise
-    except Exception as e:
-        raise AudioError(f"{path}: not readable audio ({_reason(e)})") from None
+            except Exception as e:
+                raise AudioError(f"{self.path}: not readable audio ({_reason(e)})") from None
+            y = data.mean(axis=1)
+            if not np.all(np.isfinite(y)):
+                raise AudioError(f"{self.path}: contains NaN or infinite samples")
+            yield start, end, resample(y, sr, sample_rate)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AudioFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_windows(path: str | Path, sample_rate: int, segment_s: float, hop_s: float
+                 ) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Yield (start_s, end_s, mono float32 at sample_rate) per window of one file."""
+    with AudioFile(path) as f:
+        yield from f.windows(sample_rate, segment_s, hop_s)
 
 
 def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -124,22 +153,42 @@ def fix_length(y: np.ndarray, n_samples: int) -> np.ndarray:
     return np.pad(y, (pad // 2, pad - pad // 2))
 
 
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, log above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3)
+    log = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log, linear)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), mel * (200.0 / 3))
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters on Slaney's mel scale with Slaney's
+    area normalisation: librosa.filters.mel's defaults (tested equal), without importing
+    librosa, which costs about a second per process (scipy.signal, numba)."""
+    fft_hz = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    ramps = edges_hz[:, None] - fft_hz[None, :]
+    widths = np.diff(edges_hz)
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
 class LogMel:
     """Log-Mel in dB, numerically the same as librosa's melspectrogram + power_to_db
     (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
-    computed in NumPy.
-
-    The mel filterbank comes from librosa once, when the extractor is built; worker
-    processes receive the arrays and never import librosa (its first call costs seconds
-    per process, longer than the whole per-clip work on a small set)."""
+    computed in NumPy/SciPy without importing librosa (seconds per process)."""
 
     def __init__(self, fp: FeatureParams) -> None:
-        import librosa
-
         self.fp = fp
-        self.filterbank = librosa.filters.mel(
-            sr=fp.sample_rate, n_fft=fp.n_fft, n_mels=fp.n_mels, fmin=fp.fmin, fmax=fp.fmax,
-        ).astype(np.float32)
+        self.filterbank = mel_filterbank(fp.sample_rate, fp.n_fft, fp.n_mels, fp.fmin, fp.fmax)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(fp.n_fft) / fp.n_fft)).astype(np.float32)
 
     def _frames(self, y: np.ndarray) -> np.ndarray:
@@ -160,18 +209,36 @@ class LogMel:
         end = min(len(y), (loud[-1] + 1) * self.fp.hop_length)
         return y[start:end]
 
+    def power(self, y: np.ndarray) -> np.ndarray:
+        """Power spectrogram (n_frames, n_fft // 2 + 1) of the centred, zero-padded STFT.
+        Frames that lie wholly in zeros (the padding to duration_s, ~40% of RAVDESS frames)
+        have zero power exactly, so their FFT is skipped. float32 FFT (scipy's pocketfft):
+        5x faster than NumPy's float32 path, within 1e-6 relative of float64."""
+        frames = self._frames(y)
+        power = np.zeros((len(frames), self.fp.n_fft // 2 + 1), dtype=np.float32)
+        nonzero = y != 0
+        if not nonzero.any():
+            return power
+        # argmax of a bool array stops at the first True: the first and last nonzero samples
+        start, end = int(nonzero.argmax()), len(y) - 1 - int(nonzero[::-1].argmax())
+        # frame i covers samples [i * hop - n_fft // 2, i * hop - n_fft // 2 + n_fft) of y
+        hop, half = self.fp.hop_length, self.fp.n_fft // 2
+        first = max(0, -(-(start + half - self.fp.n_fft + 1) // hop))  # ceil division
+        last = min(len(frames) - 1, (end + half) // hop)
+        spectrum = scipy.fft.rfft(frames[first : last + 1] * self.window, axis=1, workers=1)
+        power[first : last + 1] = spectrum.real ** 2 + spectrum.imag ** 2
+        return power
+
     def __call__(self, y: np.ndarray) -> np.ndarray:
         """Mono signal at fp.sample_rate -> (n_mels, n_frames) float32 log-Mel in dB."""
         if self.fp.trim_db is not None:
             y = self.trim(y)
         y = fix_length(np.asarray(y, dtype=np.float32), self.fp.n_samples)
-        spectrum = np.fft.rfft(self._frames(y) * self.window, axis=1)
-        power = spectrum.real ** 2 + spectrum.imag ** 2
-        mel = self.filterbank @ power.T.astype(np.float32)
+        mel = (self.power(y) @ self.filterbank.T).T  # frames-major product: 2x faster
         db = 10 * np.log10(np.maximum(mel, self.fp.amin))
         if self.fp.top_db is not None:  # librosa's power_to_db(ref=np.max, top_db=top_db)
             db = np.maximum(db - db.max(), -self.fp.top_db)
-        return db.astype(np.float32)
+        return np.ascontiguousarray(db, dtype=np.float32)
 
     def from_file(self, path: str | Path) -> np.ndarray:
         """Load one file and compute its log-Mel: what features and predict both call."""
@@ -186,6 +253,7 @@ class Settings:
     silence_peak: float  # a window whose peak is below this is silent
     segment_s: float  # recordings longer than this are cut into windows of this length
     hop_s: float  # step between windows
+    max_queued_windows: int  # features computed ahead of the model, at most (bounds memory)
 
 
 def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
@@ -202,16 +270,17 @@ def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
         elif path.stat().st_size == 0:
             result["error"] = f"{path}: empty file (0 bytes)"
         else:
-            result["duration"] = duration = audio_info(path)["duration_s"]
-            if duration < s.min_duration_s:
-                result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
-                return result
-            features = []
-            for start, end, y in read_windows(path, extractor.fp.sample_rate, s.segment_s, s.hop_s):
-                if np.abs(y).max() >= s.silence_peak:
-                    features.append(extractor(y))
-                    result["starts"].append(start)
-                    result["ends"].append(end)
+            with AudioFile(path) as audio:
+                result["duration"] = duration = audio.duration_s
+                if duration < s.min_duration_s:
+                    result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
+                    return result
+                features = []
+                for start, end, y in audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s):
+                    if np.abs(y).max() >= s.silence_peak:
+                        features.append(extractor(y))
+                        result["starts"].append(start)
+                        result["ends"].append(end)
             if not features:
                 result["error"] = f"{path}: silent (peak below {s.silence_peak})"
             else:

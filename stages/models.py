@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchaudio
 from torch import nn
 
 from stages.audio import FeatureParams
@@ -92,6 +91,8 @@ class EmotionCNN(nn.Module):
             x = x - x.mean(dim=2, keepdim=True)
         x = x.unsqueeze(1)
         if self.deltas:
+            import torchaudio  # here, not at the top: its import costs the labeller 0.4 s
+
             d1 = torchaudio.functional.compute_deltas(x)
             x = torch.cat([x, d1, torchaudio.functional.compute_deltas(d1)], dim=1)
         x = self.conv(x)  # (B, C, mels', frames')

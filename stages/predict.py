@@ -11,25 +11,106 @@ Exit code: 0 all labelled, 1 some files could not be, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+import threading
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import pandas as pd
-import torch
-from joblib import Parallel, delayed
+import threadpoolctl
+from joblib import effective_n_jobs
 from tqdm import tqdm
 
-# Settings and prepare live in stages.audio so that worker processes never import torch
-# (seconds per worker, longer than labelling a thousand short clips).
+# This module does not import torch at the top: the feature workers start first and torch
+# (2-3 s to import) loads while they work. Settings and prepare live in stages.audio so
+# that the workers never import torch either.
 from stages.audio import AUDIO_EXTENSIONS, LogMel, Settings, prepare
-from stages.models import ModelFileError, infer, load_checkpoint
+from stages.modelfile import read_model_info
 from stages.util import PARAMS_FILE, UserError, atomic_path, load_params, pick_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
+
+
+def _init_worker(extractor: LogMel, settings: Settings) -> None:
+    global _worker_args, _blas_limit
+    _worker_args = (extractor, settings)
+    # One BLAS thread per worker: OpenBLAS's default (all cores) in every worker made the
+    # mel products spin against each other and halved throughput on 2 cores.
+    _blas_limit = threadpoolctl.threadpool_limits(1)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork when safe (no other threads, torch not loaded; the CLI's case): workers start at
+    once and share this process's imports. Else a fork server, which starts a clean process
+    once (about a second) and forks the workers from it."""
+    if threading.active_count() == 1 and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["stages.predict"])
+    return context
+
+
+def _prepare_group(paths: list[Path]) -> list[dict[str, Any]]:
+    return [prepare(path, *_worker_args) for path in paths]
+
+
+class FeatureStream:
+    """prepare() of every path, yielded in path order. With n_jobs != 1, worker processes
+    start on construction (not on first use), so they work while the caller loads torch.
+    Back-pressure keeps memory bounded for any number of files: new files are handed out
+    only while finished-but-unconsumed results hold fewer than s.max_queued_windows windows
+    (joblib's generator has none: it buffers every finished result). Workers start by fork
+    when that is safe (see _worker_context)."""
+
+    def __init__(self, paths: list[Path], extractor: LogMel, s: Settings) -> None:
+        self.extractor, self.settings, self.paths = extractor, s, paths
+        self.workers = min(effective_n_jobs(s.n_jobs), max(1, len(paths) // FILES_PER_TASK))
+        self.groups = iter([paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)])
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: deque[Future] = deque()
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_init_worker,
+                                            initargs=(extractor, s))
+            self._refill()
+
+    def _queued_windows(self) -> int:
+        return sum(len(r["features"]) for f in self.pending if f.done() and not f.exception()
+                   for r in f.result() if r["features"] is not None)
+
+    def _refill(self) -> None:
+        max_tasks = max(self.workers, self.settings.max_queued_windows // FILES_PER_TASK)
+        while len(self.pending) < max_tasks and self._queued_windows() < self.settings.max_queued_windows:
+            group = next(self.groups, None)
+            if group is None:
+                return
+            self.pending.append(self.pool.submit(_prepare_group, group))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.pool is None:
+            yield from (prepare(path, self.extractor, self.settings) for path in self.paths)
+            return
+        try:
+            while self.pending:
+                results = self.pending.popleft().result()
+                self._refill()
+                yield from results
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -50,14 +131,20 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found, key=lambda p: str(p))
 
 
-def label_files(paths: list[Path], model: torch.nn.Module, meta: dict[str, Any], s: Settings,
-                device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
+def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
+                device: "torch.device", stream: FeatureStream | None = None
+                ) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """(one row per file, one row per window). Workers decode and compute features in
-    parallel; windows are batched for the model; only a batch's worth is held in memory."""
-    classes, extractor = meta["classes"], LogMel(meta["feature_params"])
+    parallel (`stream`, started by the caller or here); windows are batched for the model;
+    only a bounded number of files' features is held in memory."""
+    import pandas as pd
+    import torch
+
+    from stages.models import infer
+
+    classes = meta["classes"]
     prob_columns = [f"prob_{c}" for c in classes]
-    jobs = (delayed(prepare)(p, extractor, s) for p in paths)
-    results: Iterator = Parallel(n_jobs=s.n_jobs, return_as="generator", batch_size=FILES_PER_TASK)(jobs)
+    results = stream if stream is not None else FeatureStream(paths, LogMel(meta["feature_params"]), s)
     rows: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     pending: list[tuple[int, dict[str, Any]]] = []
@@ -105,13 +192,24 @@ def write_table(frame: pd.DataFrame, out: str | Path) -> None:
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
         segments_out: str | None = None) -> int:
-    device = pick_device(device_name)
-    try:
-        model, meta = load_checkpoint(model_path, device)
-    except ModelFileError as e:
-        raise UserError(str(e)) from None
     paths = collect_inputs(inputs)
-    frame, segments = label_files(paths, model, meta, settings, device)
+    info = read_model_info(model_path)
+    # Feature workers start before torch is imported; None: the checked load below says why
+    stream = FeatureStream(paths, LogMel(info["feature_params"]), settings) if info else None
+    try:
+        from stages.models import ModelFileError, load_checkpoint
+
+        device = pick_device(device_name)
+        try:
+            model, meta = load_checkpoint(model_path, device)
+        except ModelFileError as e:
+            raise UserError(str(e)) from None
+        if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
+            raise UserError(f"{model_path}: the file's metadata reads differently with and without torch")
+        frame, segments = label_files(paths, model, meta, settings, device, stream)
+    finally:
+        if stream is not None:
+            stream.close()
     write_table(frame, out)
     if segments_out:
         write_table(segments, segments_out)
@@ -145,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         args.inputs, args.output = [p["input_dir"]], args.output or p["output"]
         args.segments = args.segments or p["segments_output"]
     settings = Settings(batch_size=args.batch_size, n_jobs=args.jobs, min_duration_s=p["min_duration_s"],
-                        silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s)
+                        silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s,
+                        max_queued_windows=p["max_queued_windows"])
     if settings.hop_s <= 0 or settings.segment_s <= 0 or settings.batch_size <= 0:
         parser.error("--segment-s, --hop-s and --batch-size must be positive")
     try:

@@ -18,7 +18,8 @@ from stages.app import Analyser, timeline_figure
 from stages.labels import EMOTIONS
 from stages.predict import Settings
 
-SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0)
+SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
+                    max_queued_windows=256)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from conftest import write_tone
-from stages.audio import AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio
+from stages.audio import AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio, mel_filterbank
 
 
 @pytest.mark.parametrize("sr, channels, subtype, suffix", [
@@ -80,3 +80,25 @@ def test_find_audio_files_is_recursive_and_sorted(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)] == ["a/1.FLAC", "a/z.ogg", "b/2.wav"]
+
+
+@pytest.mark.parametrize("sr,n_fft,n_mels,fmin,fmax", [(16000, 1024, 64, 20, 8000), (16000, 512, 40, 0, 8000),
+                                                      (22050, 2048, 128, 50, 11025)])
+def test_mel_filterbank_equals_librosa(sr, n_fft, n_mels, fmin, fmax):
+    import librosa
+
+    theirs = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    np.testing.assert_allclose(mel_filterbank(sr, n_fft, n_mels, fmin, fmax), theirs, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("lead,tail", [(0, 0), (5000, 3000), (300, 0), (0, 15990), (7000, 7000)])
+def test_power_skips_only_frames_that_are_all_zero(feature_params, lead, tail):
+    extractor = LogMel(feature_params)
+    y = np.random.default_rng(2).standard_normal(16000).astype(np.float32)
+    y[:lead] = 0
+    y[len(y) - tail :] = 0
+    frames = extractor._frames(y).astype(np.float64) * extractor.window
+    full = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # every frame, float64
+    ours = extractor.power(y)
+    np.testing.assert_allclose(ours, full, rtol=1e-4, atol=1e-3 * full.max())
+    assert np.all(ours[full.max(axis=1) == 0] == 0)

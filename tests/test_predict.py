@@ -8,9 +8,10 @@ import pytest
 from conftest import write_tone
 from stages.labels import EMOTIONS
 from stages.audio import LogMel, window_bounds
-from stages.predict import Settings, main, prepare
+from stages.predict import FILES_PER_TASK, FeatureStream, Settings, _worker_context, main, prepare
 
-SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0)
+SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
+                    max_queued_windows=256)
 
 
 def _run(args):
@@ -135,3 +136,42 @@ def test_ten_minute_recording_is_read_window_by_window(tmp_path, feature_params)
     assert result["error"] == "" and len(result["features"]) == 199
     # decoding the whole file as float32 would take 230 MB; windows and features stay far below
     assert peak < 40e6, peak
+
+
+def test_feature_stream_keeps_order_and_bounds_what_it_holds(tmp_path, feature_params):
+    paths = [write_tone(tmp_path / f"{i:03d}.wav", seconds=0.5 + (i % 3) * 0.3, freq=200 + 10 * i) for i in range(40)]
+    extractor = LogMel(feature_params)
+    settings = Settings(**{**SETTINGS.__dict__, "n_jobs": 2, "max_queued_windows": 3 * FILES_PER_TASK})
+    stream = FeatureStream(paths, extractor, settings)
+    assert stream.workers == 2 and stream.pool is not None  # started before iteration
+    results = []
+    for result in stream:
+        # never more than max_queued_windows // FILES_PER_TASK tasks handed out ahead
+        assert len(stream.pending) <= 3
+        results.append(result)
+    assert stream.pool is None  # workers shut down at the end
+    assert len(results) == len(paths)
+    for path, result in zip(paths, results):
+        np.testing.assert_array_equal(result["features"], prepare(path, extractor, settings)["features"])
+
+
+def test_workers_fork_only_when_safe():
+    import sys as _sys
+
+    assert "torch" in _sys.modules  # pytest has loaded it: a fork server, not a plain fork
+    assert _worker_context().get_start_method() == "forkserver"
+
+
+def test_command_line_with_worker_processes(folder, tiny_checkpoint, tmp_path):
+    """The real entry point in a fresh process (workers by fork, torch loaded meanwhile)."""
+    import subprocess
+    import sys as _sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "cli.csv"
+    done = subprocess.run([_sys.executable, "-m", "stages.predict", str(folder), "-o", str(out),
+                           "--model", str(tiny_checkpoint), "--jobs", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    frame = pd.read_csv(out)
+    assert len(frame) == 10 and (frame["status"] == "ok").sum() == 3

@@ -1,0 +1,33 @@
+import pickle
+import zipfile
+
+from stages.models import load_checkpoint
+from stages.modelfile import read_model_info
+
+
+def test_reads_what_the_full_load_reads(tiny_checkpoint):
+    info = read_model_info(tiny_checkpoint)
+    _, meta = load_checkpoint(tiny_checkpoint)
+    assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"]}
+
+
+def test_returns_none_for_files_that_are_not_model_files(tmp_path):
+    (tmp_path / "text.pt").write_text("not a model")
+    assert read_model_info(tmp_path / "text.pt") is None
+    assert read_model_info(tmp_path / "missing.pt") is None
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    _Payload.marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"classes": _Payload(), "feature_params": {}}))
+    assert read_model_info(path) is None
+    assert not (tmp_path / "ran").exists()
