@@ -2,7 +2,8 @@
 
 naive: per file, load the model, compute the features, run the model on that one clip
        (what single-file predict scripts do);
-ours:  `python -m stages.predict` on the whole folder, process start included.
+ours:  `python -m stages.predict` on the whole folder, process start included (default params,
+       then --precision float32: their labels are compared, and scored on the test actors).
 Needs a trained model (make repro) at predict.model."""
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import time
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from stages.audio import LogMel, find_audio_files  # noqa: E402
+from stages.labels import parse_name  # noqa: E402
 from stages.models import load_checkpoint  # noqa: E402
 
 MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
-NAIVE_FILES = 100  # the naive loop is timed on a sample: it is the slow one
+NAIVE_FILES = 200  # the naive loop is timed on a sample: it is the slow one
+RUNS = 3  # timings on a shared 2-core VM vary by +/-0.5 s; the median of three counts
 
 
 def naive(paths: list[Path], model_path: Path) -> float:
@@ -36,8 +40,25 @@ def naive(paths: list[Path], model_path: Path) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def label(clips: Path, out: Path, model_path: Path, *extra: str) -> float:
+    """Seconds for the whole `python -m stages.predict` command, process start included."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stages.predict", str(clips), "-o", str(out), "--model", str(model_path),
+                    *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def test_actor_accuracy(frame: pd.DataFrame, test_actors: list[int]) -> float:
+    """Accuracy on the test actors' clips (labels from the RAVDESS names, for scoring only)."""
+    names = frame["path"].map(lambda p: parse_name(Path(p).name))
+    rows = names.map(lambda f: f["actor"] in test_actors)
+    truth = names[rows].map(lambda f: f["emotion"])
+    return float((frame.loc[rows, "emotion"] == truth).mean())
+
+
 def main() -> None:
-    model_path = ROOT / yaml.safe_load((ROOT / "params.yaml").read_text())["predict"]["model"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    model_path = ROOT / params["predict"]["model"]
     if not model_path.is_file():
         sys.exit(f"bench_predict: no model at {model_path}; run `make repro` first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,15 +66,20 @@ def main() -> None:
         zipfile.ZipFile(MIRROR).extractall(tmp / "clips")
         paths = find_audio_files(tmp / "clips")
         naive_rate = naive(paths[:NAIVE_FILES], model_path)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.predict", str(tmp / "clips"), "-o", str(tmp / "out.csv"),
-                        "--model", str(model_path)], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seconds = time.perf_counter() - start
-    result = {"files": len(paths), "batch_seconds": round(seconds, 1),
-              "batch_files_per_s": round(len(paths) / seconds, 1),
+        # the default (precision auto) three times, the median counts; then float32 once
+        seconds = sorted(label(tmp / "clips", tmp / "auto.csv", model_path) for _ in range(RUNS))
+        float32_seconds = label(tmp / "clips", tmp / "float32.csv", model_path, "--precision", "float32")
+        auto, full = pd.read_csv(tmp / "auto.csv"), pd.read_csv(tmp / "float32.csv")
+    median = seconds[len(seconds) // 2]
+    test_actors = params["metadata"]["test_actors"]
+    result = {"files": len(paths), "batch_seconds_runs": [round(s, 2) for s in seconds],
+              "batch_files_per_s": round(len(paths) / median, 1),
               "naive_files_per_s": round(naive_rate, 1),
-              "speedup": round(len(paths) / seconds / naive_rate, 1)}
+              "speedup": round(len(paths) / median / naive_rate, 1),
+              "float32_files_per_s": round(len(paths) / float32_seconds, 1),
+              "labels_same_as_float32": round(float((auto["emotion"] == full["emotion"]).mean()), 4),
+              "test_actor_accuracy_default": round(test_actor_accuracy(auto, test_actors), 4),
+              "test_actor_accuracy_float32": round(test_actor_accuracy(full, test_actors), 4)}
     print(json.dumps(result, indent=2))
     print(f"targets: >= 10x naive ({'met' if result['speedup'] >= 10 else 'NOT met'}), "
           f">= 150 files/s ({'met' if result['batch_files_per_s'] >= 150 else 'NOT met'})")

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
                         silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
-                        hop_s=predict["hop_s"], max_queued_windows=predict["max_queued_windows"])
+                        hop_s=predict["hop_s"], max_queued_windows=predict["max_queued_windows"],
+                        precision=predict["precision"])
     try:
         analyser = Analyser(args.model, settings, p["max_duration_s"])
     except ModelFileError as e:

@@ -254,6 +254,7 @@ class Settings:
     segment_s: float  # recordings longer than this are cut into windows of this length
     hop_s: float  # step between windows
     max_queued_windows: int  # features computed ahead of the model, at most (bounds memory)
+    precision: str = "float32"  # of the model's arithmetic: float32 | bfloat16 | auto (models.autocast_dtype)
 
 
 def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:

@@ -78,22 +78,32 @@ class FeatureStream:
         self.groups = iter([paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)])
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[Future] = deque()
+        self.queued_windows = 0  # in finished, unconsumed results (updated by the pool's thread)
+        self.lock = threading.Lock()
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_init_worker,
                                             initargs=(extractor, s))
             self._refill()
 
-    def _queued_windows(self) -> int:
-        return sum(len(r["features"]) for f in self.pending if f.done() and not f.exception()
-                   for r in f.result() if r["features"] is not None)
+    @staticmethod
+    def _windows(future: Future) -> int:
+        if future.cancelled() or future.exception() is not None:
+            return 0
+        return sum(len(r["features"]) for r in future.result() if r["features"] is not None)
+
+    def _finished(self, future: Future) -> None:
+        with self.lock:
+            self.queued_windows += self._windows(future)
 
     def _refill(self) -> None:
         max_tasks = max(self.workers, self.settings.max_queued_windows // FILES_PER_TASK)
-        while len(self.pending) < max_tasks and self._queued_windows() < self.settings.max_queued_windows:
+        while len(self.pending) < max_tasks and self.queued_windows < self.settings.max_queued_windows:
             group = next(self.groups, None)
             if group is None:
                 return
-            self.pending.append(self.pool.submit(_prepare_group, group))
+            future = self.pool.submit(_prepare_group, group)
+            future.add_done_callback(self._finished)
+            self.pending.append(future)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.pool is None:
@@ -101,7 +111,10 @@ class FeatureStream:
             return
         try:
             while self.pending:
-                results = self.pending.popleft().result()
+                future = self.pending.popleft()
+                results = future.result()
+                with self.lock:  # the callback may add this future's windows just after this
+                    self.queued_windows -= self._windows(future)
                 self._refill()
                 yield from results
         finally:
@@ -151,7 +164,7 @@ def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any
 
     def flush() -> None:
         x = torch.from_numpy(np.concatenate([r["features"] for _, r in pending]))
-        probs = torch.softmax(infer(model, x, s.batch_size, device), dim=1).numpy()
+        probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
         for row_index, r in pending:
             window_probs = probs[offset : offset + len(r["features"])]
@@ -236,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment-s", type=float, default=p["segment_s"])
     parser.add_argument("--hop-s", type=float, default=p["hop_s"])
     parser.add_argument("--device", default=p["device"])
+    parser.add_argument("--precision", default=p["precision"], choices=["float32", "bfloat16", "auto"],
+                        help="auto: bfloat16 on CPUs with native support (faster), else float32")
     args = parser.parse_args(argv)
     if args.inputs and not args.output:
         parser.error("give -o OUT.csv (or OUT.parquet) for the inputs")
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         args.segments = args.segments or p["segments_output"]
     settings = Settings(batch_size=args.batch_size, n_jobs=args.jobs, min_duration_s=p["min_duration_s"],
                         silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s,
-                        max_queued_windows=p["max_queued_windows"])
+                        max_queued_windows=p["max_queued_windows"], precision=args.precision)
     if settings.hop_s <= 0 or settings.segment_s <= 0 or settings.batch_size <= 0:
         parser.error("--segment-s, --hop-s and --batch-size must be positive")
     try:

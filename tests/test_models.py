@@ -103,3 +103,44 @@ def test_fusing_batch_norm_for_inference_keeps_the_outputs(feature_params):
         fused = model.fuse_for_inference()
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
         torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_rewrite_keeps_the_outputs_bit_for_bit_in_the_pool():
+    from stages.models import MaxPool2x2
+
+    x = torch.randn(2, 5, 17, 33).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(MaxPool2x2()(x), torch.nn.functional.max_pool2d(x, 2))
+    model = build_model({**TINY_ARCH, "block_dropout": 0.2}, 32, 8).eval()
+    y = torch.randn(4, 32, 40)
+    with torch.no_grad():
+        expected = model(y)
+        fused = model.fuse_for_inference()
+        kinds = [type(m).__name__ for m in fused.conv]
+        assert "MaxPool2d" not in kinds and "Dropout" not in kinds and kinds.index("MaxPool2x2") < kinds.index("ReLU")
+        torch.testing.assert_close(fused(y), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    from stages import models
+
+    cpu = torch.device("cpu")
+    assert models.autocast_dtype(cpu, "float32") is None
+    assert models.autocast_dtype(cpu, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(models, "_native_bfloat16", lambda: False)
+    assert models.autocast_dtype(cpu, "auto") is None
+    monkeypatch.setattr(models, "_native_bfloat16", lambda: True)
+    assert models.autocast_dtype(cpu, "auto") == torch.bfloat16
+    assert models.autocast_dtype(torch.device("cuda"), "float32") == torch.float16
+    with pytest.raises(ValueError, match="precision"):
+        models.autocast_dtype(cpu, "int8")
+
+
+def test_bfloat16_inference_is_close_to_float32(tiny_checkpoint):
+    from stages.models import infer
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    x = torch.randn(16, 32, 63) * 10
+    full = infer(model, x, 8, "cpu", "float32").softmax(1)
+    half = infer(model, x, 8, "cpu", "bfloat16").softmax(1)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=0.02, rtol=0)
