@@ -8,6 +8,7 @@ Needs a trained model (make repro) at predict.model."""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from stages.models import load_checkpoint  # noqa: E402
 
 MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
 NAIVE_FILES = 200  # the naive loop is timed on a sample: it is the slow one
+COPIES = 8  # the scale run labels every clip this many times over (symlinks)
 RUNS = 3  # timings on a shared 2-core VM vary by +/-0.5 s; the median of three counts
 
 
@@ -46,6 +48,11 @@ def label(clips: Path, out: Path, model_path: Path, *extra: str) -> float:
     subprocess.run([sys.executable, "-m", "stages.predict", str(clips), "-o", str(out), "--model", str(model_path),
                     *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def peak_child_rss_mb() -> float:
+    """Largest resident memory of any finished child process so far (Linux: kB)."""
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
 
 
 def test_actor_accuracy(frame: pd.DataFrame, test_actors: list[int]) -> float:
@@ -70,6 +77,15 @@ def main() -> None:
         seconds = sorted(label(tmp / "clips", tmp / "auto.csv", model_path) for _ in range(RUNS))
         float32_seconds = label(tmp / "clips", tmp / "float32.csv", model_path, "--precision", "float32")
         auto, full = pd.read_csv(tmp / "auto.csv"), pd.read_csv(tmp / "float32.csv")
+        small_rss = peak_child_rss_mb()
+        # Scale and memory: the clips linked COPIES times (9,600 files); memory must not grow
+        for copy in range(COPIES):
+            (tmp / "many" / str(copy)).mkdir(parents=True)
+            for path in paths:
+                (tmp / "many" / str(copy) / path.name).symlink_to(path)
+        many_seconds = label(tmp / "many", tmp / "many.csv", model_path)
+        many_rows = len(pd.read_csv(tmp / "many.csv"))
+        many_rss = peak_child_rss_mb()
     median = seconds[len(seconds) // 2]
     test_actors = params["metadata"]["test_actors"]
     result = {"files": len(paths), "batch_seconds_runs": [round(s, 2) for s in seconds],
@@ -79,7 +95,9 @@ def main() -> None:
               "float32_files_per_s": round(len(paths) / float32_seconds, 1),
               "labels_same_as_float32": round(float((auto["emotion"] == full["emotion"]).mean()), 4),
               "test_actor_accuracy_default": round(test_actor_accuracy(auto, test_actors), 4),
-              "test_actor_accuracy_float32": round(test_actor_accuracy(full, test_actors), 4)}
+              "test_actor_accuracy_float32": round(test_actor_accuracy(full, test_actors), 4),
+              "many_files": many_rows, "many_files_per_s": round(many_rows / many_seconds, 1),
+              "peak_rss_mb_1200_files": small_rss, "peak_rss_mb_many_files": many_rss}
     print(json.dumps(result, indent=2))
     print(f"targets: >= 10x naive ({'met' if result['speedup'] >= 10 else 'NOT met'}), "
           f">= 150 files/s ({'met' if result['batch_files_per_s'] >= 150 else 'NOT met'})")

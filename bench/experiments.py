@@ -49,6 +49,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "mel bands averaged (freq_pool mean)": {"arch.freq_pool": "mean"},
     "no BatchNorm recalibration": {"bn_calibration_clips": 0},
     "ensemble of 4 folds": {"ensemble_folds": 4},
+    "float32 training": {"precision": "float32"},
+    "bfloat16 training": {"precision": "bfloat16"},
+    "100 epochs": {"epochs": 100},
 }
 
 
@@ -80,7 +83,7 @@ def run(kind: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
             "val_accuracy": summary["val_accuracy"], "test_accuracy": round(scores["accuracy"], 4),
             "test_uar": round(scores["uar"], 4), "test_macro_f1": round(scores["macro_f1"], 4),
             "best_epochs": " ".join(str(m["best_epoch"]) for m in summary["per_member"]),
-            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads(),
+            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads(), "precision": p["precision"],
             "source": "bench/experiments.py"}
 
 

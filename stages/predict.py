@@ -5,7 +5,8 @@
 
 One output row per input file, sorted by path; a file that cannot be labelled gets
 status `error` and the reason instead of stopping the run. Decoding and features run in
-parallel worker processes; inference is batched; only one batch of features is in memory.
+parallel worker processes; inference is batched; memory is bounded by
+predict.max_queued_windows, however many files.
 Exit code: 0 all labelled, 1 some files could not be, 2 usage error.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 

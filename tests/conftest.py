@@ -82,7 +82,7 @@ def synthetic_dataset(root, feature_params, per_class=24):
 def train_params(root, features, metadata, **overrides):
     p = {"features_dir": str(features), "metadata": str(metadata), "model_out": str(root / "m" / "model.pt"),
          "history": str(root / "history.csv"), "metrics": str(root / "train.json"),
-         "classes": ["angry", "sad"], "seed": 3, "device": "cpu", "epochs": 8, "patience": 10,
+         "classes": ["angry", "sad"], "seed": 3, "device": "cpu", "precision": "float32", "epochs": 8, "patience": 10,
          "batch_size": 8, "lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 0.0,
          "label_smoothing": 0.1, "mixup_alpha": 0.0, "bn_calibration_clips": 16, "ensemble_folds": 1,
          "augment": {"time_shift_frames": 4, "freq_mask": 4, "n_freq_masks": 1, "time_mask": 4, "n_time_masks": 1,

@@ -27,6 +27,14 @@ def test_train_learns_saves_and_is_deterministic(tmp_path, feature_params):
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
 
 
+def test_bfloat16_training_learns_and_is_deterministic(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    first = train(train_params(tmp_path, features, metadata, precision="bfloat16"))
+    assert first["val_accuracy"] >= 0.9
+    second = train(train_params(tmp_path, features, metadata, precision="bfloat16"))
+    assert first["per_member"] == second["per_member"] and first["val_loss"] == second["val_loss"]
+
+
 def test_test_actors_never_reach_training(tmp_path, feature_params):
     features, metadata = synthetic_dataset(tmp_path, feature_params)
     _, _, train_rows = load_split(str(features), str(metadata), ["angry", "sad"], "train")
