@@ -52,6 +52,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "float32 training": {"precision": "float32"},
     "bfloat16 training": {"precision": "bfloat16"},
     "100 epochs": {"epochs": 100},
+    "150 epochs": {"epochs": 150},
 }
 
 
@@ -83,7 +84,7 @@ def run(kind: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
             "val_accuracy": summary["val_accuracy"], "test_accuracy": round(scores["accuracy"], 4),
             "test_uar": round(scores["uar"], 4), "test_macro_f1": round(scores["macro_f1"], 4),
             "best_epochs": " ".join(str(m["best_epoch"]) for m in summary["per_member"]),
-            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads(), "precision": p["precision"],
+            "train_minutes": round(minutes, 1), "threads": torch.get_num_threads(), "precision": p["precision"], "epochs": p["epochs"],
             "source": "bench/experiments.py"}
 
 
