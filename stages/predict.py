@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import threading
 from collections import deque
@@ -269,5 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, which takes 0.5-1.5 s once torch is loaded
+    (it frees torch's thousands of modules one by one): a tenth of labelling 1,200 clips.
+    Safe here because every output is written, renamed and closed and the workers are shut
+    down before main() returns; only the standard streams still hold buffered text."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

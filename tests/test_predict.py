@@ -175,3 +175,6 @@ def test_command_line_with_worker_processes(folder, tiny_checkpoint, tmp_path):
     assert done.returncode == 1, done.stderr
     frame = pd.read_csv(out)
     assert len(frame) == 10 and (frame["status"] == "ok").sum() == 3
+    # the process ends without interpreter teardown (exit_now): its buffered output still arrives
+    assert f"predict: 3 of 10 files labelled -> {out}" in done.stdout
+    assert done.stderr.count("  error: ") == 7
