@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
+from stages import features as feature_store
 from stages.evaluate import confusion_matrix, scores_from_confusion
 from stages.models import infer
 from stages.train import fit, load_clips, train_classes
@@ -31,47 +31,62 @@ def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:
     return [actors[i : i + fold_size] for i in range(0, len(actors), fold_size)]
 
 
-def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    device = pick_device(recipe["device"])
+def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int,
+             classes: list[str], n_mels: int, device: torch.device) -> dict[str, Any]:
+    """Train on fold k's training actors, choose the checkpoint on fold k+1's actors and
+    score once on fold k's actors; return the fold's table row."""
+    test_actors = folds[k]
+    val_actors = folds[(k + 1) % len(folds)]
+    train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
+    data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)[:2]
+            for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
+    start = time.perf_counter()
+    model, _, best = fit(recipe, *data["train"], *data["val"], n_mels, len(classes), device,
+                         label=f"fold {k + 1}/{len(folds)} ")
+    minutes = (time.perf_counter() - start) / 60
+    x_test, y_test = data["test"]
+    predicted = infer(model, x_test, recipe["batch_size"], device).argmax(1).numpy()
+    scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
+    print(f"cv fold {k + 1}: test actors {test_actors}: accuracy {scores['accuracy']:.3f}, "
+          f"UAR {scores['uar']:.3f}", flush=True)
+    return {
+        "fold": k + 1,
+        "test_actors": " ".join(map(str, test_actors)),
+        "val_actors": " ".join(map(str, val_actors)),
+        "test_accuracy": round(scores["accuracy"], 5),
+        "test_uar": round(scores["uar"], 5),
+        "test_macro_f1": round(scores["macro_f1"], 5),
+        "val_accuracy": round(best["val_accuracy"], 5),
+        "best_epoch": best["epoch"],
+        "train_minutes": round(minutes, 2),
+    }
+
+
+def fold_setup(cv: dict[str, Any], recipe: dict[str, Any]
+               ) -> tuple[list[list[int]], list[str], int, torch.device]:
+    """(actor folds, classes, n_mels, device) for cross-validating `recipe`."""
     classes = train_classes(recipe)
-    clips = pd.read_parquet(cv["metadata"])
-    folds = make_folds(clips["actor"].unique().tolist(), cv["fold_size"])
-    n_mels = load_clips(cv["features_dir"], cv["metadata"], classes, actors=[])[0].shape[1]
-    rows = []
-    for k, test_actors in enumerate(folds):
-        val_actors = folds[(k + 1) % len(folds)]
-        train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
-        data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)[:2]
-                for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
-        start = time.perf_counter()
-        model, _, best = fit(recipe, *data["train"], *data["val"], n_mels, len(classes), device,
-                             label=f"fold {k + 1}/{len(folds)} ")
-        minutes = (time.perf_counter() - start) / 60
-        x_test, y_test = data["test"]
-        predicted = infer(model, x_test, recipe["batch_size"], device).argmax(1).numpy()
-        scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
-        rows.append({
-            "fold": k + 1,
-            "test_actors": " ".join(map(str, test_actors)),
-            "val_actors": " ".join(map(str, val_actors)),
-            "test_accuracy": round(scores["accuracy"], 5),
-            "test_uar": round(scores["uar"], 5),
-            "test_macro_f1": round(scores["macro_f1"], 5),
-            "val_accuracy": round(best["val_accuracy"], 5),
-            "best_epoch": best["epoch"],
-            "train_minutes": round(minutes, 2),
-        })
-        print(f"cv fold {k + 1}: test actors {test_actors}: accuracy {scores['accuracy']:.3f}, "
-              f"UAR {scores['uar']:.3f}", flush=True)
-    table = pd.DataFrame(rows)
-    summary: dict[str, Any] = {"folds": len(folds), "fold_size": cv["fold_size"], "classes": classes}
+    folds = make_folds(pd.read_parquet(cv["metadata"])["actor"].unique().tolist(), cv["fold_size"])
+    n_mels = feature_store.load(cv["features_dir"])[2].n_mels
+    return folds, classes, n_mels, pick_device(recipe["device"])
+
+
+def summarise(table: pd.DataFrame, fold_size: int, classes: list[str]) -> dict[str, Any]:
+    """Mean and sample std over folds of the per-fold table, plus each fold's scores."""
+    summary: dict[str, Any] = {"folds": len(table), "fold_size": fold_size, "classes": classes}
     for column in ("test_accuracy", "test_uar", "test_macro_f1"):
         summary[f"{column}_mean"] = round(float(table[column].mean()), 5)
         summary[f"{column}_std"] = round(float(table[column].std(ddof=1)), 5)  # sample std over folds
-    summary["per_fold"] = {f"fold{r['fold']}": {k: r[k] for k in ("test_accuracy", "test_uar", "test_macro_f1")}
-                           for r in rows}
+    summary["per_fold"] = {f"fold{r.fold}": {k: getattr(r, k) for k in ("test_accuracy", "test_uar", "test_macro_f1")}
+                           for r in table.itertuples()}
     summary["train_minutes_total"] = round(float(table["train_minutes"].sum()), 2)
-    return table, summary
+    return summary
+
+
+def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    folds, classes, n_mels, device = fold_setup(cv, recipe)
+    table = pd.DataFrame([run_fold(cv, recipe, folds, k, classes, n_mels, device) for k in range(len(folds))])
+    return table, summarise(table, cv["fold_size"], classes)
 
 
 def main() -> None:
