@@ -5,9 +5,11 @@
 
 One test split of 4 actors moves by about 5 points between runs of the same recipe, so
 recipe choices are made on the mean over all folds. Each fold's result is saved as it
-finishes (data/experiments/cv/<name>/fold<k>.json), so two shells can run different folds
-of one ablation at once (THREADS=1 each). `table` lists every ablation whose folds are all
-done, with the committed cv stage run (metrics/cv.json) as the default's row.
+finishes (data/experiments/cv/<name>/fold<k>.json, and its test clips' probabilities in
+fold<k>.csv), so two shells can run different folds of one ablation at once (THREADS=1
+each). `table` lists every ablation whose folds are all done, with the committed cv stage
+run (reports/cv_folds.csv) as the default's row, and scores the seed ensembles of SEED_RUNS
+by averaging the runs' saved probabilities clip by clip (no training).
 """
 from __future__ import annotations
 
@@ -23,10 +25,15 @@ import yaml
 from experiments import ABLATIONS, ROOT, RESULTS, apply
 
 from stages.cv import fold_setup, run_fold, summarise  # noqa: E402
+from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E402
 from stages.util import atomic_path  # noqa: E402
 
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
+COMMITTED = "default (committed cv stage, seed 42)"
+# Seed ensembles: the default recipe trained with several seeds, probabilities averaged.
+SEED_RUNS = {"default, 2 seeds averaged": [COMMITTED, "seed 43"],
+             "default, 3 seeds averaged": [COMMITTED, "seed 43", "seed 44"]}
 
 
 def slug(name: str) -> str:
@@ -38,25 +45,50 @@ def run(name: str, folds_wanted: list[int]) -> None:
     recipe = apply(params["train"], ABLATIONS[name])
     folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
     for k in folds_wanted or range(1, len(folds) + 1):
-        row = run_fold(params["cv"], recipe, folds, k - 1, classes, n_mels, device)
+        row, predictions = run_fold(params["cv"], recipe, folds, k - 1, classes, n_mels, device)
         row.update(name=name, threads=torch.get_num_threads(), epochs=recipe["epochs"])
         out = CV_RESULTS / slug(name) / f"fold{k}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        predictions.to_csv(out.with_suffix(".csv"), index=False)
         out.write_text(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+
+def seed_ensemble(name: str, members: list[pd.DataFrame], member_tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-fold scores of the members' probabilities averaged clip by clip; its training
+    time is the members' sum."""
+    members = [m.sort_values("path").reset_index(drop=True) for m in members]
+    first = members[0]
+    classes = [c.removeprefix("prob_") for c in first.filter(like="prob_").columns]
+    probs = sum(m.filter(like="prob_").to_numpy() for m in members) / len(members)
+    actual = first["actual"].map(classes.index).to_numpy()
+    rows = []
+    for fold, idx in first.groupby("fold").indices.items():
+        scores = scores_from_confusion(confusion_matrix(actual[idx], probs[idx].argmax(1), len(classes)), classes)
+        rows.append({"fold": fold, "test_accuracy": round(scores["accuracy"], 5), "test_uar": round(scores["uar"], 5),
+                     "test_macro_f1": round(scores["macro_f1"], 5), "name": name,
+                     "train_minutes": sum(float(t.loc[t["fold"] == fold, "train_minutes"].iloc[0]) for t in member_tables)})
+    return pd.DataFrame(rows)
 
 
 def table() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     n_folds = len(fold_setup(params["cv"], params["train"])[0])
-    committed = pd.read_csv(ROOT / params["cv"]["table"]).assign(name="default (committed cv stage)")
-    rows = [committed]
+    rows = [pd.read_csv(ROOT / params["cv"]["table"]).assign(name=COMMITTED)]
+    committed_predictions = ROOT / params["cv"]["predictions"]
+    predictions = {COMMITTED: pd.read_csv(committed_predictions)} if committed_predictions.exists() else {}
     for folder in sorted(CV_RESULTS.glob("*")):
         runs = pd.DataFrame([json.loads(f.read_text()) for f in sorted(folder.glob("fold*.json"))])
         if len(runs) == n_folds:
             rows.append(runs.sort_values("fold"))
+            if len(list(folder.glob("fold*.csv"))) == n_folds:
+                predictions[runs["name"].iloc[0]] = pd.concat(pd.read_csv(f) for f in sorted(folder.glob("fold*.csv")))
         else:
             print(f"{folder.name}: {len(runs)} of {n_folds} folds done; not in the table")
+    tables = {runs["name"].iloc[0]: runs for runs in rows}
+    for name, members in SEED_RUNS.items():
+        if all(m in predictions for m in members):
+            rows.append(seed_ensemble(name, [predictions[m] for m in members], [tables[m] for m in members]))
     out = []
     for runs in rows:
         s = summarise(runs, params["cv"]["fold_size"], [])

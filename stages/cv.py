@@ -4,7 +4,8 @@ The actors are cut into folds of `fold_size` consecutive actor numbers (odd = ma
 female, so every fold of 4 has two of each). Fold k is tested on its actors, the model's
 checkpoint is chosen on fold k+1's actors, and it trains on the rest: no actor is in two of
 train/val/test, and the test actors never influence training or checkpoint selection.
-Writes per-fold and mean/std metrics, and the per-fold table.
+Writes per-fold and mean/std metrics, the per-fold table, and every clip's prediction from
+the fold that tested it (seed ensembles can be scored from these files).
 """
 from __future__ import annotations
 
@@ -32,23 +33,28 @@ def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:
 
 
 def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int,
-             classes: list[str], n_mels: int, device: torch.device) -> dict[str, Any]:
+             classes: list[str], n_mels: int, device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
     """Train on fold k's training actors, choose the checkpoint on fold k+1's actors and
-    score once on fold k's actors; return the fold's table row."""
+    score once on fold k's actors; return the fold's table row and its test clips'
+    predictions (path, fold, actual, predicted, one probability column per class)."""
     test_actors = folds[k]
     val_actors = folds[(k + 1) % len(folds)]
     train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
-    data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)[:2]
+    data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
             for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
     start = time.perf_counter()
-    model, _, best = fit(recipe, *data["train"], *data["val"], n_mels, len(classes), device,
+    model, _, best = fit(recipe, *data["train"][:2], *data["val"][:2], n_mels, len(classes), device,
                          label=f"fold {k + 1}/{len(folds)} ")
     minutes = (time.perf_counter() - start) / 60
-    x_test, y_test = data["test"]
-    predicted = infer(model, x_test, recipe["batch_size"], device).argmax(1).numpy()
+    x_test, y_test, test_clips = data["test"]
+    probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
+    predicted = probs.argmax(1)
     scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
     print(f"cv fold {k + 1}: test actors {test_actors}: accuracy {scores['accuracy']:.3f}, "
           f"UAR {scores['uar']:.3f}", flush=True)
+    predictions = pd.DataFrame({"path": test_clips["path"], "fold": k + 1, "actual": test_clips["emotion"],
+                                "predicted": [classes[i] for i in predicted],
+                                **{f"prob_{c}": probs[:, i].round(5) for i, c in enumerate(classes)}})
     return {
         "fold": k + 1,
         "test_actors": " ".join(map(str, test_actors)),
@@ -59,7 +65,7 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         "val_accuracy": round(best["val_accuracy"], 5),
         "best_epoch": best["epoch"],
         "train_minutes": round(minutes, 2),
-    }
+    }, predictions
 
 
 def fold_setup(cv: dict[str, Any], recipe: dict[str, Any]
@@ -83,18 +89,23 @@ def summarise(table: pd.DataFrame, fold_size: int, classes: list[str]) -> dict[s
     return summary
 
 
-def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]
+                   ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """(per-fold table, summary, every clip's prediction from the fold that tested it)."""
     folds, classes, n_mels, device = fold_setup(cv, recipe)
-    table = pd.DataFrame([run_fold(cv, recipe, folds, k, classes, n_mels, device) for k in range(len(folds))])
-    return table, summarise(table, cv["fold_size"], classes)
+    rows, predictions = zip(*(run_fold(cv, recipe, folds, k, classes, n_mels, device) for k in range(len(folds))))
+    table = pd.DataFrame(rows)
+    return table, summarise(table, cv["fold_size"], classes), pd.concat(predictions, ignore_index=True)
 
 
 def main() -> None:
     cv = load_params("cv")
     recipe = load_params("train")  # the recipe under test: cv depends on the whole train section
-    table, summary = cross_validate(cv, recipe)
+    table, summary, predictions = cross_validate(cv, recipe)
     with atomic_path(cv["table"]) as tmp:
         table.to_csv(tmp, index=False)
+    with atomic_path(cv["predictions"]) as tmp:
+        predictions.to_csv(tmp, index=False)
     write_json(cv["metrics"], summary)
     print(f"cv: accuracy {summary['test_accuracy_mean']:.3f} +/- {summary['test_accuracy_std']:.3f}, "
           f"UAR {summary['test_uar_mean']:.3f} +/- {summary['test_uar_std']:.3f} over {summary['folds']} folds")

@@ -17,10 +17,28 @@ def test_folds_are_consecutive_actor_groups():
 def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_path, feature_params):
     features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
     cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
-    table, summary = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
+    table, summary, predictions = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
     assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
     assert table["val_actors"].tolist() == ["3 4", "5 6", "1 2"]
     assert summary["folds"] == 3 and set(summary["per_fold"]) == {"fold1", "fold2", "fold3"}
     assert summary["test_accuracy_mean"] == pytest.approx(table["test_accuracy"].mean(), abs=1e-5)
     assert summary["test_accuracy_std"] == pytest.approx(table["test_accuracy"].std(), abs=1e-5)
     assert summary["test_accuracy_mean"] >= 0.9  # the synthetic classes are separable
+
+
+def test_every_clip_is_predicted_once_by_the_fold_that_tested_it(tmp_path, feature_params):
+    import pandas as pd
+
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
+    table, _, predictions = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
+    clips = pd.read_parquet(metadata)
+    assert sorted(predictions["path"]) == sorted(clips["path"])
+    actor = predictions["path"].map(dict(zip(clips["path"], clips["actor"])))
+    tested_by = {a: fold for fold, actors in zip(table["fold"], table["test_actors"]) for a in map(int, actors.split())}
+    assert (predictions["fold"] == actor.map(tested_by)).all()
+    probs = predictions.filter(like="prob_")
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
+    assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
+    per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
+    assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
