@@ -59,6 +59,8 @@ def seed_ensemble(name: str, members: list[pd.DataFrame], member_tables: list[pd
     time is the members' sum."""
     members = [m.sort_values("path").reset_index(drop=True) for m in members]
     first = members[0]
+    if any(not m["path"].equals(first["path"]) or not m["fold"].equals(first["fold"]) for m in members):
+        raise ValueError(f"{name}: the runs did not test the same clips in the same folds")
     classes = [c.removeprefix("prob_") for c in first.filter(like="prob_").columns]
     probs = sum(m.filter(like="prob_").to_numpy() for m in members) / len(members)
     actual = first["actual"].map(classes.index).to_numpy()
