@@ -41,7 +41,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no SpecAugment": {"augment.n_freq_masks": 0, "augment.n_time_masks": 0},
     "no time shift": {"augment.time_shift_frames": 0},
     "mixup 0.2": {"mixup_alpha": 0.2},
-    "mixup 0.2 + two masks each": {"mixup_alpha": 0.2, "augment.n_freq_masks": 2, "augment.n_time_masks": 2},
     "speed perturbation 0.1": {"augment.speed": 0.1},
     "no label smoothing": {"label_smoothing": 0.0},
     "no per-utterance normalisation": {"arch.utterance_norm": False},

@@ -15,6 +15,10 @@ def test_folds_are_consecutive_actor_groups():
 
 
 def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_path, feature_params):
+    """One cross-validation (3 trainings) checks the folds, the summary and the per-clip
+    predictions: every clip predicted once, by the fold that held out its actor."""
+    import pandas as pd
+
     features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
     cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
     table, summary, predictions = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
@@ -24,14 +28,6 @@ def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_pat
     assert summary["test_accuracy_mean"] == pytest.approx(table["test_accuracy"].mean(), abs=1e-5)
     assert summary["test_accuracy_std"] == pytest.approx(table["test_accuracy"].std(), abs=1e-5)
     assert summary["test_accuracy_mean"] >= 0.9  # the synthetic classes are separable
-
-
-def test_every_clip_is_predicted_once_by_the_fold_that_tested_it(tmp_path, feature_params):
-    import pandas as pd
-
-    features, metadata = synthetic_dataset(tmp_path, feature_params)
-    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
-    table, _, predictions = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=3))
     clips = pd.read_parquet(metadata)
     assert sorted(predictions["path"]) == sorted(clips["path"])
     actor = predictions["path"].map(dict(zip(clips["path"], clips["actor"])))
@@ -42,3 +38,4 @@ def test_every_clip_is_predicted_once_by_the_fold_that_tested_it(tmp_path, featu
     assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
     per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
     assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
+
