@@ -162,6 +162,22 @@ def test_workers_fork_only_when_safe():
     assert _worker_context().get_start_method() == "forkserver"
 
 
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
+    """Set before torch loads (libgomp reads it then), so torch's idle threads do not spin on
+    the feature workers' cores; a user's own setting is kept."""
+    import subprocess
+    import sys as _sys
+
+    from conftest import ROOT
+
+    code = "import os, stages.predict, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if preset is None else {**env, "OMP_WAIT_POLICY": preset}
+        done = subprocess.run([_sys.executable, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True)
+        assert done.stdout.strip() == expected, done.stderr
+
+
 def test_command_line_with_worker_processes(folder, tiny_checkpoint, tmp_path):
     """The real entry point in a fresh process (workers by fork, torch loaded meanwhile)."""
     import subprocess
