@@ -12,12 +12,16 @@ Exit code: 0 all labelled, 1 some files could not be, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import csv
+import ctypes
+import math
 import multiprocessing
 import os
 import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -46,6 +50,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
 
 
 def _init_worker(extractor: LogMel, settings: Settings) -> None:
@@ -54,6 +59,20 @@ def _init_worker(extractor: LogMel, settings: Settings) -> None:
     # One BLAS thread per worker: OpenBLAS's default (all cores) in every worker made the
     # mel products spin against each other and halved throughput on 2 cores.
     _blas_limit = threadpoolctl.threadpool_limits(1)
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """glibc hands every freed block over 128 kB back to the OS, so each clip's spectra
+    (~0.4 MB arrays) land on fresh pages that fault on first touch: ~9% of a worker's CPU,
+    measured. Keep such blocks for reuse instead (a worker holds a few MB at a time).
+    Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)  # blocks below 16 MB come from the heap...
+    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # ...which is trimmed only past 64 MB free
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -133,6 +152,18 @@ class FeatureStream:
             self.pool = None
 
 
+@dataclass
+class Table:
+    """Rows (dicts) under named columns: what the labeller writes; pandas only on request."""
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+    def to_frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Audio files under the given files/folders, sorted and unique. Folder entries are
     taken by extension, including broken links and folders with an audio extension, so
@@ -151,13 +182,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found, key=lambda p: str(p))
 
 
-def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
-                device: "torch.device", stream: FeatureStream | None = None
-                ) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
+               device: "torch.device", stream: FeatureStream | None = None) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model;
     only a bounded number of files' features is held in memory."""
-    import pandas as pd
     import torch
 
     from stages.models import infer
@@ -188,30 +217,49 @@ def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any
 
     for path, result in tqdm(zip(paths, results), total=len(paths), desc="predict", unit="file"):
         rows.append({"path": str(path), "status": "error", "error": result["error"], "emotion": None,
-                     "confidence": np.nan, **{c: np.nan for c in prob_columns},
-                     "duration_s": result["duration"]})
+                     "confidence": math.nan, **{c: math.nan for c in prob_columns},
+                     "duration_s": math.nan if result["duration"] is None else result["duration"]})
         if result["features"] is not None:
             pending.append((len(rows) - 1, result))
             if sum(len(r["features"]) for _, r in pending) >= s.batch_size:
                 flush()
     if pending:
         flush()
-    file_columns = ["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s"]
-    segment_columns = ["path", "start_s", "end_s", "emotion", "confidence", *prob_columns]
-    return pd.DataFrame(rows, columns=file_columns), pd.DataFrame(segments, columns=segment_columns)
+    return (Table(["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s"], rows),
+            Table(["path", "start_s", "end_s", "emotion", "confidence", *prob_columns], segments))
 
 
-def write_table(frame: pd.DataFrame, out: str | Path) -> None:
+def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
+                device: "torch.device", stream: FeatureStream | None = None
+                ) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """label_rows as DataFrames (one row per file, one row per window)."""
+    files, segments = label_rows(paths, model, meta, s, device, stream)
+    return files.to_frame(), segments.to_frame()
+
+
+def write_table(table: Table, out: str | Path) -> None:
+    """CSV (floats to 5 decimals, missing values empty) or, by extension, Parquet. CSV is
+    written without pandas, whose import costs the labeller ~0.5 s of its critical path."""
     out = Path(out)
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False, float_format="%.5f")
+            table.to_frame().to_parquet(tmp, index=False)
+            return
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(table.columns)
+            writer.writerows([_csv_cell(row.get(c)) for c in table.columns] for row in table.rows)
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.5f}" if isinstance(value, float) else value
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
         segments_out: str | None = None) -> int:
+    _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
     paths = collect_inputs(inputs)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
@@ -226,18 +274,18 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
             raise UserError(str(e)) from None
         if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
             raise UserError(f"{model_path}: the file's metadata reads differently with and without torch")
-        frame, segments = label_files(paths, model, meta, settings, device, stream)
+        files, segments = label_rows(paths, model, meta, settings, device, stream)
     finally:
         if stream is not None:
             stream.close()
-    write_table(frame, out)
+    write_table(files, out)
     if segments_out:
         write_table(segments, segments_out)
-    failed = int((frame["status"] == "error").sum())
-    print(f"predict: {len(frame) - failed} of {len(frame)} files labelled -> {out}")
-    for row in frame[frame["status"] == "error"].itertuples():
-        print(f"  error: {row.error}", file=sys.stderr)
-    return 1 if failed else 0
+    errors = [row["error"] for row in files.rows if row["status"] == "error"]
+    print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
+    for error in errors:
+        print(f"  error: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import pytest
 from conftest import write_tone
 from stages.labels import EMOTIONS
 from stages.audio import LogMel, window_bounds
-from stages.predict import FILES_PER_TASK, FeatureStream, Settings, _worker_context, main, prepare
+from stages.predict import FILES_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare, write_table
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=256)
@@ -160,6 +160,26 @@ def test_workers_fork_only_when_safe():
 
     assert "torch" in _sys.modules  # pytest has loaded it: a fork server, not a plain fork
     assert _worker_context().get_start_method() == "forkserver"
+
+
+def test_csv_and_parquet_hold_the_same_table(tmp_path):
+    """The CSV writer (no pandas) and the Parquet one (pandas) agree, missing values included;
+    CSV floats have 5 decimals and awkward text is quoted."""
+    rows = [{"path": 'a, "b".wav', "status": "ok", "error": "", "emotion": "calm", "confidence": 0.123456789,
+             "duration_s": 1.5},
+            {"path": "ünï 声.wav", "status": "error", "error": "x: too short", "emotion": None,
+             "confidence": float("nan"), "duration_s": float("nan")}]
+    table = Table(["path", "status", "error", "emotion", "confidence", "duration_s"], rows)
+    write_table(table, tmp_path / "t.csv")
+    write_table(table, tmp_path / "t.parquet")
+    text = (tmp_path / "t.csv").read_text(encoding="utf-8")
+    assert text.splitlines()[1] == '"a, ""b"".wav",ok,,calm,0.12346,1.50000'
+    assert text.splitlines()[2] == "ünï 声.wav,error,x: too short,,,"
+    from_csv = pd.read_csv(tmp_path / "t.csv", keep_default_na=False, na_values=[""])
+    from_parquet = pd.read_parquet(tmp_path / "t.parquet")
+    assert from_csv["path"].tolist() == from_parquet["path"].tolist() == [r["path"] for r in rows]
+    np.testing.assert_allclose(from_csv["confidence"], from_parquet["confidence"], atol=5e-6)
+    assert from_parquet["emotion"].isna().tolist() == from_csv["emotion"].isna().tolist() == [False, True]
 
 
 def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
