@@ -9,21 +9,27 @@ finishes (data/experiments/cv/<name>/fold<k>.json, and its test clips' probabili
 fold<k>.csv), so two shells can run different folds of one ablation at once (THREADS=1
 each). `table` lists every ablation whose folds are all done, with the committed cv stage
 run (reports/cv_folds.csv) as the default's row, and scores the seed ensembles of SEED_RUNS
-by averaging the runs' saved probabilities clip by clip (no training).
+by averaging the runs' saved probabilities clip by clip (no training). Ablations of
+FEATURE_VARIANTS train on other features, built once with the features stage's code under
+data/experiments/features/.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 
 from experiments import ABLATIONS, ROOT, RESULTS, apply
 
+from stages import features as feature_store  # noqa: E402
+from stages.audio import FeatureParams  # noqa: E402
 from stages.cv import fold_setup, run_fold, summarise  # noqa: E402
 from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E402
 from stages.util import atomic_path  # noqa: E402
@@ -31,6 +37,10 @@ from stages.util import atomic_path  # noqa: E402
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
 COMMITTED = "default (committed cv stage, seed 42)"
+# Ablations that need other features than the features stage's: the change to params
+# `features`, and whether each actor's clips are normalised by that actor's statistics.
+FEATURE_VARIANTS = {"per-speaker normalisation, absolute dB": {"top_db": None, "speaker_norm": True}}
+CV_ABLATIONS = {**ABLATIONS, "per-speaker normalisation, absolute dB": {"arch.utterance_norm": False}}
 # Seed ensembles: the default recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"default, 2 seeds averaged": [COMMITTED, "seed 43"],
              "default, 3 seeds averaged": [COMMITTED, "seed 43", "seed 44"]}
@@ -40,9 +50,48 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace("/", "_")
 
 
+def speaker_normalise(array: np.ndarray, actors: np.ndarray) -> None:
+    """In place: each mel bin of each actor's clips to zero mean and unit variance over
+    that actor's clips (no labels used). Frames of pure padding (at the array's floor)
+    are left out of the statistics. The utterance's level and spectral slope relative to
+    its speaker survive, which per-utterance normalisation and peak-referenced dB remove."""
+    floor = array.min()
+    for actor in np.unique(actors):
+        rows = np.flatnonzero(actors == actor)
+        clips = array[rows]  # (clips, mels, frames)
+        active = clips.max(axis=1) > floor  # (clips, frames)
+        frames = clips.transpose(1, 0, 2)[:, active]  # (mels, active frames)
+        mean, std = frames.mean(axis=1), frames.std(axis=1)
+        array[rows] = (clips - mean[None, :, None]) / np.maximum(std, 1e-3)[None, :, None]
+
+
+def feature_variant(name: str, params: dict) -> str:
+    """The features directory for ablation `name`: the features stage's, or a variant built
+    once under data/experiments/features/ with the features stage's own code."""
+    if name not in FEATURE_VARIANTS:
+        return params["cv"]["features_dir"]
+    change = dict(FEATURE_VARIANTS[name])
+    speaker_norm = change.pop("speaker_norm", False)
+    out = RESULTS / "features" / slug(name)
+    if not out.exists():
+        partial = out.with_name(out.name + ".partial")  # renamed only when complete
+        shutil.rmtree(partial, ignore_errors=True)
+        fp = FeatureParams.from_dict({**params["features"], **change})
+        clips = pd.read_parquet(params["cv"]["metadata"])
+        feature_store.build(clips["path"].tolist(), fp, partial, params["features"]["n_jobs"])
+        if speaker_norm:
+            array = np.load(partial / feature_store.ARRAY_NAME, mmap_mode="r+")
+            speaker_normalise(array, clips["actor"].to_numpy())
+            array.flush()
+            del array
+        partial.rename(out)
+    return str(out)
+
+
 def run(name: str, folds_wanted: list[int]) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    recipe = apply(params["train"], ABLATIONS[name])
+    recipe = apply(params["train"], CV_ABLATIONS[name])
+    params["cv"]["features_dir"] = feature_variant(name, params)
     folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
     for k in folds_wanted or range(1, len(folds) + 1):
         row, predictions = run_fold(params["cv"], recipe, folds, k - 1, classes, n_mels, device)
@@ -106,12 +155,12 @@ def table() -> None:
 
 
 def main() -> None:
-    if len(sys.argv) >= 3 and sys.argv[1] == "run" and sys.argv[2] in ABLATIONS:
+    if len(sys.argv) >= 3 and sys.argv[1] == "run" and sys.argv[2] in CV_ABLATIONS:
         torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
         return run(sys.argv[2], [int(k) for k in sys.argv[3:]])
     if sys.argv[1:] == ["table"]:
         return table()
-    sys.exit(__doc__ + f"\nablations: {', '.join(ABLATIONS)}")
+    sys.exit(__doc__ + f"\nablations: {', '.join(CV_ABLATIONS)}")
 
 
 if __name__ == "__main__":
