@@ -252,9 +252,9 @@ def write_table(table: Table, out: str | Path) -> None:
 
 
 def _csv_cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.5f}" if isinstance(value, float) else value
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else f"{value:.5f}"
+    return "" if value is None else value
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,

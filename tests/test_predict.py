@@ -166,7 +166,7 @@ def test_csv_and_parquet_hold_the_same_table(tmp_path):
     """The CSV writer (no pandas) and the Parquet one (pandas) agree, missing values included;
     CSV floats have 5 decimals and awkward text is quoted."""
     rows = [{"path": 'a, "b".wav', "status": "ok", "error": "", "emotion": "calm", "confidence": 0.123456789,
-             "duration_s": 1.5},
+             "duration_s": np.float32(1.5)},
             {"path": "ünï 声.wav", "status": "error", "error": "x: too short", "emotion": None,
              "confidence": float("nan"), "duration_s": float("nan")}]
     table = Table(["path", "status", "error", "emotion", "confidence", "duration_s"], rows)
