@@ -38,4 +38,3 @@ def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_pat
     assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
     per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
     assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
-
