@@ -55,6 +55,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "150 epochs": {"epochs": 150},
     "seed 43": {"seed": 43},
     "seed 44": {"seed": 44},
+    "refit on train+val actors": {"selection": "refit"},
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from stages import features as feature_store
 from stages.evaluate import confusion_matrix, scores_from_confusion
 from stages.models import infer
-from stages.train import fit, load_clips, train_classes
+from stages.train import fit, load_clips, selection_mode, train_classes
 from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
 
 
@@ -40,6 +40,8 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
     test_actors = folds[k]
     val_actors = folds[(k + 1) % len(folds)]
     train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
+    if selection_mode(recipe) == "refit":  # no checkpoint to choose: the val actors train too
+        train_actors, val_actors = sorted(train_actors + val_actors), []
     data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
             for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
     start = time.perf_counter()
@@ -62,7 +64,7 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         "test_accuracy": round(scores["accuracy"], 5),
         "test_uar": round(scores["uar"], 5),
         "test_macro_f1": round(scores["macro_f1"], 5),
-        "val_accuracy": round(best["val_accuracy"], 5),
+        "val_accuracy": round(best["val_accuracy"], 5) if val_actors else None,
         "best_epoch": best["epoch"],
         "train_minutes": round(minutes, 2),
     }, predictions

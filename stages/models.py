@@ -226,7 +226,8 @@ def autocast_dtype(device: torch.device, precision: str = "float32") -> torch.dt
     """The reduced precision inference runs in, None for float32. CUDA: float16 always.
     CPU: bfloat16 when asked, or with "auto" when the CPU has native bfloat16 units
     (AMX / AVX512-BF16; measured 3.5x faster for the default CNN on our 2-core machines,
-    same labels; elsewhere bfloat16 is emulated and slower, so auto keeps float32)."""
+    99.3-99.7% of the mirror's labels the same as float32, the rest near-ties; elsewhere
+    bfloat16 is emulated and slower, so auto keeps float32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if device.type == "cuda":

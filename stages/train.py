@@ -130,8 +130,12 @@ def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: in
 def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
         y_val: torch.Tensor, n_mels: int, n_classes: int, device: torch.device,
         label: str = "") -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
-    """Train one model; return it with the weights of its best validation epoch, the
-    per-epoch history and the best epoch's figures. Seeds itself from p["seed"]."""
+    """Train one model; return it with the weights of its best validation epoch (or, with
+    p["selection"] == "refit", of its last epoch: no checkpoint is chosen and x_val may be
+    empty), the per-epoch history and the kept epoch's figures. Seeds itself from p["seed"]."""
+    refit = selection_mode(p) == "refit"
+    if not refit and len(x_val) == 0:
+        raise UserError("train: choosing a checkpoint needs val clips; check metadata.val_actors")
     seed_everything(p["seed"])
     # Mixed precision: float16 on CUDA (with loss scaling); bfloat16 on CPUs with native
     # bfloat16 units when train.precision says so (2x faster steps); else float32.
@@ -191,9 +195,11 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
             correct += (logits.argmax(1) == yb).sum().item()
 
         calibrate_batch_norm(model, calibration, p["batch_size"], device)
-        val_logits = infer(model, x_val, p["batch_size"], device)
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
+        val_loss, val_acc = float("nan"), float("nan")
+        if len(x_val):
+            val_logits = infer(model, x_val, p["batch_size"], device)
+            val_loss = F.cross_entropy(val_logits, y_val).item()
+            val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
         row = {
             "epoch": epoch,
             "train_loss": round(total_loss / len(x_train), 5),
@@ -203,31 +209,49 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
             "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
         }
         history.append(row)
-        improved = val_acc > best["val_accuracy"] or (
-            val_acc == best["val_accuracy"] and val_loss < best["val_loss"])
-        if improved:
+        improved = not refit and (val_acc > best["val_accuracy"] or (
+            val_acc == best["val_accuracy"] and val_loss < best["val_loss"]))
+        if improved or refit:
             best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+        if improved:
             best_state = copy.deepcopy(model.state_dict())
-        print(f"{label}epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}  "
-              f"val loss {val_loss:.4f} acc {val_acc:.3f}{'  *' if improved else ''}", flush=True)
-        if epoch - best["epoch"] >= p["patience"]:
+        val_text = "" if refit else f"  val loss {val_loss:.4f} acc {val_acc:.3f}{'  *' if improved else ''}"
+        print(f"{label}epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
+              f"{val_text}", flush=True)
+        if not refit and epoch - best["epoch"] >= p["patience"]:
             print(f"{label}early stop: no val improvement for {p['patience']} epochs")
             break
-    model.load_state_dict(best_state)
+    if not refit:
+        model.load_state_dict(best_state)
     model.eval()
     return model, history, best
 
 
-def member_splits(clips: pd.DataFrame, n_members: int) -> list[tuple[list[int], list[int]]]:
-    """(train actors, val actors) of each model to train. One member: the metadata split.
-    Several (an ensemble of folds): the train and val actors together, cut into n_members
-    groups of consecutive actors; member k chooses its checkpoint on group k and trains on
-    the others. Test actors are never in either."""
+def selection_mode(p: dict[str, Any]) -> str:
+    """train.selection: best_val (keep the best val epoch) or refit (train on train+val
+    actors for the whole schedule, keep the last epoch)."""
+    mode = p["selection"]
+    if mode not in ("best_val", "refit"):
+        raise UserError(f"train.selection '{mode}' is not one of best_val, refit")
+    return mode
+
+
+def member_splits(clips: pd.DataFrame, n_members: int, refit: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(train actors, val actors) of each model to train. One member: the metadata split,
+    or with refit the train and val actors together and no val actors. Several (an ensemble
+    of folds): the train and val actors together, cut into n_members groups of consecutive
+    actors; member k chooses its checkpoint on group k and trains on the others. Test
+    actors are never in either."""
     actors = {s: sorted(int(a) for a in clips.loc[clips["split"] == s, "actor"].unique())
               for s in ("train", "val")}
+    pool = sorted(actors["train"] + actors["val"])
+    if refit:
+        if n_members != 1:
+            raise UserError("train.ensemble_folds > 1 chooses each member on its own val actors; "
+                            "it needs train.selection best_val")
+        return [(pool, [])]
     if n_members == 1:
         return [(actors["train"], actors["val"])]
-    pool = sorted(actors["train"] + actors["val"])
     if n_members < 1 or len(pool) < n_members:
         raise UserError(f"train.ensemble_folds={n_members} needs at least {n_members} "
                         f"train+val actors; there are {len(pool)}")
@@ -242,10 +266,11 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
     clips = pd.read_parquet(p["metadata"])
     members, history, runs = [], [], []
     start = time.perf_counter()
-    for k, (train_actors, val_actors) in enumerate(member_splits(clips, p["ensemble_folds"])):
+    refit = selection_mode(p) == "refit"
+    for k, (train_actors, val_actors) in enumerate(member_splits(clips, p["ensemble_folds"], refit)):
         x_train, y_train, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=train_actors)
         x_val, y_val, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=val_actors)
-        if len(x_train) == 0 or len(x_val) == 0:
+        if len(x_train) == 0 or (len(x_val) == 0 and not refit):
             raise UserError("train: the train and val splits both need clips; check metadata.*_actors")
         label = f"member {k + 1}/{p['ensemble_folds']} " if p["ensemble_folds"] > 1 else ""
         model, member_history, best = fit({**p, "seed": p["seed"] + k}, x_train, y_train, x_val, y_val,
@@ -253,7 +278,8 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
         members.append(model)
         history += [{"member": k + 1, **row} for row in member_history]
         runs.append({"val_actors": val_actors, "best_epoch": best["epoch"],
-                     "val_accuracy": round(best["val_accuracy"], 5), "val_loss": round(best["val_loss"], 5),
+                     "val_accuracy": None if refit else round(best["val_accuracy"], 5),
+                     "val_loss": None if refit else round(best["val_loss"], 5),
                      "epochs_run": len(member_history), "train_clips": len(x_train), "val_clips": len(x_val)})
     seconds = time.perf_counter() - start
     model = members[0] if len(members) == 1 else Ensemble(members)
@@ -262,8 +288,9 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
     with atomic_path(p["history"]) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {
-        "val_accuracy": round(float(np.mean([r["val_accuracy"] for r in runs])), 5),  # mean over members
-        "val_loss": round(float(np.mean([r["val_loss"] for r in runs])), 5),
+        # mean over members; none with refit, where the val actors are training data
+        "val_accuracy": None if refit else round(float(np.mean([r["val_accuracy"] for r in runs])), 5),
+        "val_loss": None if refit else round(float(np.mean([r["val_loss"] for r in runs])), 5),
         "best_epoch": runs[0]["best_epoch"],
         "epochs_run": sum(r["epochs_run"] for r in runs),
         "train_minutes": round(seconds / 60, 2),
@@ -279,8 +306,8 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     summary = train(load_params("train"))
-    print(f"train: {summary['members']} model(s), val accuracy {summary['val_accuracy']:.3f}, "
-          f"{summary['train_minutes']:.1f} min on {summary['device']}")
+    val = "no val actors (refit)" if summary["val_accuracy"] is None else f"val accuracy {summary['val_accuracy']:.3f}"
+    print(f"train: {summary['members']} model(s), {val}, {summary['train_minutes']:.1f} min on {summary['device']}")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,12 @@ def test_every_fold_is_tested_on_actors_it_never_trained_or_validated_on(tmp_pat
     assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
     per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
     assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
+
+
+def test_refit_folds_train_on_the_val_fold_too_and_still_test_on_unseen_actors(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
+    table, summary, _ = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit"))
+    assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
+    assert table["val_actors"].tolist() == ["", "", ""] and table["val_accuracy"].isna().all()
+    assert table["best_epoch"].tolist() == [2, 2, 2] and summary["folds"] == 3

@@ -106,6 +106,30 @@ def test_ensemble_members_validate_on_disjoint_actor_groups_and_never_see_test_a
         member_splits(clips, 9)
 
 
+def test_refit_trains_on_train_and_val_actors_for_every_epoch(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    summary = train(train_params(tmp_path, features, metadata, epochs=4, patience=1, selection="refit"))
+    member = summary["per_member"][0]
+    assert member["val_actors"] == [] and member["train_clips"] == 5 * 24  # actors 1-5; 6 is test
+    assert member["epochs_run"] == member["best_epoch"] == 4  # no early stop, the last epoch is kept
+    assert summary["val_accuracy"] is None and summary["val_loss"] is None
+    assert pd.read_csv(tmp_path / "history.csv")["val_accuracy"].isna().all()
+    # and the model is usable: it separates the two synthetic classes on the test actor
+    model, meta = load_checkpoint(tmp_path / "m" / "model.pt")
+    x, y, _ = load_split(str(features), str(metadata), meta["classes"], "test")
+    assert (model(x).argmax(1) == y).float().mean() >= 0.9
+
+
+def test_refit_and_selection_mistakes_are_clear_errors(tmp_path, feature_params):
+    clips = pd.DataFrame({"actor": list(range(1, 11)), "split": ["train"] * 6 + ["val"] * 2 + ["test"] * 2})
+    assert member_splits(clips, 1, refit=True) == [([1, 2, 3, 4, 5, 6, 7, 8], [])]
+    with pytest.raises(UserError, match="needs train.selection best_val"):
+        member_splits(clips, 4, refit=True)
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    with pytest.raises(UserError, match="train.selection 'best' is not one of best_val, refit"):
+        train(train_params(tmp_path, features, metadata, selection="best"))
+
+
 def test_an_ensemble_of_folds_trains_one_model_per_fold(tmp_path, feature_params):
     features, metadata = synthetic_dataset(tmp_path, feature_params)
     summary = train(train_params(tmp_path, features, metadata, epochs=2, ensemble_folds=5))
