@@ -35,6 +35,10 @@ from stages.util import atomic_path  # noqa: E402
 RESULTS = ROOT / "data" / "experiments"
 TABLES = {"archs": ROOT / "reports" / "arch_comparison.csv", "ablations": ROOT / "reports" / "ablations.csv"}
 
+# Single-split runs choose their checkpoint on the val actors and are scored on the test
+# actors, as every row of the committed tables was (the default until train.selection
+# refit won on the actor folds), so the rows stay comparable; an ablation may override it.
+SPLIT_BASE = {"selection": "best_val"}
 # One change each to the default train params (nested keys; "arch.*" = the default arch's settings).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -111,7 +115,7 @@ def main() -> None:
         return table()
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     kind = sys.argv[1]
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    base = apply(yaml.safe_load((ROOT / "params.yaml").read_text())["train"], SPLIT_BASE)
     configs = ({name: {"arch": name} for name in base["archs"]} if kind == "archs" else ABLATIONS)
     names = sys.argv[2:] or list(configs)
     for name in names:
