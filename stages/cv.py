@@ -1,9 +1,11 @@
 """Stage: actor-fold cross-validation of the training recipe (params `train`).
 
 The actors are cut into folds of `fold_size` consecutive actor numbers (odd = male, even =
-female, so every fold of 4 has two of each). Fold k is tested on its actors, the model's
-checkpoint is chosen on fold k+1's actors, and it trains on the rest: no actor is in two of
-train/val/test, and the test actors never influence training or checkpoint selection.
+female, so every fold of 4 has two of each). Fold k is tested on its actors and trains on
+the others; with train.selection best_val its checkpoint is chosen on fold k+1's actors,
+which then do not train. No actor is in two of train/val/test, and the test actors never
+influence training or checkpoint selection. With train.ensemble_seeds > 1 each fold trains
+that many models (seeds seed, seed+1, ...) and scores their averaged probabilities.
 Writes per-fold and mean/std metrics, the per-fold table, and every clip's prediction from
 the fold that tested it (seed ensembles can be scored from these files).
 """
@@ -17,8 +19,8 @@ import torch
 
 from stages import features as feature_store
 from stages.evaluate import confusion_matrix, scores_from_confusion
-from stages.models import infer
-from stages.train import fit, load_clips, selection_mode, train_classes
+from stages.models import Ensemble, infer
+from stages.train import fit, load_clips, seed_count, selection_mode, train_classes
 from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
 
 
@@ -34,9 +36,10 @@ def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:
 
 def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int,
              classes: list[str], n_mels: int, device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on fold k's training actors, choose the checkpoint on fold k+1's actors and
-    score once on fold k's actors; return the fold's table row and its test clips'
-    predictions (path, fold, actual, predicted, one probability column per class)."""
+    """Train on fold k's training actors (with best_val, choose the checkpoint on fold
+    k+1's actors), once per seed of the recipe's seed ensemble, and score once on fold k's
+    actors; return the fold's table row and its test clips' predictions (path, fold,
+    actual, predicted, one probability column per class)."""
     test_actors = folds[k]
     val_actors = folds[(k + 1) % len(folds)]
     train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
@@ -45,8 +48,15 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
     data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
             for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
     start = time.perf_counter()
-    model, _, best = fit(recipe, *data["train"][:2], *data["val"][:2], n_mels, len(classes), device,
-                         label=f"fold {k + 1}/{len(folds)} ")
+    n_seeds = seed_count(recipe)
+    members, bests = [], []
+    for j in range(n_seeds):
+        member = f"member {j + 1}/{n_seeds} " if n_seeds > 1 else ""
+        model, _, best = fit({**recipe, "seed": recipe["seed"] + j}, *data["train"][:2], *data["val"][:2],
+                             n_mels, len(classes), device, label=f"fold {k + 1}/{len(folds)} {member}")
+        members.append(model)
+        bests.append(best)
+    model = members[0] if n_seeds == 1 else Ensemble(members)
     minutes = (time.perf_counter() - start) / 60
     x_test, y_test, test_clips = data["test"]
     probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
@@ -64,8 +74,9 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         "test_accuracy": round(scores["accuracy"], 5),
         "test_uar": round(scores["uar"], 5),
         "test_macro_f1": round(scores["macro_f1"], 5),
-        "val_accuracy": round(best["val_accuracy"], 5) if val_actors else None,
-        "best_epoch": best["epoch"],
+        # members' mean
+        "val_accuracy": round(sum(b["val_accuracy"] for b in bests) / n_seeds, 5) if val_actors else None,
+        "best_epoch": " ".join(str(b["epoch"]) for b in bests) if n_seeds > 1 else bests[0]["epoch"],
         "train_minutes": round(minutes, 2),
     }, predictions
 

@@ -236,6 +236,14 @@ def selection_mode(p: dict[str, Any]) -> str:
     return mode
 
 
+def seed_count(p: dict[str, Any]) -> int:
+    """train.ensemble_seeds: how many models (seeds seed, seed+1, ...) to train on each split."""
+    n = p["ensemble_seeds"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")
+    return n
+
+
 def member_splits(clips: pd.DataFrame, n_members: int, refit: bool = False) -> list[tuple[list[int], list[int]]]:
     """(train actors, val actors) of each model to train. One member: the metadata split,
     or with refit the train and val actors together and no val actors. Several (an ensemble
@@ -267,20 +275,25 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
     members, history, runs = [], [], []
     start = time.perf_counter()
     refit = selection_mode(p) == "refit"
-    for k, (train_actors, val_actors) in enumerate(member_splits(clips, p["ensemble_folds"], refit)):
+    splits, n_seeds = member_splits(clips, p["ensemble_folds"], refit), seed_count(p)
+    n_members = len(splits) * n_seeds
+    for k, (train_actors, val_actors) in enumerate(splits):
         x_train, y_train, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=train_actors)
         x_val, y_val, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=val_actors)
         if len(x_train) == 0 or (len(x_val) == 0 and not refit):
             raise UserError("train: the train and val splits both need clips; check metadata.*_actors")
-        label = f"member {k + 1}/{p['ensemble_folds']} " if p["ensemble_folds"] > 1 else ""
-        model, member_history, best = fit({**p, "seed": p["seed"] + k}, x_train, y_train, x_val, y_val,
-                                          fp.n_mels, len(classes), device, label=label)
-        members.append(model)
-        history += [{"member": k + 1, **row} for row in member_history]
-        runs.append({"val_actors": val_actors, "best_epoch": best["epoch"],
-                     "val_accuracy": None if refit else round(best["val_accuracy"], 5),
-                     "val_loss": None if refit else round(best["val_loss"], 5),
-                     "epochs_run": len(member_history), "train_clips": len(x_train), "val_clips": len(x_val)})
+        for j in range(n_seeds):  # member m trains with seed + m
+            m = k * n_seeds + j
+            label = f"member {m + 1}/{n_members} " if n_members > 1 else ""
+            model, member_history, best = fit({**p, "seed": p["seed"] + m}, x_train, y_train, x_val, y_val,
+                                              fp.n_mels, len(classes), device, label=label)
+            members.append(model)
+            history += [{"member": m + 1, **row} for row in member_history]
+            runs.append({"val_actors": val_actors, "seed": p["seed"] + m, "best_epoch": best["epoch"],
+                         "val_accuracy": None if refit else round(best["val_accuracy"], 5),
+                         "val_loss": None if refit else round(best["val_loss"], 5),
+                         "epochs_run": len(member_history), "train_clips": len(x_train),
+                         "val_clips": len(x_val)})
     seconds = time.perf_counter() - start
     model = members[0] if len(members) == 1 else Ensemble(members)
     save_checkpoint(p["model_out"], model, arch_config(p), classes, fp,

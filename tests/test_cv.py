@@ -47,3 +47,16 @@ def test_refit_folds_train_on_the_val_fold_too_and_still_test_on_unseen_actors(t
     assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
     assert table["val_actors"].tolist() == ["", "", ""] and table["val_accuracy"].isna().all()
     assert table["best_epoch"].tolist() == [2, 2, 2] and summary["folds"] == 3
+
+
+def test_a_seed_ensemble_fold_scores_the_members_averaged_probabilities(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
+    runs = [cross_validate(cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit", seed=seed))[2]
+            for seed in (3, 4)]
+    table, _, predictions = cross_validate(
+        cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit", ensemble_seeds=2))
+    averaged = (runs[0].filter(like="prob_") + runs[1].filter(like="prob_")) / 2
+    assert (predictions["path"] == runs[0]["path"]).all()
+    assert (predictions.filter(like="prob_") - averaged).abs().max().max() < 1e-4
+    assert table["best_epoch"].tolist() == ["2 2", "2 2", "2 2"]

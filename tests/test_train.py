@@ -137,3 +137,25 @@ def test_an_ensemble_of_folds_trains_one_model_per_fold(tmp_path, feature_params
     model, _ = load_checkpoint(tmp_path / "m" / "model.pt")
     assert len(model.members) == 5
     assert sorted(pd.read_csv(tmp_path / "history.csv")["member"].unique()) == [1, 2, 3, 4, 5]
+
+
+def test_a_seed_ensemble_averages_the_single_seed_models(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    x, _, _ = load_split(str(features), str(metadata), ["sad", "angry"], "test")
+    singles = []
+    for seed in (3, 4):
+        train(train_params(tmp_path, features, metadata, epochs=2, selection="refit", seed=seed))
+        singles.append(load_checkpoint(tmp_path / "m" / "model.pt")[0](x).softmax(dim=1))
+    summary = train(train_params(tmp_path, features, metadata, epochs=2, selection="refit", ensemble_seeds=2))
+    assert summary["members"] == 2 and [m["seed"] for m in summary["per_member"]] == [3, 4]
+    assert sorted(pd.read_csv(tmp_path / "history.csv")["member"].unique()) == [1, 2]
+    ensemble, _ = load_checkpoint(tmp_path / "m" / "model.pt")
+    assert len(ensemble.members) == 2
+    torch.testing.assert_close(ensemble(x).softmax(dim=1), (singles[0] + singles[1]) / 2, rtol=0, atol=1e-5)
+
+
+def test_ensemble_seeds_must_be_a_whole_number_of_at_least_one(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    for bad in (0, 1.5, True):
+        with pytest.raises(UserError, match="train.ensemble_seeds must be a whole number >= 1"):
+            train(train_params(tmp_path, features, metadata, epochs=1, ensemble_seeds=bad))
