@@ -52,6 +52,10 @@ CV_ABLATIONS = {
     SPEAKER_NORM: {"selection": "best_val", "arch.utterance_norm": False},
     "best_val, seed 43": {"selection": "best_val", "seed": 43},
     "best_val, seed 44": {"selection": "best_val", "seed": 44},
+    "weights averaged over the last 25 epochs": {"average_epochs": 25},
+    "weights averaged over the last 50 epochs": {"average_epochs": 50},
+    "distilled from 2 teachers (seeds 43, 44), weight 0.5": {"distill_seeds": 2},
+    "distilled from 1 teacher (seed 43), weight 0.5": {"distill_seeds": 1},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],

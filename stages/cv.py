@@ -5,7 +5,8 @@ female, so every fold of 4 has two of each). Fold k is tested on its actors and 
 the others; with train.selection best_val its checkpoint is chosen on fold k+1's actors,
 which then do not train. No actor is in two of train/val/test, and the test actors never
 influence training or checkpoint selection. With train.ensemble_seeds > 1 each fold trains
-that many models (seeds seed, seed+1, ...) and scores their averaged probabilities.
+that many models (seeds seed, seed+1, ...) and scores their averaged probabilities; with
+train.distill_seeds > 0 it trains the teachers and scores the one model they taught.
 Writes per-fold and mean/std metrics, the per-fold table, and every clip's prediction from
 the fold that tested it (seed ensembles can be scored from these files).
 """
@@ -20,7 +21,7 @@ import torch
 from stages import features as feature_store
 from stages.evaluate import confusion_matrix, scores_from_confusion
 from stages.models import Ensemble, infer
-from stages.train import fit, load_clips, seed_count, selection_mode, train_classes
+from stages.train import fit_members, load_clips, selection_mode, train_classes
 from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
 
 
@@ -48,14 +49,10 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
     data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
             for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
     start = time.perf_counter()
-    n_seeds = seed_count(recipe)
-    members, bests = [], []
-    for j in range(n_seeds):
-        member = f"member {j + 1}/{n_seeds} " if n_seeds > 1 else ""
-        model, _, best = fit({**recipe, "seed": recipe["seed"] + j}, *data["train"][:2], *data["val"][:2],
-                             n_mels, len(classes), device, label=f"fold {k + 1}/{len(folds)} {member}")
-        members.append(model)
-        bests.append(best)
+    fitted = fit_members(recipe, *data["train"][:2], *data["val"][:2], n_mels, len(classes), device,
+                         label=f"fold {k + 1}/{len(folds)} ")
+    members, bests = [model for model, _, _ in fitted], [best for _, _, best in fitted]
+    n_seeds = len(members)
     model = members[0] if n_seeds == 1 else Ensemble(members)
     minutes = (time.perf_counter() - start) / 60
     x_test, y_test, test_clips = data["test"]

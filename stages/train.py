@@ -129,10 +129,13 @@ def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: in
 
 def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
         y_val: torch.Tensor, n_mels: int, n_classes: int, device: torch.device,
-        label: str = "") -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
+        label: str = "", teacher: torch.nn.Module | None = None
+        ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
     """Train one model; return it with the weights of its best validation epoch (or, with
     p["selection"] == "refit", of its last epoch: no checkpoint is chosen and x_val may be
-    empty), the per-epoch history and the kept epoch's figures. Seeds itself from p["seed"]."""
+    empty), the per-epoch history and the kept epoch's figures. Seeds itself from p["seed"].
+    With a teacher (a trained model in eval mode), the loss mixes the labels with the
+    teacher's probabilities on the same augmented batch, weighted by p["distill_weight"]."""
     refit = selection_mode(p) == "refit"
     if not refit and len(x_val) == 0:
         raise UserError("train: choosing a checkpoint needs val clips; check metadata.val_actors")
@@ -163,6 +166,8 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "val_loss": float("inf")}
     best_state = None
+    n_average = averaged_epochs(p)
+    weight_sum: dict[str, torch.Tensor] = {}
     for epoch in range(1, p["epochs"] + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -186,6 +191,11 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
                 if perm is not None:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(
                         logits, yb[perm], label_smoothing=p["label_smoothing"])
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(xb).float().softmax(dim=1)
+                    loss = ((1 - p["distill_weight"]) * loss
+                            + p["distill_weight"] * F.cross_entropy(logits.float(), target))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -194,6 +204,14 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
             total_loss += loss.item() * len(batch)
             correct += (logits.argmax(1) == yb).sum().item()
 
+        if epoch > p["epochs"] - n_average:  # sum of the weights after each of the last epochs
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    weight_sum[name] = weight_sum.get(name, 0) + value.detach().double()
+            if epoch == p["epochs"]:
+                # averaged BatchNorm statistics are replaced by the calibration below
+                model.load_state_dict({**model.state_dict(),
+                                       **{k: (v / n_average).float() for k, v in weight_sum.items()}})
         calibrate_batch_norm(model, calibration, p["batch_size"], device)
         val_loss, val_acc = float("nan"), float("nan")
         if len(x_val):
@@ -227,6 +245,37 @@ def fit(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: 
     return model, history, best
 
 
+def fit_members(p: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                y_val: torch.Tensor, n_mels: int, n_classes: int, device: torch.device, label: str = ""
+                ) -> list[tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]]:
+    """The models one split keeps, each as fit returns it: train.ensemble_seeds models (seeds
+    seed, seed+1, ...), or with train.distill_seeds > 0 one model (seed) taught by the
+    averaged probabilities of that many teachers (seeds seed+1, ...), which are then dropped:
+    the ensemble's knowledge at one model's labelling cost."""
+    n_seeds, n_teachers = seed_count(p), teacher_count(p)
+    data = (x_train, y_train, x_val, y_val, n_mels, n_classes, device)
+    if n_teachers == 0:
+        return [fit({**p, "seed": p["seed"] + j}, *data,
+                    label=f"{label}member {j + 1}/{n_seeds} " if n_seeds > 1 else label)
+                for j in range(n_seeds)]
+    teachers = [fit({**p, "seed": p["seed"] + 1 + j}, *data, label=f"{label}teacher {j + 1}/{n_teachers} ")[0]
+                for j in range(n_teachers)]
+    teacher = teachers[0] if n_teachers == 1 else Ensemble(teachers)
+    return [fit(p, *data, label=f"{label}student ", teacher=teacher)]
+
+
+def teacher_count(p: dict[str, Any]) -> int:
+    """train.distill_seeds: how many teachers the kept model learns from (0 = none)."""
+    n, w = p["distill_seeds"], p["distill_weight"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UserError(f"train.distill_seeds must be a whole number >= 0, not {n!r}")
+    if n > 0 and seed_count(p) > 1:
+        raise UserError("train.distill_seeds > 0 distils into one model; it needs train.ensemble_seeds 1")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+        raise UserError(f"train.distill_weight must be a number from 0 to 1, not {w!r}")
+    return n
+
+
 def selection_mode(p: dict[str, Any]) -> str:
     """train.selection: best_val (keep the best val epoch) or refit (train on train+val
     actors for the whole schedule, keep the last epoch)."""
@@ -234,6 +283,19 @@ def selection_mode(p: dict[str, Any]) -> str:
     if mode not in ("best_val", "refit"):
         raise UserError(f"train.selection '{mode}' is not one of best_val, refit")
     return mode
+
+
+def averaged_epochs(p: dict[str, Any]) -> int:
+    """train.average_epochs: the kept weights are the average of the weights after each of
+    the last this-many epochs (0 = the last epoch's). Refit only: best_val keeps one epoch."""
+    n = p["average_epochs"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= p["epochs"]:
+        raise UserError(f"train.average_epochs must be a whole number from 0 to train.epochs "
+                        f"({p['epochs']}), not {n!r}")
+    if n > 0 and selection_mode(p) != "refit":
+        raise UserError("train.average_epochs > 0 averages the last epochs' weights; it needs "
+                        "train.selection refit (best_val keeps the single best epoch)")
+    return n
 
 
 def seed_count(p: dict[str, Any]) -> int:
@@ -276,17 +338,18 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     refit = selection_mode(p) == "refit"
     splits, n_seeds = member_splits(clips, p["ensemble_folds"], refit), seed_count(p)
-    n_members = len(splits) * n_seeds
+    teacher_count(p)  # checked before any training
     for k, (train_actors, val_actors) in enumerate(splits):
         x_train, y_train, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=train_actors)
         x_val, y_val, _ = load_clips(p["features_dir"], p["metadata"], classes, actors=val_actors)
         if len(x_train) == 0 or (len(x_val) == 0 and not refit):
             raise UserError("train: the train and val splits both need clips; check metadata.*_actors")
-        for j in range(n_seeds):  # member m trains with seed + m
+        # member m trains with seed + m
+        label = f"split {k + 1}/{len(splits)} " if len(splits) > 1 else ""
+        fitted = fit_members({**p, "seed": p["seed"] + k * n_seeds}, x_train, y_train, x_val, y_val,
+                             fp.n_mels, len(classes), device, label=label)
+        for j, (model, member_history, best) in enumerate(fitted):
             m = k * n_seeds + j
-            label = f"member {m + 1}/{n_members} " if n_members > 1 else ""
-            model, member_history, best = fit({**p, "seed": p["seed"] + m}, x_train, y_train, x_val, y_val,
-                                              fp.n_mels, len(classes), device, label=label)
             members.append(model)
             history += [{"member": m + 1, **row} for row in member_history]
             runs.append({"val_actors": val_actors, "seed": p["seed"] + m, "best_epoch": best["epoch"],

@@ -85,7 +85,7 @@ def train_params(root, features, metadata, **overrides):
          "classes": ["angry", "sad"], "seed": 3, "device": "cpu", "precision": "float32", "epochs": 8, "patience": 10,
          "batch_size": 8, "lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 0.0,
          "label_smoothing": 0.1, "mixup_alpha": 0.0, "bn_calibration_clips": 16, "ensemble_folds": 1,
-         "ensemble_seeds": 1,
+         "ensemble_seeds": 1, "average_epochs": 0, "distill_seeds": 0, "distill_weight": 0.5,
          "selection": "best_val",
          "augment": {"time_shift_frames": 4, "freq_mask": 4, "n_freq_masks": 1, "time_mask": 4, "n_time_masks": 1,
                      "speed": 0.1},

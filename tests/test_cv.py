@@ -60,3 +60,17 @@ def test_a_seed_ensemble_fold_scores_the_members_averaged_probabilities(tmp_path
     assert (predictions["path"] == runs[0]["path"]).all()
     assert (predictions.filter(like="prob_") - averaged).abs().max().max() < 1e-4
     assert table["best_epoch"].tolist() == ["2 2", "2 2", "2 2"]
+
+
+def test_a_distilled_fold_scores_the_student_alone(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    cv = {"features_dir": str(features), "metadata": str(metadata), "fold_size": 2}
+    _, _, plain = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit"))
+    # at weight 0 the student is the plain model of its seed: the teachers must not leak in
+    table, _, student = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit",
+                                                        distill_seeds=1, distill_weight=0.0))
+    assert table["best_epoch"].tolist() == [2, 2, 2]
+    assert student.equals(plain)
+    _, _, taught = cross_validate(cv, train_params(tmp_path, features, metadata, epochs=2, selection="refit",
+                                                   distill_seeds=1, distill_weight=1.0))
+    assert not taught.filter(like="prob_").equals(plain.filter(like="prob_"))

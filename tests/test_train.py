@@ -2,9 +2,11 @@ import pandas as pd
 import pytest
 import torch
 
+import stages.train as train_module
 from conftest import TINY_ARCH, synthetic_dataset, train_params
 from stages.models import load_checkpoint
-from stages.train import Augment, calibrate_batch_norm, load_split, member_splits, speed_perturb, train
+from stages.train import (Augment, calibrate_batch_norm, fit, load_clips, load_split, member_splits,
+                          speed_perturb, train)
 from stages.util import UserError
 
 
@@ -159,3 +161,80 @@ def test_ensemble_seeds_must_be_a_whole_number_of_at_least_one(tmp_path, feature
     for bad in (0, 1.5, True):
         with pytest.raises(UserError, match="train.ensemble_seeds must be a whole number >= 1"):
             train(train_params(tmp_path, features, metadata, epochs=1, ensemble_seeds=bad))
+
+
+def test_averaging_keeps_the_mean_of_the_last_epochs_weights(tmp_path, feature_params, monkeypatch):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    seen = []  # the weights after each epoch, as BatchNorm calibration receives them
+    calibrate = train_module.calibrate_batch_norm
+
+    def record(model, *args):
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        calibrate(model, *args)
+
+    monkeypatch.setattr(train_module, "calibrate_batch_norm", record)
+    train(train_params(tmp_path, features, metadata, epochs=3, selection="refit"))
+    plain, seen[:] = list(seen), []
+    train(train_params(tmp_path, features, metadata, epochs=3, selection="refit", average_epochs=2))
+    torch.testing.assert_close(seen[1], plain[1], rtol=0, atol=0)  # the same run up to the end
+    for name, value in seen[2].items():
+        torch.testing.assert_close(value, (plain[1][name] + plain[2][name]) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(seen[2][k], plain[2][k]) for k in seen[2])  # not the last epoch's
+
+
+def test_average_epochs_mistakes_are_clear_errors(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    with pytest.raises(UserError, match="needs train.selection refit"):
+        train(train_params(tmp_path, features, metadata, epochs=2, average_epochs=1))
+    for bad in (-1, 3, 1.5):
+        with pytest.raises(UserError, match="train.average_epochs must be a whole number from 0 to train.epochs"):
+            train(train_params(tmp_path, features, metadata, epochs=2, selection="refit", average_epochs=bad))
+
+
+class SwappedLabels(torch.nn.Module):
+    """A teacher that is confidently wrong: a trained model's two class scores swapped."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).flip(1) * 5
+
+
+def test_a_student_learns_from_its_teachers_probabilities_not_only_the_labels(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    classes = ["angry", "sad"]
+    x_train, y_train, _ = load_clips(str(features), str(metadata), classes, actors=[1, 2, 3, 4, 5])
+    x_test, y_test, _ = load_split(str(features), str(metadata), classes, "test")
+    empty = x_train[:0], y_train[:0]
+    p = train_params(tmp_path, features, metadata, selection="refit", label_smoothing=0.0)
+    good, _, _ = fit(p, x_train, y_train, *empty, feature_params.n_mels, 2, torch.device("cpu"))
+    assert (good(x_test).argmax(1) == y_test).float().mean() >= 0.9
+    # taught only by a teacher that swaps the classes, the student swaps them too
+    student, _, _ = fit({**p, "distill_weight": 1.0}, x_train, y_train, *empty, feature_params.n_mels, 2,
+                        torch.device("cpu"), teacher=SwappedLabels(good))
+    assert (student(x_test).argmax(1) != y_test).float().mean() >= 0.9
+
+
+def test_distillation_keeps_one_model_and_at_weight_zero_the_teachers_change_nothing(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    plain = train(train_params(tmp_path, features, metadata, epochs=3, selection="refit"))
+    plain_bytes = (tmp_path / "m" / "model.pt").read_bytes()
+    summary = train(train_params(tmp_path, features, metadata, epochs=3, selection="refit",
+                                 distill_seeds=2, distill_weight=0.0))
+    assert summary["members"] == 1 and summary["per_member"][0]["seed"] == 3
+    assert summary["train_minutes"] >= plain["train_minutes"]  # the teachers' training counts
+    assert (tmp_path / "m" / "model.pt").read_bytes() == plain_bytes  # the same seed's model, untouched
+    model, _ = load_checkpoint(tmp_path / "m" / "model.pt")
+    assert not isinstance(model, torch.nn.ModuleList) and not hasattr(model, "members")
+
+
+def test_distillation_mistakes_are_clear_errors(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    for change, message in (({"distill_seeds": -1}, "train.distill_seeds must be a whole number >= 0"),
+                            ({"distill_seeds": 1.5}, "train.distill_seeds must be a whole number >= 0"),
+                            ({"distill_seeds": 2, "ensemble_seeds": 2}, "it needs train.ensemble_seeds 1"),
+                            ({"distill_seeds": 1, "distill_weight": 1.5}, "train.distill_weight must be a number from 0 to 1")):
+        with pytest.raises(UserError, match=message):
+            train(train_params(tmp_path, features, metadata, epochs=1, **change))
