@@ -9,7 +9,10 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: setup browser repro test app bench compare clean-venv
 
+# Measured: installing requirements.txt (torch's CUDA build) peaks at 7.7 GB on disk, 5.8 GB after.
 $(STAMP): requirements.txt
+	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); [ "$$free_mb" -ge 8000 ] || \
+	  echo "warning: $$free_mb MB free here; installing .venv needs about 7,700 MB at its peak"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
