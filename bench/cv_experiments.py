@@ -7,8 +7,9 @@ One test split of 4 actors moves by about 5 points between runs of the same reci
 recipe choices are made on the mean over all folds. Each fold's result is saved as it
 finishes (data/experiments/cv/<name>/fold<k>.json, and its test clips' probabilities in
 fold<k>.csv), so two shells can run different folds of one ablation at once (THREADS=1
-each). `table` lists every ablation whose folds are all done, with the committed cv stage
-run (reports/cv_folds.csv) as the default's row, and scores the seed ensembles of SEED_RUNS
+each). `table` lists every ablation whose folds are all done here (rows of the committed
+table that were not rerun stay), with the committed cv stage run (reports/cv_folds.csv)
+as the default's row, and scores the seed ensembles of SEED_RUNS
 by averaging the runs' saved probabilities clip by clip (no training). Ablations of
 FEATURE_VARIANTS train on other features, built once with the features stage's code under
 data/experiments/features/.
@@ -26,13 +27,12 @@ import pandas as pd
 import torch
 import yaml
 
-from experiments import ABLATIONS, ROOT, RESULTS, apply
+from experiments import ABLATIONS, ROOT, RESULTS, apply, write_table
 
 from stages import features as feature_store  # noqa: E402
 from stages.audio import FeatureParams  # noqa: E402
 from stages.cv import fold_setup, run_fold, summarise  # noqa: E402
 from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E402
-from stages.util import atomic_path  # noqa: E402
 
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
@@ -56,6 +56,7 @@ CV_ABLATIONS = {
     "weights averaged over the last 50 epochs": {"average_epochs": 50},
     "distilled from 2 teachers (seeds 43, 44), weight 0.5": {"distill_seeds": 2},
     "distilled from 1 teacher (seed 43), weight 0.5": {"distill_seeds": 1},
+    "no distillation": {"distill_seeds": 0},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -165,9 +166,7 @@ def table() -> None:
                        for stat in ("mean", "std")},
                     "fold_accuracies": " ".join(f"{a:.3f}" for a in runs["test_accuracy"]),
                     "train_minutes": s["train_minutes_total"]})
-    frame = pd.DataFrame(out)
-    with atomic_path(TABLE) as tmp:
-        frame.to_csv(tmp, index=False)
+    frame = write_table(pd.DataFrame(out), TABLE)
     print(f"{TABLE.relative_to(ROOT)}:\n{frame.to_string(index=False)}")
 
 

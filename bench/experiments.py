@@ -95,16 +95,26 @@ def run(kind: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
             "source": "bench/experiments.py"}
 
 
+def write_table(fresh: pd.DataFrame, path: Path, order: list[str] | None = None) -> pd.DataFrame:
+    """Write `path` with the fresh rows, keeping the committed rows of every name not rerun
+    here: results live under data/ (not in git), so a fresh clone that reruns one ablation
+    must not drop the measured rows of the others."""
+    frame = fresh
+    if path.exists():
+        kept = pd.read_csv(path)
+        frame = pd.concat([kept[~kept["name"].isin(fresh["name"])], fresh], ignore_index=True)
+    if order:
+        frame = frame.sort_values("name", key=lambda s: s.map({n: i for i, n in enumerate(order)}), kind="stable")
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
 def table() -> None:
     for kind, path in TABLES.items():
         rows = [json.loads(f.read_text()) for f in sorted((RESULTS / kind).glob("*.json"))]
         if rows:
-            order = list(ABLATIONS) if kind == "ablations" else None
-            frame = pd.DataFrame(rows)
-            if order:
-                frame = frame.sort_values("name", key=lambda s: s.map({n: i for i, n in enumerate(order)}))
-            with atomic_path(path) as tmp:
-                frame.to_csv(tmp, index=False)
+            frame = write_table(pd.DataFrame(rows), path, list(ABLATIONS) if kind == "ablations" else None)
             print(f"{path.relative_to(ROOT)}:\n{frame.to_string(index=False)}\n")
 
 
