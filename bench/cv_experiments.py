@@ -4,13 +4,15 @@
     python bench/cv_experiments.py table                 # -> reports/cv_ablations.csv
 
 One test split of 4 actors moves by about 5 points between runs of the same recipe, so
-recipe choices are made on the mean over all folds. Each fold's result is saved as it
-finishes (data/experiments/cv/<name>/fold<k>.json, and its test clips' probabilities in
-fold<k>.csv), so two shells can run different folds of one ablation at once (THREADS=1
-each). `table` lists every ablation whose folds are all done here (rows of the committed
-table that were not rerun stay), with the committed cv stage run (reports/cv_folds.csv)
-as the default's row, and scores the seed ensembles of SEED_RUNS
-by averaging the runs' saved probabilities clip by clip (no training). Ablations of
+recipe choices are made on the mean over all folds. Every ablation trains one model per
+fold (train.ensemble_seeds 1, unless it sets it): compare it with the single seed-42 run
+("seed 42, current machine"), not with the default's 3-seed ensemble. Each fold's result
+is saved as it finishes (data/experiments/cv/<name>/fold<k>.json, and its test clips'
+probabilities in fold<k>.csv), so two shells can run different folds of one ablation at
+once (THREADS=1 each). `table` lists every ablation whose folds are all done here (rows of
+the committed table that were not rerun stay), with the committed cv stage run
+(reports/cv_folds.csv) as the default's row, and scores the seed ensembles of SEED_RUNS by
+averaging the runs' saved probabilities clip by clip (no training). Ablations of
 FEATURE_VARIANTS train on other features, built once with the features stage's code under
 data/experiments/features/.
 """
@@ -36,7 +38,7 @@ from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E40
 
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
-COMMITTED = "default (committed cv stage, seed 42)"
+COMMITTED = "default (committed cv stage: seeds 42-44, probabilities averaged)"
 BEST_VAL = "best_val checkpoint, seed 42 (previous default)"
 SPEAKER_NORM = "best_val, per-speaker normalisation, absolute dB"
 # Ablations that need other features than the features stage's: the change to params
@@ -57,11 +59,22 @@ CV_ABLATIONS = {
     "distilled from 2 teachers (seeds 43, 44), weight 0.5": {"distill_seeds": 2},
     "distilled from 1 teacher (seed 43), weight 0.5": {"distill_seeds": 1},
     "no distillation": {"distill_seeds": 0},
+    # Single models on the machine of the committed cv stage (2 threads, as the stage runs);
+    # seed 42's folds are the cv stage of cd9c856 (the default was that one model then)
+    "seed 42, current machine": {"seed": 42},
+    "seed 43, current machine": {"seed": 43},
+    "seed 44, current machine": {"seed": 44},
+    "speed perturbation 0.1, current machine": {"augment.speed": 0.1},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
              "best_val, seeds 42-44 averaged": [BEST_VAL, "best_val, seed 43", "best_val, seed 44"],
-             "default (refit), seeds 42+43 averaged": [COMMITTED, "seed 43"]}
+             # seed 42's run of the previous machine was that time's committed cv stage (not kept)
+             "default (refit), seeds 42+43 averaged": ["seed 42, previous machine", "seed 43"],
+             "default (refit), seeds 42+43 averaged, current machine":
+                 ["seed 42, current machine", "seed 43, current machine"],
+             "default (refit), seeds 42-44 averaged, current machine":
+                 ["seed 42, current machine", "seed 43, current machine", "seed 44, current machine"]}
 
 
 def slug(name: str) -> str:
@@ -108,7 +121,7 @@ def feature_variant(name: str, params: dict) -> str:
 
 def run(name: str, folds_wanted: list[int]) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    recipe = apply(params["train"], CV_ABLATIONS[name])
+    recipe = apply({**params["train"], "ensemble_seeds": 1}, CV_ABLATIONS[name])
     params["cv"]["features_dir"] = feature_variant(name, params)
     folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
     for k in folds_wanted or range(1, len(folds) + 1):
