@@ -32,6 +32,10 @@ def _slice(dest: Path) -> str:
     return hashlib.md5(dest.read_bytes()).hexdigest()
 
 
+def params_of(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
 def _run(args, cwd, env):
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
@@ -75,7 +79,8 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert len(clips) == 360 and set(clips["actor"]) == {1, 2, 13, 14, 17, 18}
     assert clips.groupby("split")["actor"].nunique().to_dict() == {"test": 2, "train": 2, "val": 2}
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["epochs_run"] == 2 and train["device"] == "cpu"
+    members = params_of(repo)["train"]["ensemble_seeds"]  # the default's seed ensemble
+    assert train["members"] == members and train["epochs_run"] == 2 * members and train["device"] == "cpu"
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert ev["test_actors"] == [17, 18] and ev["test_clips"] == 120
     for key in ["test_accuracy", "test_uar", "test_macro_f1", "test_loss"]:
@@ -84,7 +89,8 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert set(ev["accuracy_by_intensity"]) == {"normal", "strong"}
     assert len(ev["per_class"]) == 8
     assert (repo / "reports/confusion_matrix.png").stat().st_size > 10_000
-    assert len(pd.read_csv(repo / "reports/train_history.csv")) == 2
+    history = pd.read_csv(repo / "reports/train_history.csv")
+    assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")
     assert len(predictions) == 360 and (predictions["status"] == "ok").all()
     cv = json.loads((repo / "metrics/cv.json").read_text())
@@ -109,7 +115,8 @@ def test_train_param_experiment_reruns_only_downstream_and_diffs(project):
     assert ran == {"train", "cv", "evaluate", "predict"}
     diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], repo, env))
     assert {"metrics/eval.json", "metrics/train.json", "metrics/cv.json"} <= set(diff)
-    assert diff["metrics/train.json"]["epochs_run"] == {"old": 2, "new": 1, "diff": -1}
+    members = params_of(repo)["train"]["ensemble_seeds"]
+    assert diff["metrics/train.json"]["epochs_run"] == {"old": 2 * members, "new": members, "diff": -members}
     plots = json.loads(_run(dvc + ["plots", "diff", "--json"], repo, env))["data"]
     assert {"Loss", "Accuracy", "Confusion (test actors)"} <= set(plots)
     assert set(plots["Loss"][0]["revisions"]) == {"workspace", "HEAD"}
