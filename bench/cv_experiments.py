@@ -65,6 +65,7 @@ CV_ABLATIONS = {
     "seed 43, current machine": {"seed": 43},
     "seed 44, current machine": {"seed": 44},
     "speed perturbation 0.1, current machine": {"augment.speed": 0.1},
+    "two SpecAugment masks per axis, current machine": {"augment.n_freq_masks": 2, "augment.n_time_masks": 2},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
