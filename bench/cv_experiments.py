@@ -70,8 +70,8 @@ CV_ABLATIONS = {
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
              "best_val, seeds 42-44 averaged": [BEST_VAL, "best_val, seed 43", "best_val, seed 44"],
-             # seed 42's run of the previous machine was that time's committed cv stage (not kept)
-             "default (refit), seeds 42+43 averaged": ["seed 42, previous machine", "seed 43"],
+             # (the previous machine's "default (refit), seeds 42+43 averaged" row stays as committed:
+             # its seed-42 member was that time's cv stage, whose predictions are not kept)
              "default (refit), seeds 42+43 averaged, current machine":
                  ["seed 42, current machine", "seed 43, current machine"],
              "default (refit), seeds 42-44 averaged, current machine":
