@@ -2,6 +2,7 @@
 
     python bench/cv_experiments.py run NAME [FOLD ...]   # one ablation of experiments.py
     python bench/cv_experiments.py table                 # -> reports/cv_ablations.csv
+                                                         #    and reports/arch_comparison_folds.csv
 
 One test split of 4 actors moves by about 5 points between runs of the same recipe, so
 recipe choices are made on the mean over all folds. Every ablation trains one model per
@@ -35,12 +36,21 @@ from stages import features as feature_store  # noqa: E402
 from stages.audio import FeatureParams  # noqa: E402
 from stages.cv import fold_setup, run_fold, summarise  # noqa: E402
 from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E402
+from stages.models import build_model, count_parameters  # noqa: E402
 
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
 COMMITTED = "default (committed cv stage: seeds 42-44, probabilities averaged)"
 BEST_VAL = "best_val checkpoint, seed 42 (previous default)"
 SPEAKER_NORM = "best_val, per-speaker normalisation, absolute dB"
+ARCHS = ["cnn2", "cnn4", "vgg", "crnn"]
+ARCH_TABLE = ROOT / "reports" / "arch_comparison_folds.csv"
+
+
+def arch_run(arch: str) -> str:
+    return f"arch {arch}, seed 42, 2026-11-24 machine"
+
+
 # Ablations that need other features than the features stage's: the change to params
 # `features`, and whether each actor's clips are normalised by that actor's statistics.
 FEATURE_VARIANTS = {SPEAKER_NORM: {"top_db": None, "speaker_norm": True}}
@@ -66,6 +76,10 @@ CV_ABLATIONS = {
     "seed 44, current machine": {"seed": 44},
     "speed perturbation 0.1, current machine": {"augment.speed": 0.1},
     "two SpecAugment masks per axis, current machine": {"augment.n_freq_masks": 2, "augment.n_time_masks": 2},
+    # The arch comparison on the folds: the default recipe (refit, 100 epochs), one model
+    # (seed 42) per fold, only train.arch changed. Measured on a machine whose features
+    # stage wrote other bytes than the committed run's (other floats: a new seed-42 row).
+    **{arch_run(arch): {"arch": arch} for arch in ARCHS},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -182,6 +196,30 @@ def table() -> None:
                     "train_minutes": s["train_minutes_total"]})
     frame = write_table(pd.DataFrame(out), TABLE)
     print(f"{TABLE.relative_to(ROOT)}:\n{frame.to_string(index=False)}")
+    arch_table(params, frame, tables)
+
+
+def arch_table(params: dict, ablations: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
+    """reports/arch_comparison_folds.csv: each arch's fold scores (one model per fold, seed
+    42, the default recipe) with its parameter count and mean training minutes per fold."""
+    n_mels = feature_store.load(params["cv"]["features_dir"])[2].n_mels
+    n_classes = len(fold_setup(params["cv"], params["train"])[1])
+    rows = []
+    for arch in ARCHS:
+        name = arch_run(arch)
+        if name not in tables:
+            continue
+        scores = ablations.set_index("name").loc[name]
+        runs = tables[name]
+        model = build_model(params["train"]["archs"][arch], n_mels, n_classes)
+        rows.append({"name": arch, "parameters": count_parameters(model),
+                     **{c: scores[c] for c in ("accuracy_mean", "accuracy_std", "uar_mean", "uar_std",
+                                               "macro_f1_mean", "macro_f1_std", "fold_accuracies")},
+                     "train_minutes_per_fold": round(float(runs["train_minutes"].mean()), 2),
+                     "threads": int(runs["threads"].iloc[0]), "epochs": int(runs["epochs"].iloc[0])})
+    if rows:
+        frame = write_table(pd.DataFrame(rows), ARCH_TABLE, ARCHS)
+        print(f"{ARCH_TABLE.relative_to(ROOT)}:\n{frame.to_string(index=False)}")
 
 
 def main() -> None:

@@ -68,8 +68,9 @@ def apply(p: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     p = copy.deepcopy(p)
     for dotted, value in change.items():
         keys = dotted.split(".")
-        node = p["archs"][p["arch"]] if keys[0] == "arch" else p
-        keys = keys[1:] if keys[0] == "arch" else keys
+        in_arch = keys[0] == "arch" and len(keys) > 1  # "arch.x": the chosen arch's setting x
+        node = p["archs"][p["arch"]] if in_arch else p
+        keys = keys[1:] if in_arch else keys
         for key in keys[:-1]:
             node = node[key]
         if keys[-1] not in node:
