@@ -202,16 +202,15 @@ def table() -> None:
 def arch_table(params: dict, ablations: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
     """reports/arch_comparison_folds.csv: each arch's fold scores (one model per fold, seed
     42, the default recipe) with its parameter count and mean training minutes per fold."""
-    n_mels = feature_store.load(params["cv"]["features_dir"])[2].n_mels
-    n_classes = len(fold_setup(params["cv"], params["train"])[1])
+    _, classes, n_mels, _ = fold_setup(params["cv"], params["train"])
+    by_name = ablations.set_index("name")
     rows = []
     for arch in ARCHS:
         name = arch_run(arch)
         if name not in tables:
             continue
-        scores = ablations.set_index("name").loc[name]
-        runs = tables[name]
-        model = build_model(params["train"]["archs"][arch], n_mels, n_classes)
+        scores, runs = by_name.loc[name], tables[name]
+        model = build_model(params["train"]["archs"][arch], n_mels, len(classes))
         rows.append({"name": arch, "parameters": count_parameters(model),
                      **{c: scores[c] for c in ("accuracy_mean", "accuracy_std", "uar_mean", "uar_std",
                                                "macro_f1_mean", "macro_f1_std", "fold_accuracies")},
