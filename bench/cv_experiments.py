@@ -47,6 +47,9 @@ ARCHS = ["cnn2", "cnn4", "vgg", "crnn"]
 ARCH_TABLE = ROOT / "reports" / "arch_comparison_folds.csv"
 
 
+NO_BF16_BASELINE = "seed 42, float32 machine (2026-11-30)"
+
+
 def arch_run(arch: str) -> str:
     return f"arch {arch}, seed 42, 2026-11-24 machine"
 
@@ -80,6 +83,10 @@ CV_ABLATIONS = {
     # (seed 42) per fold, only train.arch changed. Measured on a machine whose features
     # stage wrote other bytes than the committed run's (other floats: a new seed-42 row).
     **{arch_run(arch): {"arch": arch} for arch in ARCHS},
+    # A CPU without bfloat16 units (AMD EPYC family 25 model 1, AVX2 only): the default trains
+    # in float32 there, and its features stage wrote other bytes again; its own seed-42 baseline.
+    NO_BF16_BASELINE: {},
+    "statistics pooling (mean+std over time), seed 42, float32 machine": {"arch.pooling": "meanstd"},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],

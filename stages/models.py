@@ -12,13 +12,18 @@ from stages.audio import FeatureParams
 from stages.util import atomic_path
 
 CHECKPOINT_FORMAT = 2  # 2: a list of member weights (one for a single model)
+# Pooling over time: mean and max; mean and standard deviation (statistics pooling);
+# attention-weighted mean.
+POOLINGS = ("meanmax", "meanstd", "attention")
+STD_FLOOR = 1e-5  # added to the variance before its square root in statistics pooling
 
 
 class EmotionCNN(nn.Module):
     """2D CNN over log-Mel: conv blocks (conv, [BatchNorm], ReLU) -> max-pool -> dropout,
     (block dropout before a BatchNorm shifts its statistics between training and eval:
     keep it small; the head's dropout does the regularising),
-    then optional BiLSTM over time, then mean+max (or attention) pooling over time and a
+    then optional BiLSTM over time, then mean+max (or mean+std, or attention) pooling over
+    time and a
     dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
 
     def __init__(self, n_mels: int, n_classes: int, channels: list[int], convs_per_block: int,
@@ -30,8 +35,8 @@ class EmotionCNN(nn.Module):
         # utterance_norm: subtract each clip's own mean per mel bin (removes the speaker's and
         # the microphone's average spectrum; only the changes over time remain).
         self.deltas, self.utterance_norm = deltas, utterance_norm
-        if pooling not in ("meanmax", "attention"):
-            raise ValueError(f"pooling must be 'meanmax' or 'attention', not {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         if freq_pool not in ("mean", "flatten"):
             raise ValueError(f"freq_pool must be 'mean' or 'flatten', not {freq_pool!r}")
         # freq_pool: how the conv output's remaining mel bands become one vector per frame:
@@ -117,9 +122,19 @@ class EmotionCNN(nn.Module):
         if self.pooling == "attention":
             weights = torch.softmax(self.attention(x), dim=1)
             x = (weights * x).sum(dim=1)
+        elif self.pooling == "meanstd":
+            x = statistics_pool(x)
         else:
             x = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)
         return self.head(x)
+
+
+def statistics_pool(x: torch.Tensor) -> torch.Tensor:
+    """Statistics pooling over time, as in x-vectors: (batch, frames, width) -> (batch,
+    2 * width), each feature's mean and standard deviation over the frames. The variance
+    gets a small floor so that the square root's gradient stays finite where it is 0."""
+    std = (x.var(dim=1, unbiased=False) + STD_FLOOR).sqrt()
+    return torch.cat([x.mean(dim=1), std], dim=1)
 
 
 def _is_pool_2x2(layer: nn.Module | None) -> bool:

@@ -6,13 +6,28 @@ from stages.labels import EMOTIONS
 from stages.models import ModelFileError, build_model, count_parameters, infer, load_checkpoint
 
 
-@pytest.mark.parametrize("change", [{}, {"pooling": "attention"}, {"lstm_hidden": 6},
+@pytest.mark.parametrize("change", [{}, {"pooling": "attention"}, {"pooling": "meanstd"}, {"lstm_hidden": 6},
                                     {"batch_norm": False, "convs_per_block": 2},
                                     {"deltas": True, "utterance_norm": True}])
 def test_forward_shapes(change):
     model = build_model({**TINY_ARCH, **change}, n_mels=32, n_classes=8)
     assert model(torch.randn(3, 32, 63)).shape == (3, 8)
     assert count_parameters(model) > 0
+
+
+def test_statistics_pooling_gives_each_features_mean_and_spread_over_time():
+    from stages.models import statistics_pool
+
+    x = torch.tensor([[[0.0, 1.0], [10.0, 1.0], [0.0, 1.0], [10.0, 1.0]]], requires_grad=True)  # (1, 4 frames, 2)
+    pooled = statistics_pool(x)
+    torch.testing.assert_close(pooled, torch.tensor([[5.0, 1.0, 5.0, 0.0]]), atol=5e-3, rtol=0)
+    pooled.sum().backward()  # feature 2 does not vary: the floor keeps the gradient finite
+    assert torch.isfinite(x.grad).all()
+
+
+def test_an_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="pooling must be one of meanmax, meanstd, attention"):
+        build_model({**TINY_ARCH, "pooling": "median"}, n_mels=32, n_classes=8)
 
 
 def test_paper_vgg_shape_from_params():
