@@ -87,6 +87,8 @@ CV_ABLATIONS = {
     # in float32 there, and its features stage wrote other bytes again; its own seed-42 baseline.
     NO_BF16_BASELINE: {},
     "statistics pooling (mean+std over time), seed 42, float32 machine": {"arch.pooling": "meanstd"},
+    "seed 43, float32 machine (2026-11-30)": {"seed": 43},
+    "statistics pooling (mean+std over time), seed 43, float32 machine": {"arch.pooling": "meanstd", "seed": 43},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
