@@ -47,9 +47,6 @@ ARCHS = ["cnn2", "cnn4", "vgg", "crnn"]
 ARCH_TABLE = ROOT / "reports" / "arch_comparison_folds.csv"
 
 
-NO_BF16_BASELINE = "seed 42, float32 machine (2026-11-30)"
-
-
 def arch_run(arch: str) -> str:
     return f"arch {arch}, seed 42, 2026-11-24 machine"
 
@@ -85,7 +82,7 @@ CV_ABLATIONS = {
     **{arch_run(arch): {"arch": arch} for arch in ARCHS},
     # A CPU without bfloat16 units (AMD EPYC family 25 model 1, AVX2 only): the default trains
     # in float32 there, and its features stage wrote other bytes again; its own seed-42 baseline.
-    NO_BF16_BASELINE: {},
+    "seed 42, float32 machine (2026-11-30)": {},
     "statistics pooling (mean+std over time), seed 42, float32 machine": {"arch.pooling": "meanstd"},
     "seed 43, float32 machine (2026-11-30)": {"seed": 43},
     "statistics pooling (mean+std over time), seed 43, float32 machine": {"arch.pooling": "meanstd", "seed": 43},

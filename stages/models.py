@@ -23,8 +23,7 @@ class EmotionCNN(nn.Module):
     (block dropout before a BatchNorm shifts its statistics between training and eval:
     keep it small; the head's dropout does the regularising),
     then optional BiLSTM over time, then mean+max (or mean+std, or attention) pooling over
-    time and a
-    dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
+    time and a dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
 
     def __init__(self, n_mels: int, n_classes: int, channels: list[int], convs_per_block: int,
                  batch_norm: bool, block_dropout: float, head_dropout: float, head_hidden: int,
@@ -132,7 +131,10 @@ class EmotionCNN(nn.Module):
 def statistics_pool(x: torch.Tensor) -> torch.Tensor:
     """Statistics pooling over time, as in x-vectors: (batch, frames, width) -> (batch,
     2 * width), each feature's mean and standard deviation over the frames. The variance
-    gets a small floor so that the square root's gradient stays finite where it is 0."""
+    gets a small floor so that the square root's gradient stays finite where it is 0.
+    Computed in float32 under mixed precision: squares overflow float16 and lose the floor in
+    bfloat16 (autocast casts the result back for the head)."""
+    x = x.float()
     std = (x.var(dim=1, unbiased=False) + STD_FLOOR).sqrt()
     return torch.cat([x.mean(dim=1), std], dim=1)
 

@@ -25,6 +25,19 @@ def test_statistics_pooling_gives_each_features_mean_and_spread_over_time():
     assert torch.isfinite(x.grad).all()
 
 
+def test_statistics_pooling_runs_in_float32_under_bfloat16_autocast():
+    from stages.models import statistics_pool
+
+    x = torch.full((1, 4, 1), 300.0, dtype=torch.bfloat16)
+    x[0, ::2] = 0.0
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        pooled = statistics_pool(x)
+        logits = build_model({**TINY_ARCH, "pooling": "meanstd"}, 32, 8).eval()(torch.randn(2, 32, 63))
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, torch.tensor([[150.0, 150.0]]))
+    assert logits.shape == (2, 8) and torch.isfinite(logits).all()
+
+
 def test_an_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="pooling must be one of meanmax, meanstd, attention"):
         build_model({**TINY_ARCH, "pooling": "median"}, n_mels=32, n_classes=8)
