@@ -86,6 +86,8 @@ CV_ABLATIONS = {
     "statistics pooling (mean+std over time), seed 42, float32 machine": {"arch.pooling": "meanstd"},
     "seed 43, float32 machine (2026-11-30)": {"seed": 43},
     "statistics pooling (mean+std over time), seed 43, float32 machine": {"arch.pooling": "meanstd", "seed": 43},
+    "seed 44, float32 machine (2026-11-30)": {"seed": 44},
+    "statistics pooling (mean+std over time), seed 44, float32 machine": {"arch.pooling": "meanstd", "seed": 44},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -95,7 +97,16 @@ SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
              "default (refit), seeds 42+43 averaged, current machine":
                  ["seed 42, current machine", "seed 43, current machine"],
              "default (refit), seeds 42-44 averaged, current machine":
-                 ["seed 42, current machine", "seed 43, current machine", "seed 44, current machine"]}
+                 ["seed 42, current machine", "seed 43, current machine", "seed 44, current machine"],
+             # the default's seed ensemble against the same with statistics pooling (float32 machine)
+             "default (refit), seeds 42+43 averaged, float32 machine":
+                 [f"seed {s}, float32 machine (2026-11-30)" for s in (42, 43)],
+             "statistics pooling, seeds 42+43 averaged, float32 machine":
+                 [f"statistics pooling (mean+std over time), seed {s}, float32 machine" for s in (42, 43)],
+             "default (refit), seeds 42-44 averaged, float32 machine":
+                 [f"seed {s}, float32 machine (2026-11-30)" for s in (42, 43, 44)],
+             "statistics pooling, seeds 42-44 averaged, float32 machine":
+                 [f"statistics pooling (mean+std over time), seed {s}, float32 machine" for s in (42, 43, 44)]}
 
 
 def slug(name: str) -> str:
