@@ -51,6 +51,13 @@ def arch_run(arch: str) -> str:
     return f"arch {arch}, seed 42, 2026-11-24 machine"
 
 
+def float32_run(seed: int, pooling: str = "meanmax") -> str:
+    """Single-seed runs of the float32 machine (2026-11-30): the default recipe or meanstd."""
+    if pooling == "meanstd":
+        return f"statistics pooling (mean+std over time), seed {seed}, float32 machine"
+    return f"seed {seed}, float32 machine (2026-11-30)"
+
+
 # Ablations that need other features than the features stage's: the change to params
 # `features`, and whether each actor's clips are normalised by that actor's statistics.
 FEATURE_VARIANTS = {SPEAKER_NORM: {"top_db": None, "speaker_norm": True}}
@@ -82,12 +89,8 @@ CV_ABLATIONS = {
     **{arch_run(arch): {"arch": arch} for arch in ARCHS},
     # A CPU without bfloat16 units (AMD EPYC family 25 model 1, AVX2 only): the default trains
     # in float32 there, and its features stage wrote other bytes again; its own seed-42 baseline.
-    "seed 42, float32 machine (2026-11-30)": {},
-    "statistics pooling (mean+std over time), seed 42, float32 machine": {"arch.pooling": "meanstd"},
-    "seed 43, float32 machine (2026-11-30)": {"seed": 43},
-    "statistics pooling (mean+std over time), seed 43, float32 machine": {"arch.pooling": "meanstd", "seed": 43},
-    "seed 44, float32 machine (2026-11-30)": {"seed": 44},
-    "statistics pooling (mean+std over time), seed 44, float32 machine": {"arch.pooling": "meanstd", "seed": 44},
+    **{float32_run(seed): {"seed": seed} for seed in (42, 43, 44)},
+    **{float32_run(seed, "meanstd"): {"arch.pooling": "meanstd", "seed": seed} for seed in (42, 43, 44)},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -99,14 +102,9 @@ SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
              "default (refit), seeds 42-44 averaged, current machine":
                  ["seed 42, current machine", "seed 43, current machine", "seed 44, current machine"],
              # the default's seed ensemble against the same with statistics pooling (float32 machine)
-             "default (refit), seeds 42+43 averaged, float32 machine":
-                 [f"seed {s}, float32 machine (2026-11-30)" for s in (42, 43)],
-             "statistics pooling, seeds 42+43 averaged, float32 machine":
-                 [f"statistics pooling (mean+std over time), seed {s}, float32 machine" for s in (42, 43)],
-             "default (refit), seeds 42-44 averaged, float32 machine":
-                 [f"seed {s}, float32 machine (2026-11-30)" for s in (42, 43, 44)],
-             "statistics pooling, seeds 42-44 averaged, float32 machine":
-                 [f"statistics pooling (mean+std over time), seed {s}, float32 machine" for s in (42, 43, 44)]}
+             **{f"{label}, seeds {seeds} averaged, float32 machine": [float32_run(s, pooling) for s in members]
+                for label, pooling in (("default (refit)", "meanmax"), ("statistics pooling", "meanstd"))
+                for seeds, members in (("42+43", (42, 43)), ("42-44", (42, 43, 44)))}}
 
 
 def slug(name: str) -> str:
