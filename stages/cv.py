@@ -9,18 +9,25 @@ that many models (seeds seed, seed+1, ...) and scores their averaged probabiliti
 train.distill_seeds > 0 it trains the teachers and scores the one model they taught.
 Writes per-fold and mean/std metrics, the per-fold table, and every clip's prediction from
 the fold that tested it (seed ensembles can be scored from these files).
+
+The fold whose training would repeat the train stage's (same recipe, same train and val
+actors: with refit, the fold of the test actors) scores the train stage's model instead of
+training it again, so its figures are the evaluate stage's. On CPU, `n_jobs` folds train
+side by side, the torch threads split between them.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from joblib import Parallel, delayed
 
 from stages import features as feature_store
 from stages.evaluate import confusion_matrix, scores_from_confusion
-from stages.models import Ensemble, infer
+from stages.models import Ensemble, infer, load_checkpoint
 from stages.train import fit_members, load_clips, selection_mode, train_classes
 from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
 
@@ -35,27 +42,65 @@ def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:
     return [actors[i : i + fold_size] for i in range(0, len(actors), fold_size)]
 
 
-def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int,
-             classes: list[str], n_mels: int, device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on fold k's training actors (with best_val, choose the checkpoint on fold
-    k+1's actors), once per seed of the recipe's seed ensemble, and score once on fold k's
-    actors; return the fold's table row and its test clips' predictions (path, fold,
-    actual, predicted, one probability column per class)."""
+def fold_actors(recipe: dict[str, Any], folds: list[list[int]], k: int) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test) actors of fold k: tested on fold k, checkpoint chosen on fold k+1
+    (with refit no checkpoint is chosen and the val fold trains too), trained on the rest."""
     test_actors = folds[k]
     val_actors = folds[(k + 1) % len(folds)]
     train_actors = [a for fold in folds for a in fold if a not in test_actors + val_actors]
-    if selection_mode(recipe) == "refit":  # no checkpoint to choose: the val actors train too
+    if selection_mode(recipe) == "refit":
         train_actors, val_actors = sorted(train_actors + val_actors), []
-    data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
-            for name, actors in (("train", train_actors), ("val", val_actors), ("test", test_actors))}
-    start = time.perf_counter()
-    fitted = fit_members(recipe, *data["train"][:2], *data["val"][:2], n_mels, len(classes), device,
-                         label=f"fold {k + 1}/{len(folds)} ")
-    members, bests = [model for model, _, _ in fitted], [best for _, _, best in fitted]
-    n_seeds = len(members)
-    model = members[0] if n_seeds == 1 else Ensemble(members)
-    minutes = (time.perf_counter() - start) / 60
-    x_test, y_test, test_clips = data["test"]
+    return train_actors, val_actors, test_actors
+
+
+def train_stage_model(cv: dict[str, Any], recipe: dict[str, Any], device: torch.device
+                      ) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The train stage's model and its record (recipe, splits, best epochs), when it was
+    trained by this very recipe on the same features; else None (the folds all train)."""
+    path = Path(cv["train_model"])
+    if not path.is_file() or (cv["features_dir"], cv["metadata"]) != (recipe["features_dir"], recipe["metadata"]):
+        return None
+    model, meta = load_checkpoint(path, device)
+    return (model, meta["extra"]) if meta["extra"].get("recipe") == recipe else None
+
+
+def trains_fold(record: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int) -> bool:
+    """Whether the train stage's model (its record) was trained on fold k's train and val actors."""
+    return record.get("splits") == [list(fold_actors(recipe, folds, k)[:2])]
+
+
+def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int,
+             classes: list[str], n_mels: int, device: torch.device,
+             trained: tuple[torch.nn.Module, dict[str, Any]] | None = None,
+             threads: int | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Train on fold k's training actors (with best_val, choose the checkpoint on fold
+    k+1's actors), once per seed of the recipe's seed ensemble, and score once on fold k's
+    actors; return the fold's table row and its test clips' predictions (path, fold,
+    actual, predicted, one probability column per class). `trained`: the train stage's
+    model and record, scored instead of training (the caller checked trains_fold).
+    `threads`: torch threads for this fold (when folds train side by side)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train_actors, val_actors, test_actors = fold_actors(recipe, folds, k)
+    reused = trained is not None
+    x_test, y_test, test_clips = load_clips(cv["features_dir"], cv["metadata"], classes, actors=test_actors)
+    if reused:
+        model, record = trained
+        minutes, best_epochs = 0.0, [int(e) for e in record["best_epochs"]]  # trained by the train stage
+        val_accuracy = None  # refit: no val actors (best_val's val fold differs from the train stage's)
+        print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
+    else:
+        data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
+                for name, actors in (("train", train_actors), ("val", val_actors))}
+        start = time.perf_counter()
+        fitted = fit_members(recipe, *data["train"][:2], *data["val"][:2], n_mels, len(classes), device,
+                             label=f"fold {k + 1}/{len(folds)} ")
+        members, bests = [model for model, _, _ in fitted], [best for _, _, best in fitted]
+        model = members[0] if len(members) == 1 else Ensemble(members)
+        minutes = (time.perf_counter() - start) / 60
+        best_epochs = [b["epoch"] for b in bests]
+        # members' mean
+        val_accuracy = round(sum(b["val_accuracy"] for b in bests) / len(bests), 5) if val_actors else None
     probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
     predicted = probs.argmax(1)
     scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
@@ -71,11 +116,19 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         "test_accuracy": round(scores["accuracy"], 5),
         "test_uar": round(scores["uar"], 5),
         "test_macro_f1": round(scores["macro_f1"], 5),
-        # members' mean
-        "val_accuracy": round(sum(b["val_accuracy"] for b in bests) / n_seeds, 5) if val_actors else None,
-        "best_epoch": " ".join(str(b["epoch"]) for b in bests) if n_seeds > 1 else bests[0]["epoch"],
+        "val_accuracy": val_accuracy,
+        "best_epoch": " ".join(map(str, best_epochs)) if len(best_epochs) > 1 else best_epochs[0],
         "train_minutes": round(minutes, 2),
+        "model": "train stage" if reused else "trained here",
     }, predictions
+
+
+def fold_workers(cv: dict[str, Any], device: torch.device, n_folds: int) -> int:
+    """cv.n_jobs folds side by side on CPU (one at a time on a GPU), at most n_folds."""
+    n = cv["n_jobs"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UserError(f"cv.n_jobs must be a whole number >= 1, not {n!r}")
+    return 1 if device.type == "cuda" else max(1, min(n, n_folds))
 
 
 def fold_setup(cv: dict[str, Any], recipe: dict[str, Any]
@@ -103,9 +156,26 @@ def cross_validate(cv: dict[str, Any], recipe: dict[str, Any]
                    ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
     """(per-fold table, summary, every clip's prediction from the fold that tested it)."""
     folds, classes, n_mels, device = fold_setup(cv, recipe)
-    rows, predictions = zip(*(run_fold(cv, recipe, folds, k, classes, n_mels, device) for k in range(len(folds))))
+    trained = train_stage_model(cv, recipe, device)
+    start = time.perf_counter()
+    reused = [k for k in range(len(folds)) if trained is not None and trains_fold(trained[1], recipe, folds, k)]
+    to_train = [k for k in range(len(folds)) if k not in reused]
+    results = {k: run_fold(cv, recipe, folds, k, classes, n_mels, device, trained) for k in reused}
+    n_jobs = fold_workers(cv, device, len(to_train))
+    if n_jobs == 1:
+        results.update({k: run_fold(cv, recipe, folds, k, classes, n_mels, device) for k in to_train})
+    else:
+        # results depend on the thread count, so a fold gets the same threads however it is scheduled
+        threads = max(1, torch.get_num_threads() // n_jobs)
+        done = Parallel(n_jobs=n_jobs, backend="loky")(
+            delayed(run_fold)(cv, recipe, folds, k, classes, n_mels, device, threads=threads) for k in to_train)
+        results.update(zip(to_train, done))
+    rows, predictions = zip(*(results[k] for k in range(len(folds))))
     table = pd.DataFrame(rows)
-    return table, summarise(table, cv["fold_size"], classes), pd.concat(predictions, ignore_index=True)
+    summary = summarise(table, cv["fold_size"], classes)
+    summary["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    summary["folds_from_train_stage"] = [k + 1 for k in reused]
+    return table, summary, pd.concat(predictions, ignore_index=True)
 
 
 def main() -> None:

@@ -359,8 +359,10 @@ def train(p: dict[str, Any]) -> dict[str, Any]:
                          "val_clips": len(x_val)})
     seconds = time.perf_counter() - start
     model = members[0] if len(members) == 1 else Ensemble(members)
+    # recipe and splits let the cv stage use this model for the fold it would train alike
     save_checkpoint(p["model_out"], model, arch_config(p), classes, fp,
-                    extra={"arch": p["arch"], "best_epochs": [r["best_epoch"] for r in runs], "seed": p["seed"]})
+                    extra={"arch": p["arch"], "best_epochs": [r["best_epoch"] for r in runs], "seed": p["seed"],
+                           "recipe": p, "splits": [[list(t), list(v)] for t, v in splits]})
     with atomic_path(p["history"]) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {

@@ -97,6 +97,9 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert cv["folds"] == 3 and 0 <= cv["test_accuracy_mean"] <= 1 and cv["test_accuracy_std"] >= 0
     folds = pd.read_csv(repo / "reports/cv_folds.csv")
     assert folds["test_actors"].tolist() == ["1 2", "13 14", "17 18"]
+    # the test actors' fold is the train stage's model, not a second training of it
+    assert folds["model"].tolist() == ["trained here", "trained here", "train stage"]
+    assert cv["per_fold"]["fold3"]["test_accuracy"] == round(ev["test_accuracy"], 5)
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
