@@ -55,13 +55,16 @@ def fold_actors(recipe: dict[str, Any], folds: list[list[int]], k: int) -> tuple
 
 def train_stage_model(cv: dict[str, Any], recipe: dict[str, Any], device: torch.device
                       ) -> tuple[torch.nn.Module, dict[str, Any]] | None:
-    """The train stage's model and its record (recipe, splits, best epochs), when it was
-    trained by this very recipe on the same features; else None (the folds all train)."""
+    """The train stage's model and its record (recipe, splits, best epochs, val accuracies),
+    when it was trained by this very recipe on the features now in cv.features_dir; else
+    None (the folds all train)."""
     path = Path(cv["train_model"])
     if not path.is_file() or (cv["features_dir"], cv["metadata"]) != (recipe["features_dir"], recipe["metadata"]):
         return None
     model, meta = load_checkpoint(path, device)
-    return (model, meta["extra"]) if meta["extra"].get("recipe") == recipe else None
+    # feature params too: run by hand after a features change, the model file can be stale
+    same_features = meta["feature_params"] == feature_store.load(cv["features_dir"])[2]
+    return (model, meta["extra"]) if same_features and meta["extra"].get("recipe") == recipe else None
 
 
 def trains_fold(record: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]], k: int) -> bool:
@@ -87,7 +90,7 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
     if reused:
         model, record = trained
         minutes, best_epochs = 0.0, [int(e) for e in record["best_epochs"]]  # trained by the train stage
-        val_accuracy = None  # refit: no val actors (best_val's val fold differs from the train stage's)
+        val_accuracy = mean_or_none(record.get("val_accuracies", [None])) if val_actors else None
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
     else:
         data = {name: load_clips(cv["features_dir"], cv["metadata"], classes, actors=actors)
@@ -99,8 +102,7 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         model = members[0] if len(members) == 1 else Ensemble(members)
         minutes = (time.perf_counter() - start) / 60
         best_epochs = [b["epoch"] for b in bests]
-        # members' mean
-        val_accuracy = round(sum(b["val_accuracy"] for b in bests) / len(bests), 5) if val_actors else None
+        val_accuracy = mean_or_none([b["val_accuracy"] for b in bests]) if val_actors else None
     probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
     predicted = probs.argmax(1)
     scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
@@ -121,6 +123,11 @@ def run_fold(cv: dict[str, Any], recipe: dict[str, Any], folds: list[list[int]],
         "train_minutes": round(minutes, 2),
         "model": "train stage" if reused else "trained here",
     }, predictions
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    """The members' mean val accuracy, rounded; None when a member has none recorded."""
+    return None if any(v is None for v in values) else round(sum(values) / len(values), 5)
 
 
 def fold_workers(cv: dict[str, Any], device: torch.device, n_folds: int) -> int:

@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
 from conftest import synthetic_dataset, train_params
+from stages.features import PARAMS_NAME
 from stages.cv import cross_validate, make_folds
 from stages.util import UserError
 
@@ -114,6 +117,29 @@ def test_the_fold_the_train_stage_trained_scores_its_model_instead_of_training_a
     missing, _, _ = cross_validate(cv_params(tmp_path, features, metadata, fold_size=1,
                                              train_model=str(tmp_path / "none.pt")), p)
     assert missing["model"].tolist() == ["trained here"] * 6
+    # features recomputed with other params since the model was trained: it is stale
+    params_file = features / PARAMS_NAME
+    params_file.write_text(json.dumps({**json.loads(params_file.read_text()), "fmin": 40.0}))
+    stale, _, _ = cross_validate(cv, p)
+    assert stale["model"].tolist() == ["trained here"] * 6
+
+
+def test_a_reused_best_val_fold_reports_the_train_stage_val_accuracy(tmp_path, feature_params):
+    import pandas as pd
+
+    from stages.train import train
+
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    clips = pd.read_parquet(metadata)  # test actor 5, val actor 6: fold 5's actors
+    clips["split"] = clips["actor"].map(lambda a: "train" if a <= 4 else ("test" if a == 5 else "val"))
+    clips.to_parquet(metadata)
+    p = train_params(tmp_path, features, metadata, epochs=2, selection="best_val", ensemble_seeds=2)
+    summary = train(p)
+    table, _, _ = cross_validate(cv_params(tmp_path, features, metadata, fold_size=1), p)
+    fold5 = table.iloc[4]
+    assert fold5["model"] == "train stage" and fold5["val_actors"] == "6"
+    assert fold5["val_accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-5)
+    assert table["val_accuracy"].notna().all()
 
 
 def test_folds_trained_side_by_side_give_what_one_at_a_time_gives_at_their_threads(tmp_path, feature_params):

@@ -6,7 +6,7 @@ import stages.train as train_module
 from conftest import TINY_ARCH, synthetic_dataset, train_params
 from stages.models import load_checkpoint
 from stages.train import (Augment, calibrate_batch_norm, fit, load_clips, load_split, member_splits,
-                          speed_perturb, train)
+                          speed_perturb, train, train_classes)
 from stages.util import UserError
 
 
@@ -87,6 +87,33 @@ def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
     calibrate_batch_norm(model, x, batch_size=7, device=torch.device("cpu"))
     torch.testing.assert_close(model[0].running_mean, x.mean(dim=0))
     assert not model.training and model[0].momentum == 0.1
+
+
+def test_batch_norm_calibration_runs_without_dropout_and_draws_no_random_numbers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(3))
+    x = torch.randn(20, 3) + 5
+    state = torch.get_rng_state()
+    calibrate_batch_norm(model, x, batch_size=5, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(model[1].running_mean, x.mean(dim=0))  # dropout would scale by 2 or zero
+
+
+def test_refit_calibrates_batch_norm_once_and_best_val_at_every_val_check(tmp_path, feature_params, monkeypatch):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    calls = []
+    calibrate = train_module.calibrate_batch_norm
+
+    def count(*args):
+        calls.append(1)
+        calibrate(*args)
+
+    monkeypatch.setattr(train_module, "calibrate_batch_norm", count)
+    train(train_params(tmp_path, features, metadata, epochs=3, selection="refit"))
+    assert len(calls) == 1
+    calls.clear()
+    summary = train(train_params(tmp_path, features, metadata, epochs=3, selection="best_val"))
+    assert len(calls) == summary["epochs_run"] == 3
 
 
 def test_an_unknown_arch_name_is_a_clear_error(tmp_path, feature_params):
@@ -173,9 +200,15 @@ def test_averaging_keeps_the_mean_of_the_last_epochs_weights(tmp_path, feature_p
         calibrate(model, *args)
 
     monkeypatch.setattr(train_module, "calibrate_batch_norm", record)
-    train(train_params(tmp_path, features, metadata, epochs=3, selection="refit"))
+    # refit calibrates only the kept epoch; with val clips it calibrates (and logs) every epoch
+    p = train_params(tmp_path, features, metadata, epochs=3, selection="refit")
+    classes = train_classes(p)
+    (x_train, y_train, _), (x_val, y_val, _) = (load_split(str(features), str(metadata), classes, split)
+                                                for split in ("train", "val"))
+    data = (x_train, y_train, x_val, y_val, feature_params.n_mels, len(classes), torch.device("cpu"))
+    fit(p, *data)
     plain, seen[:] = list(seen), []
-    train(train_params(tmp_path, features, metadata, epochs=3, selection="refit", average_epochs=2))
+    fit({**p, "average_epochs": 2}, *data)
     torch.testing.assert_close(seen[1], plain[1], rtol=0, atol=0)  # the same run up to the end
     for name, value in seen[2].items():
         torch.testing.assert_close(value, (plain[1][name] + plain[2][name]) / 2, rtol=0, atol=1e-6)
