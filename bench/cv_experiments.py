@@ -109,6 +109,7 @@ CV_ABLATIONS = {
     # with the statistics-pooling seed runs above (the default recipe since 2026-12-01)
     "block dropout 0.1, seed 42, float32 machine": {"arch.block_dropout": 0.1, "seed": 42},
     "head dropout 0.5, seed 42, float32 machine": {"arch.head_dropout": 0.5, "seed": 42},
+    "head dropout 0.1, seed 42, float32 machine": {"arch.head_dropout": 0.1, "seed": 42},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
