@@ -33,10 +33,12 @@ import yaml
 from experiments import ABLATIONS, ROOT, RESULTS, apply, write_table
 
 from stages import features as feature_store  # noqa: E402
-from stages.audio import FeatureParams  # noqa: E402
+from stages import cv as cv_stage  # noqa: E402
+from stages import train as train_stage  # noqa: E402
+from stages.audio import FeatureParams, hz_to_mel, mel_to_hz  # noqa: E402
 from stages.cv import fold_setup, run_fold, summarise  # noqa: E402
 from stages.evaluate import confusion_matrix, scores_from_confusion  # noqa: E402
-from stages.models import build_model, count_parameters  # noqa: E402
+from stages.models import build_model, count_parameters, infer  # noqa: E402
 
 CV_RESULTS = RESULTS / "cv"
 TABLE = ROOT / "reports" / "cv_ablations.csv"
@@ -75,6 +77,55 @@ def mel128_run(seed: int) -> str:
 
 FEATURE_VARIANTS.update({mel128_run(seed): {"n_mels": 128, "hop_length": 512, "dir": MEL128_HOP512}
                          for seed in (42, 43, 44)})
+
+# Vocal tract length perturbation (VTLP), a candidate tried here before it would move into
+# stages/train.py's Augment: each training clip's frequency axis is scaled by a random factor
+# a in [1 - w, 1 + w] on the Hz scale (S'(f) = S(f / a): the same speech from a shorter or
+# longer vocal tract, i.e. another voice), time untouched (speed perturbation, which lost,
+# also changed the tempo, itself an emotion cue). Per-utterance normalisation removes a
+# fixed EQ, not this. name -> w.
+VTLP: dict[str, float] = {}
+
+
+def vtlp_run(seed: int, max_change: float) -> str:
+    VTLP[name := f"VTLP {max_change}, seed {seed}, float32 machine"] = max_change
+    return name
+
+
+def vtlp(x: torch.Tensor, fp: FeatureParams, max_change: float) -> torch.Tensor:
+    """(batch, mels, frames) dB log-Mel, each clip's frequency axis scaled by its own random
+    factor (torch's global RNG, seeded by fit); bands from below fmin or above fmax repeat
+    the edge band."""
+    n, n_mels, _ = x.shape
+    a = 1 + (torch.rand(n, dtype=torch.float64) * 2 - 1) * max_change
+    mel_lo, mel_hi = hz_to_mel(np.array([fp.fmin, fp.fmax], dtype=np.float64))
+    step = (mel_hi - mel_lo) / (n_mels + 1)  # band i's centre: mel_lo + (i + 1) * step
+    centre_hz = mel_to_hz(mel_lo + step * np.arange(1, n_mels + 1))
+    source = (hz_to_mel(centre_hz[None, :] / a.numpy()[:, None]) - mel_lo) / step - 1
+    source = torch.from_numpy(np.clip(source, 0, n_mels - 1)).float()  # (batch, mels) band index
+    low = source.floor().long().clamp(max=n_mels - 2)
+    weight = (source - low)[:, :, None]
+    index = low[:, :, None].expand(-1, -1, x.shape[2])
+    return x.gather(1, index) * (1 - weight) + x.gather(1, index + 1) * weight
+
+
+def use_vtlp(fp: FeatureParams, max_change: float) -> None:
+    """Make the train stage's augmentation warp every batch first (this process only)."""
+    class VtlpAugment(train_stage.Augment):
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return super().__call__(vtlp(x, fp, max_change))
+    train_stage.Augment = VtlpAugment
+
+
+def keep_model(path: Path) -> None:
+    """Make the cv stage save the model it scores next to `path` (its state dict), so that
+    test-time changes can be scored later without training again (this process only)."""
+    def infer_and_keep(model: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        torch.save(model.state_dict(), path)
+        return infer(model, *args, **kwargs)
+    cv_stage.infer = infer_and_keep
+
+
 # ABLATIONS change the current default. The "best_val" runs were measured while the default
 # chose its checkpoint on the val actors (train.selection best_val, until refit won here);
 # they pin it so that their rows stay reproducible.
@@ -111,6 +162,7 @@ CV_ABLATIONS = {
     "block dropout 0.1, seed 42, float32 machine": {"arch.block_dropout": 0.1, "seed": 42},
     "head dropout 0.5, seed 42, float32 machine": {"arch.head_dropout": 0.5, "seed": 42},
     "head dropout 0.1, seed 42, float32 machine": {"arch.head_dropout": 0.1, "seed": 42},
+    **{vtlp_run(seed, w): {"seed": seed} for seed in (42, 43) for w in (0.1, 0.2)},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -174,11 +226,14 @@ def run(name: str, folds_wanted: list[int]) -> None:
     recipe = apply({**params["train"], "ensemble_seeds": 1}, CV_ABLATIONS[name])
     params["cv"]["features_dir"] = feature_variant(name, params)
     folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
+    if name in VTLP:
+        use_vtlp(feature_store.load(params["cv"]["features_dir"])[2], VTLP[name])
     for k in folds_wanted or range(1, len(folds) + 1):
-        row, predictions = run_fold(params["cv"], recipe, folds, k - 1, classes, n_mels, device)
-        row.update(name=name, threads=torch.get_num_threads(), epochs=recipe["epochs"])
         out = CV_RESULTS / slug(name) / f"fold{k}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        keep_model(out.with_suffix(".pt"))
+        row, predictions = run_fold(params["cv"], recipe, folds, k - 1, classes, n_mels, device)
+        row.update(name=name, threads=torch.get_num_threads(), epochs=recipe["epochs"])
         predictions.to_csv(out.with_suffix(".csv"), index=False)
         out.write_text(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
