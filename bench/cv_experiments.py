@@ -1,6 +1,7 @@
 """Ablations scored on the actor folds (the cv stage's protocol), not on one split.
 
     python bench/cv_experiments.py run NAME [FOLD ...]   # one ablation of experiments.py
+    python bench/cv_experiments.py tta NAME              # its kept fold models, test-time warps
     python bench/cv_experiments.py table                 # -> reports/cv_ablations.csv
                                                          #    and reports/arch_comparison_folds.csv
 
@@ -94,14 +95,19 @@ def vtlp_run(seed: int, max_change: float) -> str:
 
 def vtlp(x: torch.Tensor, fp: FeatureParams, max_change: float) -> torch.Tensor:
     """(batch, mels, frames) dB log-Mel, each clip's frequency axis scaled by its own random
-    factor (torch's global RNG, seeded by fit); bands from below fmin or above fmax repeat
-    the edge band."""
-    n, n_mels, _ = x.shape
-    a = 1 + (torch.rand(n, dtype=torch.float64) * 2 - 1) * max_change
+    factor in [1 - max_change, 1 + max_change] (torch's global RNG, seeded by fit)."""
+    return warp_frequency(x, fp, 1 + (torch.rand(len(x), dtype=torch.float64) * 2 - 1) * max_change)
+
+
+def warp_frequency(x: torch.Tensor, fp: FeatureParams, factors: torch.Tensor) -> torch.Tensor:
+    """(batch, mels, frames) dB log-Mel with clip i's frequency axis scaled by factors[i] on
+    the Hz scale (band centres resampled linearly); bands from below fmin or above fmax
+    repeat the edge band."""
+    n_mels = x.shape[1]
     mel_lo, mel_hi = hz_to_mel(np.array([fp.fmin, fp.fmax], dtype=np.float64))
     step = (mel_hi - mel_lo) / (n_mels + 1)  # band i's centre: mel_lo + (i + 1) * step
     centre_hz = mel_to_hz(mel_lo + step * np.arange(1, n_mels + 1))
-    source = (hz_to_mel(centre_hz[None, :] / a.numpy()[:, None]) - mel_lo) / step - 1
+    source = (hz_to_mel(centre_hz[None, :] / factors.numpy()[:, None]) - mel_lo) / step - 1
     source = torch.from_numpy(np.clip(source, 0, n_mels - 1)).float()  # (batch, mels) band index
     low = source.floor().long().clamp(max=n_mels - 2)
     weight = (source - low)[:, :, None]
@@ -162,7 +168,7 @@ CV_ABLATIONS = {
     "block dropout 0.1, seed 42, float32 machine": {"arch.block_dropout": 0.1, "seed": 42},
     "head dropout 0.5, seed 42, float32 machine": {"arch.head_dropout": 0.5, "seed": 42},
     "head dropout 0.1, seed 42, float32 machine": {"arch.head_dropout": 0.1, "seed": 42},
-    **{vtlp_run(seed, w): {"seed": seed} for seed in (42, 43) for w in (0.1, 0.2)},
+    **{vtlp_run(seed, w): {"seed": seed} for seed in (42, 43, 44) for w in (0.1, 0.2)},
 }
 # Seed ensembles: one recipe trained with several seeds, probabilities averaged.
 SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
@@ -176,6 +182,8 @@ SEED_RUNS = {"best_val, seeds 42+43 averaged": [BEST_VAL, "best_val, seed 43"],
              # the default's seed ensemble against the same with statistics pooling (float32 machine)
              **{f"{label}, seeds {seeds} averaged, float32 machine": [float32_run(s, pooling) for s in members]
                 for label, pooling in (("default (refit)", "meanmax"), ("statistics pooling", "meanstd"))
+                for seeds, members in (("42+43", (42, 43)), ("42-44", (42, 43, 44)))},
+             **{f"VTLP 0.1, seeds {seeds} averaged, float32 machine": [vtlp_run(s, 0.1) for s in members]
                 for seeds, members in (("42+43", (42, 43)), ("42-44", (42, 43, 44)))}}
 
 
@@ -237,6 +245,39 @@ def run(name: str, folds_wanted: list[int]) -> None:
         predictions.to_csv(out.with_suffix(".csv"), index=False)
         out.write_text(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+
+# Test-time warps: each test clip scored at these frequency-axis factors, probabilities averaged.
+TTA_WARPS = {"none": [1.0], "3 warps +/-5%": [0.95, 1.0, 1.05], "5 warps +/-10%": [0.9, 0.95, 1.0, 1.05, 1.1]}
+
+
+def tta(name: str) -> None:
+    """Score the kept fold models of ablation `name` with each set of TTA_WARPS (no training)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    recipe = apply({**params["train"], "ensemble_seeds": 1}, CV_ABLATIONS[name])
+    params["cv"]["features_dir"] = feature_variant(name, params)
+    folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
+    fp = feature_store.load(params["cv"]["features_dir"])[2]
+    rows = []
+    for k in range(1, len(folds) + 1):
+        path = CV_RESULTS / slug(name) / f"fold{k}.pt"
+        if not path.exists():  # trained before models were kept
+            print(f"{name}: fold {k} has no kept model")
+            continue
+        model = build_model(dict(recipe["archs"][recipe["arch"]]), n_mels, len(classes))
+        model.load_state_dict(torch.load(path, weights_only=True))
+        x, y, _ = cv_stage.load_clips(params["cv"]["features_dir"], params["cv"]["metadata"], classes,
+                                      actors=cv_stage.fold_actors(recipe, folds, k - 1)[2])
+        for warps, factors in TTA_WARPS.items():
+            probs = sum(infer(model, warp_frequency(x, fp, torch.full((len(x),), a, dtype=torch.float64)),
+                              recipe["batch_size"], device).softmax(dim=1) for a in factors) / len(factors)
+            scores = scores_from_confusion(confusion_matrix(y.numpy(), probs.argmax(1).numpy(), len(classes)), classes)
+            rows.append({"fold": k, "warps": warps, "accuracy": round(scores["accuracy"], 5),
+                         "uar": round(scores["uar"], 5)})
+    frame = pd.DataFrame(rows)
+    print(frame.pivot(index="fold", columns="warps", values="accuracy").to_string())
+    print(frame.groupby("warps")[["accuracy", "uar"]].mean().round(4).to_string())
+    frame.to_csv(CV_RESULTS / slug(name) / "tta.csv", index=False)
 
 
 def seed_ensemble(name: str, members: list[pd.DataFrame], member_tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -315,6 +356,8 @@ def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "run" and sys.argv[2] in CV_ABLATIONS:
         torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
         return run(sys.argv[2], [int(k) for k in sys.argv[3:]])
+    if len(sys.argv) == 3 and sys.argv[1] == "tta" and sys.argv[2] in CV_ABLATIONS:
+        return tta(sys.argv[2])
     if sys.argv[1:] == ["table"]:
         return table()
     sys.exit(__doc__ + f"\nablations: {', '.join(CV_ABLATIONS)}")
