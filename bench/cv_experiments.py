@@ -264,7 +264,7 @@ def tta(name: str) -> None:
         if not path.exists():  # trained before models were kept
             print(f"{name}: fold {k} has no kept model")
             continue
-        model = build_model(dict(recipe["archs"][recipe["arch"]]), n_mels, len(classes))
+        model = build_model(train_stage.arch_config(recipe), n_mels, len(classes))
         model.load_state_dict(torch.load(path, weights_only=True))
         x, y, _ = cv_stage.load_clips(params["cv"]["features_dir"], params["cv"]["metadata"], classes,
                                       actors=cv_stage.fold_actors(recipe, folds, k - 1)[2])
