@@ -229,11 +229,17 @@ def feature_variant(name: str, params: dict) -> str:
     return str(out)
 
 
-def run(name: str, folds_wanted: list[int]) -> None:
+def ablation_setup(name: str) -> tuple[dict, dict, list[list[int]], list[str], int, torch.device]:
+    """(params, recipe, folds, classes, n_mels, device) of ablation `name`: one model per
+    fold, its features directory in params["cv"]."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     recipe = apply({**params["train"], "ensemble_seeds": 1}, CV_ABLATIONS[name])
     params["cv"]["features_dir"] = feature_variant(name, params)
-    folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
+    return (params, recipe, *fold_setup(params["cv"], recipe))
+
+
+def run(name: str, folds_wanted: list[int]) -> None:
+    params, recipe, folds, classes, n_mels, device = ablation_setup(name)
     if name in VTLP:
         use_vtlp(feature_store.load(params["cv"]["features_dir"])[2], VTLP[name])
     for k in folds_wanted or range(1, len(folds) + 1):
@@ -253,10 +259,7 @@ TTA_WARPS = {"none": [1.0], "3 warps +/-5%": [0.95, 1.0, 1.05], "5 warps +/-10%"
 
 def tta(name: str) -> None:
     """Score the kept fold models of ablation `name` with each set of TTA_WARPS (no training)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    recipe = apply({**params["train"], "ensemble_seeds": 1}, CV_ABLATIONS[name])
-    params["cv"]["features_dir"] = feature_variant(name, params)
-    folds, classes, n_mels, device = fold_setup(params["cv"], recipe)
+    params, recipe, folds, classes, n_mels, device = ablation_setup(name)
     fp = feature_store.load(params["cv"]["features_dir"])[2]
     rows = []
     for k in range(1, len(folds) + 1):
