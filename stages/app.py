@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
                         silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
                         hop_s=predict["hop_s"], max_queued_windows=predict["max_queued_windows"],
-                        precision=predict["precision"])
+                        precision=predict["precision"], max_duration_s=predict["max_duration_s"],
+                        min_sample_rate=predict["min_sample_rate"])
     try:
         analyser = Analyser(args.model, settings, p["max_duration_s"])
     except ModelFileError as e:

@@ -1,6 +1,7 @@
 """Audio loading and the log-Mel feature: the one code path for training and prediction."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -37,7 +38,32 @@ class FeatureParams:
         missing = [n for n in names if n not in d]
         if missing:
             raise KeyError(f"feature params missing {missing}")
-        return cls(**{n: d[n] for n in names})
+        fp = cls(**{n: d[n] for n in names})
+        fp.validate()
+        return fp
+
+    def validate(self) -> None:
+        """ValueError unless every value is in a range where one clip's features cost at most
+        a few MB: a model file (or features dir) cannot make each clip allocate gigabytes."""
+        def number(name: str, low: float, high: float, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"feature param {name}={value!r} is outside [{low:g}, {high:g}]")
+
+        number("sample_rate", 4000, 192000)
+        number("duration_s", 0.1, 60)
+        number("n_mels", 1, 512)
+        number("n_fft", 16, 16384)
+        number("hop_length", 1, self.n_fft)
+        number("fmin", 0, self.sample_rate / 2)
+        number("fmax", self.fmin, self.sample_rate / 2)
+        number("trim_db", 1e-3, 200, optional=True)
+        number("amin", 1e-30, 1)
+        number("top_db", 1e-3, 400, optional=True)
+        if self.n_samples // self.hop_length > 1 << 16:
+            raise ValueError(f"feature params make {self.n_frames} frames per clip (at most {1 << 16})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,14 +98,28 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     return y
 
 
-def window_bounds(duration_s: float, segment_s: float, hop_s: float) -> list[tuple[float, float]]:
-    """(start, end) seconds of the analysis windows of a recording: the whole recording when
-    it is at most segment_s long, else windows of segment_s every hop_s, the last one
-    ending at the end of the recording."""
+def iter_window_bounds(duration_s: float, segment_s: float, hop_s: float) -> Iterator[tuple[float, float]]:
+    """(start, end) seconds of the analysis windows of a recording, made one at a time (a
+    header may claim years of audio): the whole recording when it is at most segment_s
+    long, else windows of segment_s every hop_s, the last one ending at the end."""
     if duration_s <= segment_s:
-        return [(0.0, duration_s)]
-    starts = list(np.arange(0.0, duration_s - segment_s, hop_s)) + [duration_s - segment_s]
-    return [(round(float(s), 3), round(float(s) + segment_s, 3)) for s in starts]
+        yield (0.0, duration_s)
+        return
+    # np.arange(0, duration_s - segment_s, hop_s)'s values, then the last window
+    for k in range(int(math.ceil((duration_s - segment_s) / hop_s))):
+        yield round(k * hop_s, 3), round(k * hop_s + segment_s, 3)
+    last = duration_s - segment_s
+    yield round(last, 3), round(last + segment_s, 3)
+
+
+def count_windows(duration_s: float, segment_s: float, hop_s: float) -> int:
+    """len(window_bounds(...)), without making them."""
+    return 1 if duration_s <= segment_s else int(math.ceil((duration_s - segment_s) / hop_s)) + 1
+
+
+def window_bounds(duration_s: float, segment_s: float, hop_s: float) -> list[tuple[float, float]]:
+    """All of iter_window_bounds as a list."""
+    return list(iter_window_bounds(duration_s, segment_s, hop_s))
 
 
 class AudioFile:
@@ -102,12 +142,26 @@ class AudioFile:
     def duration_s(self) -> float:
         return self._file.frames / self._file.samplerate
 
-    def windows(self, sample_rate: int, segment_s: float, hop_s: float
-                ) -> Iterator[tuple[float, float, np.ndarray]]:
-        """Yield (start_s, end_s, mono float32 at sample_rate) per window, reading one window
-        at a time from disk so that a long recording never sits in memory whole."""
+    @property
+    def sample_rate(self) -> int:
+        return int(self._file.samplerate)
+
+    @property
+    def channels(self) -> int:
+        return int(self._file.channels)
+
+    @property
+    def frames(self) -> int:
+        return int(self._file.frames)
+
+    def windows(self, sample_rate: int, segment_s: float, hop_s: float, first: int = 0,
+                count: int | None = None) -> Iterator[tuple[float, float, np.ndarray]]:
+        """Yield (start_s, end_s, mono float32 at sample_rate) per window, `count` windows
+        (None: all) from window number `first` on, reading one window at a time from disk so
+        that a long recording never sits in memory whole."""
         f, sr, frames = self._file, self._file.samplerate, self._file.frames
-        for start, end in window_bounds(frames / sr, segment_s, hop_s):
+        bounds = iter_window_bounds(frames / sr, segment_s, hop_s)
+        for start, end in itertools.islice(bounds, first, None if count is None else first + count):
             first, last = int(round(start * sr)), min(frames, int(round(end * sr)))
             try:
                 f.seek(first)
@@ -255,12 +309,46 @@ class Settings:
     hop_s: float  # step between windows
     max_queued_windows: int  # features computed ahead of the model, at most (bounds memory)
     precision: str = "float32"  # of the model's arithmetic: float32 | bfloat16 | auto (models.autocast_dtype)
+    max_duration_s: float = 14400.0  # longer files are refused from their header (bounds the work per file)
+    min_sample_rate: int = 4000  # files below this rate are refused (a 1 Hz header makes thousands of windows)
 
 
-def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
-    """Features of every non-silent window of one file, or the reason it cannot be
-    labelled. Runs in a worker process and never raises."""
-    result: dict[str, Any] = {"features": None, "starts": [], "ends": [], "duration": None, "error": ""}
+# What a header may claim before it is believed. Sample rates above 768 kHz or more than 64
+# channels are not speech recordings; a lossless or lossy codec stores at least a byte per
+# few thousand samples (FLAC's best case, digital silence: ~300 samples a byte), so a header
+# claiming more samples than MAX_SAMPLES_PER_BYTE times the file size is lying.
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
+MAX_SAMPLES_PER_BYTE = 4096
+MAX_WINDOW_SAMPLES = 1 << 25  # one window read from disk: 128 MB of float32 at most
+
+
+def header_problem(audio: "AudioFile", size_bytes: int, s: Settings) -> str | None:
+    """Why a file's header cannot be believed or is out of the labeller's bounds, or None.
+    Checked before any window is read, so a header decides no allocation."""
+    sr, channels, frames = audio.sample_rate, audio.channels, audio.frames
+    if sr < s.min_sample_rate:
+        return f"sample rate {sr} Hz is below the minimum of {s.min_sample_rate} Hz (predict.min_sample_rate)"
+    if sr > MAX_SAMPLE_RATE or channels > MAX_CHANNELS:
+        return f"implausible header ({sr} Hz, {channels} channels)"
+    if frames * channels > size_bytes * MAX_SAMPLES_PER_BYTE:
+        return f"implausible header: {frames} frames claimed in a file of {size_bytes} bytes"
+    if audio.duration_s > s.max_duration_s:
+        return f"too long ({audio.duration_s:.0f} s > {s.max_duration_s:g} s, predict.max_duration_s)"
+    if min(audio.duration_s, s.segment_s) * sr * channels > MAX_WINDOW_SAMPLES:
+        return f"a {s.segment_s:g} s window at {sr} Hz x {channels} channels is too large to read"
+    return None
+
+
+def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
+            max_windows: int | None = None) -> dict[str, Any]:
+    """Features of the non-silent windows of one file from window `first_window` on, at most
+    `max_windows` windows read (None: all), or the reason the file cannot be labelled.
+    `next_window` says where a file cut short by max_windows goes on (else None), `first`
+    whether this is the file's first piece. A file with no non-silent window at all is
+    reported by the caller, which sees all its pieces. Runs in a worker and never raises."""
+    result: dict[str, Any] = {"path": str(path), "features": None, "starts": [], "ends": [], "duration": None,
+                              "error": "", "first": first_window == 0, "next_window": None, "windows_read": 0}
     try:
         if path.is_symlink() and not path.exists():
             result["error"] = f"{path}: broken symbolic link"
@@ -268,28 +356,36 @@ def prepare(path: Path, extractor: LogMel, s: Settings) -> dict[str, Any]:
             result["error"] = f"{path}: is a directory, not an audio file"
         elif not os.access(path, os.R_OK):
             result["error"] = f"{path}: permission denied"
-        elif path.stat().st_size == 0:
+        elif (size := path.stat().st_size) == 0:
             result["error"] = f"{path}: empty file (0 bytes)"
         else:
             with AudioFile(path) as audio:
                 result["duration"] = duration = audio.duration_s
-                if duration < s.min_duration_s:
-                    result["error"] = f"{path}: too short ({duration:.3f} s < {s.min_duration_s} s)"
-                    return result
+                if first_window == 0:
+                    problem = header_problem(audio, size, s)
+                    if duration < s.min_duration_s:
+                        problem = f"too short ({duration:.3f} s < {s.min_duration_s} s)"
+                    if problem:
+                        result["error"] = f"{path}: {problem}"
+                        return result
                 features = []
-                for start, end, y in audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s):
+                windows = audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s, first_window, max_windows)
+                for start, end, y in windows:
+                    result["windows_read"] += 1
                     if np.abs(y).max() >= s.silence_peak:
                         features.append(extractor(y))
                         result["starts"].append(start)
                         result["ends"].append(end)
-            if not features:
-                result["error"] = f"{path}: silent (peak below {s.silence_peak})"
-            else:
+                if first_window + result["windows_read"] < count_windows(duration, s.segment_s, s.hop_s):
+                    result["next_window"] = first_window + result["windows_read"]
+            if features:
                 result["features"] = np.stack(features)
     except AudioError as e:
         result["error"] = str(e)
     except Exception as e:  # one bad file must not stop a batch of thousands
         result["error"] = f"{path}: {type(e).__name__}: {e}"
+    if result["error"]:
+        result.update(features=None, starts=[], ends=[], next_window=None)
     return result
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from stages.audio import AudioError, audio_info, find_audio_files
 from stages.labels import parse_name
-from stages.util import UserError, atomic_path, load_params, run_main
+from stages.util import OUTPUT_MARKER, UserError, atomic_path, load_params, run_main
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -54,7 +54,7 @@ def collect(audio_dir: Path, val_actors: list[int], test_actors: list[int]
     """Scan audio_dir; return (clips, rejects). Paths are relative to the project root."""
     check_split(val_actors, test_actors)
     rows, rejects = [], []
-    candidates = sorted(p for p in audio_dir.rglob("*") if p.is_file())
+    candidates = sorted(p for p in audio_dir.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
     audio = set(find_audio_files(audio_dir))
     for path in candidates:
         if path not in audio:

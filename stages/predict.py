@@ -7,7 +7,8 @@ One output row per input file, sorted by path; a file that cannot be labelled ge
 status `error` and the reason instead of stopping the run. Decoding and features run in
 parallel worker processes; inference is batched; memory is bounded by
 predict.max_queued_windows, however many files.
-Exit code: 0 all labelled, 1 some files could not be, 2 usage error.
+Exit code: 0 all labelled, 1 some files could not be, 2 usage or input error, 3 crash,
+130 interrupted (Ctrl-C); only 0 and 1 write the output.
 """
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ import ctypes
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import tempfile
 import threading
+import time
+import traceback
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -50,16 +55,50 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
+# Windows a task reads at most (a long file is cut into pieces of this many): ~3 MB of features.
+WINDOWS_PER_TASK = 64
+PR_SET_PDEATHSIG = 1  # prctl(2)
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = """exit codes:
+  0    every file labelled
+  1    some files could not be labelled (their rows say why); the output is written
+  2    usage or input error (bad option, missing input or model, unsafe or unwritable output)
+  3    the labeller crashed (a bug: the traceback is printed); nothing written
+  130  interrupted (Ctrl-C); nothing written, a previous output is left as it was
+"""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
 
 
 def _init_worker(extractor: LogMel, settings: Settings) -> None:
     global _worker_args, _blas_limit
     _worker_args = (extractor, settings)
+    # Ctrl-C reaches the whole process group: only the parent handles it (it stops the
+    # workers); a worker interrupted mid-task left the pool waiting on it for ever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     # One BLAS thread per worker: OpenBLAS's default (all cores) in every worker made the
     # mel products spin against each other and halved throughput on 2 cores.
     _blas_limit = threadpoolctl.threadpool_limits(1)
     _keep_freed_memory()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when its parent dies (even by kill -9), so no
+    orphan goes on decoding. (Under a fork server the parent is the server, which exits when
+    the labeller does.) Elsewhere a thread watches the parent instead."""
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the kernel was asked
+        os._exit(1)
 
 
 def _keep_freed_memory() -> None:
@@ -86,70 +125,89 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _prepare_group(paths: list[Path]) -> list[dict[str, Any]]:
-    return [prepare(path, *_worker_args) for path in paths]
+Continuation = tuple[list[Path], int]  # files still to do, and the window the first one goes on at
+
+
+def prepare_pieces(paths: list[Path], first_window: int, extractor: LogMel, s: Settings
+                   ) -> tuple[list[dict[str, Any]], Continuation | None]:
+    """prepare() of `paths` from window `first_window` of the first one, reading at most
+    WINDOWS_PER_TASK windows in all; plus where to go on, or None when all are done. A long
+    file thus comes in pieces, and no task holds more than WINDOWS_PER_TASK windows."""
+    results, budget = [], WINDOWS_PER_TASK
+    for i, path in enumerate(paths):
+        result = prepare(path, extractor, s, first_window if i == 0 else 0, budget)
+        results.append(result)
+        budget -= result["windows_read"]
+        if result["next_window"] is not None:
+            return results, (paths[i:], result["next_window"])
+        if budget <= 0 and i + 1 < len(paths):
+            return results, (paths[i + 1:], 0)
+    return results, None
+
+
+def _prepare_group(paths: list[Path], first_window: int) -> tuple[list[dict[str, Any]], Continuation | None]:
+    return prepare_pieces(paths, first_window, *_worker_args)
 
 
 class FeatureStream:
-    """prepare() of every path, yielded in path order. With n_jobs != 1, worker processes
-    start on construction (not on first use), so they work while the caller loads torch.
-    Back-pressure keeps memory bounded for any number of files: new files are handed out
-    only while finished-but-unconsumed results hold fewer than s.max_queued_windows windows
-    (joblib's generator has none: it buffers every finished result). Workers start by fork
+    """prepare() pieces of every path, yielded in path order (a file's pieces one after the
+    other). With n_jobs != 1, worker processes start on construction (not on first use), so
+    they work while the caller loads torch. Memory is bounded whatever the files: at most
+    max_pending tasks are handed out and unconsumed at once, each holding at most
+    WINDOWS_PER_TASK windows, so max_queued_windows bounds the windows held (joblib's
+    generator has no such bound: it buffers every finished result). Workers start by fork
     when that is safe (see _worker_context)."""
 
     def __init__(self, paths: list[Path], extractor: LogMel, s: Settings) -> None:
         self.extractor, self.settings, self.paths = extractor, s, paths
         self.workers = min(effective_n_jobs(s.n_jobs), max(1, len(paths) // FILES_PER_TASK))
         self.groups = iter([paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)])
+        self.max_pending = max(self.workers + 1, s.max_queued_windows // WINDOWS_PER_TASK)
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[Future] = deque()
-        self.queued_windows = 0  # in finished, unconsumed results (updated by the pool's thread)
-        self.lock = threading.Lock()
         if self.workers > 1:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_init_worker,
                                             initargs=(extractor, s))
             self._refill()
 
-    @staticmethod
-    def _windows(future: Future) -> int:
-        if future.cancelled() or future.exception() is not None:
-            return 0
-        return sum(len(r["features"]) for r in future.result() if r["features"] is not None)
-
-    def _finished(self, future: Future) -> None:
-        with self.lock:
-            self.queued_windows += self._windows(future)
-
     def _refill(self) -> None:
-        max_tasks = max(self.workers, self.settings.max_queued_windows // FILES_PER_TASK)
-        while len(self.pending) < max_tasks and self.queued_windows < self.settings.max_queued_windows:
+        while len(self.pending) < self.max_pending:
             group = next(self.groups, None)
             if group is None:
                 return
-            future = self.pool.submit(_prepare_group, group)
-            future.add_done_callback(self._finished)
-            self.pending.append(future)
+            self.pending.append(self.pool.submit(_prepare_group, group, 0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.pool is None:
-            yield from (prepare(path, self.extractor, self.settings) for path in self.paths)
+            for group in self.groups:
+                continuation: Continuation | None = (group, 0)
+                while continuation is not None:
+                    results, continuation = prepare_pieces(*continuation, self.extractor, self.settings)
+                    yield from results
             return
         try:
             while self.pending:
-                future = self.pending.popleft()
-                results = future.result()
-                with self.lock:  # the callback may add this future's windows just after this
-                    self.queued_windows -= self._windows(future)
+                results, continuation = self.pending.popleft().result()
+                if continuation is not None:  # the rest of this task's files come next, before later tasks
+                    self.pending.appendleft(self.pool.submit(_prepare_group, *continuation))
                 self._refill()
                 yield from results
+        except BaseException:
+            self.close(kill=True)
+            raise
         finally:
             self.close()
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+    def close(self, kill: bool = False) -> None:
+        """Shut the workers down; kill=True (an interrupt, an error) stops them at once
+        instead of letting them finish their tasks."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        if kill:  # ProcessPoolExecutor has no public way to stop running tasks before 3.14
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -185,8 +243,9 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                device: "torch.device", stream: FeatureStream | None = None) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
-    parallel (`stream`, started by the caller or here); windows are batched for the model;
-    only a bounded number of files' features is held in memory."""
+    parallel (`stream`, started by the caller or here); windows are batched for the model as
+    they arrive, a long file's pieces included; a file's label averages its windows'
+    probabilities, so only a bounded number of windows is ever held in memory."""
     import torch
 
     from stages.models import infer
@@ -195,6 +254,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     prob_columns = [f"prob_{c}" for c in classes]
     results = stream if stream is not None else FeatureStream(paths, LogMel(meta["feature_params"]), s)
     rows: list[dict[str, Any]] = []
+    sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
+    counts: list[int] = []
     segments: list[dict[str, Any]] = []
     pending: list[tuple[int, dict[str, Any]]] = []
 
@@ -205,26 +266,40 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
         for row_index, r in pending:
             window_probs = probs[offset : offset + len(r["features"])]
             offset += len(r["features"])
-            mean = window_probs.mean(axis=0)  # file label: average over its windows
-            best = int(mean.argmax())
-            rows[row_index].update(status="ok", emotion=classes[best], confidence=float(mean[best]),
-                                   **dict(zip(prob_columns, mean.tolist())))
+            sums[row_index] += window_probs.sum(axis=0, dtype=np.float64)
+            counts[row_index] += len(window_probs)
             for start, end, p in zip(r["starts"], r["ends"], window_probs):
                 segments.append({"path": rows[row_index]["path"], "start_s": start, "end_s": end,
                                  "emotion": classes[int(p.argmax())], "confidence": float(p.max()),
                                  **dict(zip(prob_columns, p.tolist()))})
         pending.clear()
 
-    for path, result in tqdm(zip(paths, results), total=len(paths), desc="predict", unit="file"):
-        rows.append({"path": str(path), "status": "error", "error": result["error"], "emotion": None,
-                     "confidence": math.nan, **{c: math.nan for c in prob_columns},
-                     "duration_s": math.nan if result["duration"] is None else result["duration"]})
-        if result["features"] is not None:
-            pending.append((len(rows) - 1, result))
-            if sum(len(r["features"]) for _, r in pending) >= s.batch_size:
-                flush()
-    if pending:
-        flush()
+    with tqdm(total=len(paths), desc="predict", unit="file") as progress:
+        for piece in results:
+            if piece["first"]:  # a new file's row; its later pieces add windows (or an error)
+                rows.append({"path": piece["path"], "status": "error", "error": "", "emotion": None,
+                             "confidence": math.nan, **{c: math.nan for c in prob_columns},
+                             "duration_s": math.nan if piece["duration"] is None else piece["duration"]})
+                sums.append(np.zeros(len(classes)))
+                counts.append(0)
+                progress.update(1)
+            rows[-1]["error"] = rows[-1]["error"] or piece["error"]
+            if piece["features"] is not None:
+                pending.append((len(rows) - 1, piece))
+                if sum(len(r["features"]) for _, r in pending) >= s.batch_size:
+                    flush()
+        if pending:
+            flush()
+    for row, total, count in zip(rows, sums, counts):
+        if not row["error"] and count == 0:
+            row["error"] = f"{row['path']}: silent (peak below {s.silence_peak})"
+        if not row["error"]:
+            mean = total / count  # file label: average over its windows
+            best = int(mean.argmax())
+            row.update(status="ok", emotion=classes[best], confidence=float(mean[best]),
+                       **dict(zip(prob_columns, mean.tolist())))
+    failed = {row["path"] for row in rows if row["error"]}  # e.g. a read error in a later piece
+    segments = [seg for seg in segments if seg["path"] not in failed]
     return (Table(["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s"], rows),
             Table(["path", "start_s", "end_s", "emotion", "confidence", *prob_columns], segments))
 
@@ -257,9 +332,38 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
+def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> None:
+    """Refuse, before any work, an output path that would destroy something: an existing
+    directory, the current folder or a parent of it, an input, the model, a name with an
+    audio extension; and one that cannot be written (checked by creating a temp file there)."""
+    path = Path(out)
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"output {out}: is the current folder or a parent of it; give a file name such as labels.csv")
+    if path.is_dir():
+        raise UserError(f"output {out}: is an existing directory; give a file name such as {path / 'labels.csv'}")
+    if any(resolved == Path(item).resolve() for item in inputs):
+        raise UserError(f"output {out}: is one of the inputs; give another file name")
+    if resolved == Path(model_path).resolve():
+        raise UserError(f"output {out}: is the model file; give another file name")
+    if path.suffix.lower() in AUDIO_EXTENSIONS:
+        raise UserError(f"output {out}: has an audio extension; labels are written as .csv or .parquet")
+    try:
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=resolved.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output {out}: cannot write in {resolved.parent} ({e.strerror or e})") from None
+
+
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
         segments_out: str | None = None) -> int:
     _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
+    for output in [out] + ([segments_out] if segments_out else []):
+        check_output(output, inputs, model_path)
+    if segments_out and Path(segments_out).resolve() == Path(out).resolve():
+        raise UserError(f"--segments {segments_out}: is the same file as -o; give another name")
     paths = collect_inputs(inputs)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
@@ -275,9 +379,12 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
             raise UserError(f"{model_path}: the file's metadata reads differently with and without torch")
         files, segments = label_rows(paths, model, meta, settings, device, stream)
-    finally:
+    except BaseException:
         if stream is not None:
-            stream.close()
+            stream.close(kill=True)  # an interrupt or an error: stop the workers now
+        raise
+    if stream is not None:
+        stream.close()
     write_table(files, out)
     if segments_out:
         write_table(segments, segments_out)
@@ -285,24 +392,27 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
     for error in errors:
         print(f"  error: {error}", file=sys.stderr)
-    return 1 if errors else 0
+    return EXIT_SOME_FAILED if errors else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Defaults: the `predict` section of ./params.yaml, else of the project's own params.yaml.
     p = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*",
                         help=f"audio files or folders; none: the DVC stage's predict.input_dir ({p['input_dir']})")
     parser.add_argument("-o", "--output", help="CSV, or Parquet if it ends in .parquet "
-                        f"(required with INPUTs; the DVC stage writes {p['output']})")
+                        f"(required with INPUTs; the DVC stage writes {p['output']}); never a directory or an input")
     parser.add_argument("--segments", help="also write one row per analysis window (start_s, end_s, probabilities)")
     parser.add_argument("--model", default=p["model"])
     parser.add_argument("--batch-size", type=int, default=p["batch_size"])
     parser.add_argument("--jobs", type=int, default=p["n_jobs"], help="worker processes (-1: all cores)")
     parser.add_argument("--segment-s", type=float, default=p["segment_s"])
     parser.add_argument("--hop-s", type=float, default=p["hop_s"])
+    parser.add_argument("--max-duration-s", type=float, default=p["max_duration_s"],
+                        help="longer files get an error row, judged from their header (default %(default)s)")
     parser.add_argument("--device", default=p["device"])
     parser.add_argument("--precision", default=p["precision"], choices=["float32", "bfloat16", "auto"],
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
@@ -314,14 +424,23 @@ def main(argv: list[str] | None = None) -> int:
         args.segments = args.segments or p["segments_output"]
     settings = Settings(batch_size=args.batch_size, n_jobs=args.jobs, min_duration_s=p["min_duration_s"],
                         silence_peak=p["silence_peak"], segment_s=args.segment_s, hop_s=args.hop_s,
-                        max_queued_windows=p["max_queued_windows"], precision=args.precision)
-    if settings.hop_s <= 0 or settings.segment_s <= 0 or settings.batch_size <= 0:
-        parser.error("--segment-s, --hop-s and --batch-size must be positive")
+                        max_queued_windows=p["max_queued_windows"], precision=args.precision,
+                        max_duration_s=args.max_duration_s, min_sample_rate=p["min_sample_rate"])
+    if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
+        parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
     try:
         return run(args.inputs, args.output, args.model, settings, args.device, args.segments)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing written ({args.output} is as it was)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        traceback.print_exc()
+        print(f"error: the labeller crashed (exit {EXIT_CRASH}); nothing written. Please report the traceback above.",
+              file=sys.stderr)
+        return EXIT_CRASH
 
 
 def exit_now(code: int) -> None:

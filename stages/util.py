@@ -29,27 +29,90 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
     return params[section]
 
 
+# An output directory that atomic_path wrote carries this file: only such a directory is ever
+# replaced. Anything else at an output path (a user's folder, `-o .`) is refused, not deleted.
+OUTPUT_MARKER = ".written-by-ser"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove temp files and folders that atomic_path left beside `target` in a run that was
+    killed (its process id is in the name and no longer alive). Returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for leftover in target.parent.glob(f"{_temp_prefix(target)}*.tmp"):
+        pid = leftover.name[len(_temp_prefix(target)):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """Raise UserError unless `target` is absent, a file or link, or a directory that
+    atomic_path wrote: a directory of the user's is never replaced."""
+    target = Path(target)
+    if target.is_dir() and not target.is_symlink() and not (target / OUTPUT_MARKER).is_file():
+        raise UserError(f"{target}: is an existing directory that this pipeline did not write; "
+                        "refusing to replace it (choose another output path)")
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds.
 
     Works for files and directories: a half-written output never carries the final name.
+    A directory written here gets OUTPUT_MARKER; an existing directory at `target` is
+    replaced only if it has one (else UserError, before and after the block), so nothing
+    of the user's is ever deleted. Temps of killed earlier runs are removed first.
     """
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     os.unlink(tmp)  # the caller creates a file or a directory there
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp_path, target)
-    finally:
+        if not tmp_path.exists():
+            raise FileNotFoundError(f"{target}: nothing was written")
+        check_replaceable(target)  # it may have appeared meanwhile
         if tmp_path.is_dir():
+            (tmp_path / OUTPUT_MARKER).write_text("written by the ser pipeline; safe to replace\n")
+        if target.is_dir() and not target.is_symlink():
+            if not tmp_path.is_dir():
+                raise UserError(f"{target}: is a directory; refusing to replace it with a file")
+            old = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".tmp",
+                                        dir=target.parent))
+            os.replace(target, old / "old")  # out of the way first: the new one lands whole
+            os.replace(tmp_path, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_path, target)
+    finally:
+        if tmp_path.is_dir() and not tmp_path.is_symlink():
             shutil.rmtree(tmp_path, ignore_errors=True)
-        elif tmp_path.exists():
+        elif tmp_path.exists() or tmp_path.is_symlink():
             tmp_path.unlink()
 
 

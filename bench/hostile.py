@@ -1,0 +1,44 @@
+"""Hostile inputs found by trying to break the labeller (issue: a header must not decide the
+memory bill). Made here, by the tests and by bench_hostile.py alike."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+STREAMINFO = 8  # byte offset of FLAC's STREAMINFO block, after "fLaC" and its block header
+
+
+def header_bomb_flac(path: Path) -> Path:
+    """A 55 kB FLAC (2 s of noise at 16 kHz) whose header claims 2^36 - 1 frames (50 days)."""
+    rng = np.random.default_rng(0)
+    sf.write(str(path), (rng.standard_normal(32000) * 3000).astype(np.int16), 16000)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC"
+    data[STREAMINFO + 13] |= 0x0F  # total samples: 36 bits, the low 4 bits of byte 13 ...
+    data[STREAMINFO + 14 : STREAMINFO + 18] = b"\xff\xff\xff\xff"  # ... and bytes 14-17
+    path.write_bytes(bytes(data))
+    return path
+
+
+def one_hertz_wav(path: Path) -> Path:
+    """A 12 kB WAV at 1 Hz: 6,000 s of 'audio', 2,000 windows of 6 s at 16 kHz if believed."""
+    rng = np.random.default_rng(1)
+    sf.write(str(path), (0.3 * rng.standard_normal(6000)).astype(np.float32), 1, subtype="PCM_16")
+    return path
+
+
+def long_silence_flac(path: Path, seconds: float, sample_rate: int = 8000) -> Path:
+    """A real, valid FLAC of `seconds` of digital silence (a few hundred samples a byte)."""
+    block = np.zeros(sample_rate * 60, dtype=np.int16)
+    with sf.SoundFile(str(path), "w", sample_rate, 1, "PCM_16", format="FLAC") as f:
+        for _ in range(int(seconds // 60)):
+            f.write(block)
+    return path
+
+
+def make_hostile_folder(folder: Path, silence_s: float = 3 * 3600) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [header_bomb_flac(folder / "header_bomb.flac"), one_hertz_wav(folder / "one_hertz.wav"),
+            long_silence_flac(folder / "long_silence.flac", silence_s)]
