@@ -48,6 +48,7 @@ bench: setup
 	python bench/bench_features.py
 	python bench/bench_predict.py
 	python bench/bench_repro.py
+	python -m bench.bench_hostile
 
 # Arch comparison and ablations on the params split (hours of CPU; see bench/experiments.py).
 compare: setup

@@ -2,6 +2,8 @@
 memory bill). Made here, by the tests and by bench_hostile.py alike."""
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,35 @@ def make_hostile_folder(folder: Path, silence_s: float = 3 * 3600) -> list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     return [header_bomb_flac(folder / "header_bomb.flac"), one_hertz_wav(folder / "one_hertz.wav"),
             long_silence_flac(folder / "long_silence.flac", silence_s)]
+
+
+def descendants(pid: int) -> set[int]:
+    """Process ids below `pid` (children, their children ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def as_in_a_terminal() -> None:
+    """preexec_fn: the child gets its own process group (a terminal's Ctrl-C goes to the whole
+    group) and the default SIGINT even where this run has it ignored (a shell starts
+    background jobs so, and Python then keeps ignoring it)."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

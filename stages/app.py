@@ -8,7 +8,11 @@ model), so the page shows what `python -m stages.predict` would write for the fi
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,16 @@ from stages.audio import AudioError, audio_info
 from stages.models import ModelFileError, load_checkpoint
 from stages.predict import PROJECT_PARAMS, Settings, label_files
 from stages.util import PARAMS_FILE, load_params
+
+# A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
+# Set before gradio (and huggingface_hub, which it imports) is loaded; they read them then.
+for _name, _value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
+                      ("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "1")):
+    os.environ[_name] = _value
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Uploads and recordings: every UPLOAD_SWEEP_S, those older than UPLOAD_MAX_AGE_S are deleted
+# (Gradio's delete_cache); the whole folder goes when the page stops.
+UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 60, 600
 
 
 class Analyser:
@@ -87,7 +101,8 @@ def build_page(analyser: Analyser):
                     f"{result['duration']:.1f} s, {len(result['starts'])} window(s)")
         return headline, result["probabilities"], timeline_figure(result, analyser.classes)
 
-    with gr.Blocks(title="Speech emotion recognition") as page:
+    with gr.Blocks(title="Speech emotion recognition", analytics_enabled=False,
+                   delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as page:
         gr.Markdown("# Speech emotion recognition\nUpload a clip (WAV, FLAC, OGG) or record one; "
                     "the model trained by this project's pipeline labels it with one of "
                     f"{len(analyser.classes)} emotions.")
@@ -101,15 +116,37 @@ def build_page(analyser: Analyser):
     return page
 
 
+def login(host: str, password: str | None) -> list[tuple[str, str]] | None:
+    """Gradio's auth list: none on this machine only; beyond it a password is required
+    (UserError without one), so the page never listens to a network unprotected."""
+    if host in LOCAL_HOSTS or host.startswith("127."):
+        return None
+    if not password:
+        raise ValueError(f"--host {host} makes the page reachable from other machines: set a password "
+                         "with --password or the SER_APP_PASSWORD environment variable (user name: ser)")
+    return [("ser", password)]
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so that `finally` removes the uploads, as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     p = load_params("app", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
     predict = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
     parser = argparse.ArgumentParser(prog="python -m stages.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=predict["model"])
-    parser.add_argument("--host", default=p["host"])
+    parser.add_argument("--host", default=p["host"], help="beyond 127.0.0.1 a password is required")
     parser.add_argument("--port", type=int, default=p["port"])
+    parser.add_argument("--password", default=os.environ.get("SER_APP_PASSWORD"),
+                        help="log-in password (user: ser); default: $SER_APP_PASSWORD")
     parser.add_argument("--max-upload-mb", type=float, default=p["max_upload_mb"])
     args = parser.parse_args(argv)
+    try:
+        auth = login(args.host, args.password)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
                         silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
                         hop_s=predict["hop_s"], max_queued_windows=predict["max_queued_windows"],
@@ -121,9 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}\nTrain a model first: `make repro` (or `make repro ARCHIVE=... ARCHIVE_MD5=...`), "
               f"or pass --model PATH.", file=sys.stderr)
         return 2
+    uploads = Path(tempfile.mkdtemp(prefix="ser-app-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # this run's own folder, removed when it stops
+    print(f"uploads are kept in {uploads} for at most {UPLOAD_MAX_AGE_S} s and removed when the page stops",
+          flush=True)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     page = build_page(analyser)
-    page.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 1024 * 1024),
-                show_error=False)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, auth=auth,
+                    max_file_size=int(args.max_upload_mb * 1024 * 1024), show_error=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close()
+        shutil.rmtree(uploads, ignore_errors=True)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import time
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from stages.util import UserError, atomic_path, load_params, run_main
 
+DISK_MARGIN_BYTES = 256 << 20  # left free after extracting, for everything else on the disk
 LOCAL_HINT = (
     "to use a local copy of the archive run: "
     "make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=its_md5 "
@@ -102,7 +105,7 @@ def _retryable(e: Exception) -> bool:
 def fetch(url: str, archive: Path, md5: str, retries: int, backoff_s: float,
           timeout_s: float, chunk_bytes: int) -> None:
     """Make `archive` a verified copy of `url`; keep a partial download for resuming."""
-    archive = Path(archive)
+    archive, md5 = Path(archive), normalise_md5(md5)
     archive.parent.mkdir(parents=True, exist_ok=True)
     if archive.exists() and md5sum(archive) == md5:
         print(f"{archive}: already present, checksum ok")
@@ -146,9 +149,47 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def safe_extract(archive: Path, out_dir: Path) -> int:
+def check_sizes(archive: Path, members: list[zipfile.ZipInfo], out_dir: Path, max_total_bytes: int,
+                max_ratio: float) -> int:
+    """Refuse an archive before extracting anything when what its members declare is too
+    big in all, expands too much (a zip bomb: kilobytes that declare gigabytes), or does not
+    fit on the disk. Returns the declared total in bytes."""
+    total = sum(info.file_size for info in members)
+    packed = max(1, archive.stat().st_size)
+    if total > max_total_bytes:
+        raise UserError(f"{archive}: declares {total / 1e9:.1f} GB of files, over download.max_extract_gb "
+                        f"({max_total_bytes / 1e9:g} GB); refusing to extract")
+    if total / packed > max_ratio:
+        raise UserError(f"{archive}: {packed} bytes would expand to {total} ({total / packed:.0f}x, over "
+                        f"download.max_ratio {max_ratio:g}): a zip bomb or not an audio archive; refusing to extract")
+    parent = out_dir.parent if out_dir.parent.exists() else Path(".")
+    free = shutil.disk_usage(parent).free
+    if total + DISK_MARGIN_BYTES > free:
+        raise UserError(f"{archive}: needs {total / 1e9:.2f} GB to extract, {free / 1e9:.2f} GB free in {parent}")
+    return total
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, archive: Path) -> int:
+    """Copy one member, counting its bytes against what it declared; a corrupt member gives
+    one clear message."""
+    written = 0
+    try:
+        with zf.open(info) as src, open(target, "wb") as dst:
+            while block := src.read(1 << 20):
+                written += len(block)
+                if written > info.file_size:
+                    raise UserError(f"{archive}: member '{info.filename}' holds more than the "
+                                    f"{info.file_size} bytes it declares; refusing it")
+                dst.write(block)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise UserError(f"{archive}: member '{info.filename}' is corrupt ({e}); fetch the archive again") from None
+    return written
+
+
+def safe_extract(archive: Path, out_dir: Path, max_total_bytes: int = 50 * 10**9, max_ratio: float = 100.0) -> int:
     """Extract every member into out_dir, refusing the whole archive if any member could
-    escape it (absolute path, '..', link). Returns the number of files extracted."""
+    escape it (absolute path, '..', link) or if its sizes are implausible (check_sizes).
+    Nothing reaches out_dir unless all of it extracted. Returns the number of files."""
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
@@ -159,6 +200,7 @@ def safe_extract(archive: Path, out_dir: Path) -> int:
             reason = _unsafe_reason(info)
             if reason:
                 raise UserError(f"{archive}: refusing to extract member '{info.filename}' ({reason})")
+        check_sizes(archive, members, out_dir, max_total_bytes, max_ratio)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             count = 0
@@ -168,17 +210,26 @@ def safe_extract(archive: Path, out_dir: Path) -> int:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                _copy_member(zf, info, target, archive)
                 count += 1
     return count
+
+
+def normalise_md5(md5: Any) -> str:
+    """download.md5 as lower-case hex text: upper case is the same checksum, and YAML reads
+    an all-digit md5 as a number."""
+    text = str(md5) if isinstance(md5, int) and not isinstance(md5, bool) else str(md5 or "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise UserError(f"download.md5: {md5!r} is not an md5 checksum (32 hex digits); "
+                        f"quote it in params.yaml: md5: \"<32 hex digits>\"")
+    return text
 
 
 def main() -> None:
     p: dict[str, Any] = load_params("download")
     archive, out_dir = Path(p["archive"]), Path(p["out_dir"])
-    fetch(p["url"], archive, p["md5"], p["retries"], p["backoff_s"], p["timeout_s"], p["chunk_bytes"])
-    count = safe_extract(archive, out_dir)
+    fetch(p["url"], archive, normalise_md5(p["md5"]), p["retries"], p["backoff_s"], p["timeout_s"], p["chunk_bytes"])
+    count = safe_extract(archive, out_dir, int(p["max_extract_gb"] * 10**9), p["max_ratio"])
     print(f"extracted {count} files from {archive} into {out_dir}")
 
 

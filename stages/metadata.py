@@ -53,12 +53,15 @@ def collect(audio_dir: Path, val_actors: list[int], test_actors: list[int]
             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan audio_dir; return (clips, rejects). Paths are relative to the project root."""
     check_split(val_actors, test_actors)
-    rows, rejects = [], []
+    rows, rejects, seen = [], [], {}
     candidates = sorted(p for p in audio_dir.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
     audio = set(find_audio_files(audio_dir))
     for path in candidates:
         if path not in audio:
             rejects.append({"path": str(path), "reason": "not an audio file extension"})
+            continue
+        if path.name in seen:  # a RAVDESS name is one clip: a second copy would count twice
+            rejects.append({"path": str(path), "reason": f"duplicate of {seen[path.name]} (same clip name)"})
             continue
         try:
             fields = parse_name(path)
@@ -69,6 +72,7 @@ def collect(audio_dir: Path, val_actors: list[int], test_actors: list[int]
         if facts["frames"] == 0:
             rejects.append({"path": str(path), "reason": "contains no audio samples"})
             continue
+        seen[path.name] = path
         split = assign_split(fields["actor"], val_actors, test_actors)
         rows.append({"path": str(path), **fields, **facts, "split": split})
     clips = pd.DataFrame(rows, columns=SCHEMA.names)

@@ -13,6 +13,7 @@ Exit code: 0 all labelled, 1 some files could not be, 2 usage or input error, 3 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import ctypes
 import math
@@ -57,6 +58,7 @@ PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 FILES_PER_TASK = 8
 # Windows a task reads at most (a long file is cut into pieces of this many): ~3 MB of features.
 WINDOWS_PER_TASK = 64
+STOP_GRACE_S = 1.0  # on Ctrl-C, running tasks get this long to finish before their workers are killed
 PR_SET_PDEATHSIG = 1  # prctl(2)
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
@@ -199,14 +201,23 @@ class FeatureStream:
             self.close()
 
     def close(self, kill: bool = False) -> None:
-        """Shut the workers down; kill=True (an interrupt, an error) stops them at once
-        instead of letting them finish their tasks."""
+        """Shut the workers down. kill=True (an interrupt, an error): tasks not started are
+        dropped, running ones get STOP_GRACE_S to finish (a task is at most WINDOWS_PER_TASK
+        windows), and workers still busy then are killed. A pool whose worker was killed is
+        not waited for: killed while sending a result, a worker leaves the pool's reader
+        thread waiting for the rest of it for ever."""
         if self.pool is None:
             return
         pool, self.pool = self.pool, None
-        if kill:  # ProcessPoolExecutor has no public way to stop running tasks before 3.14
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.kill()
+        if kill:
+            for future in self.pending:
+                future.cancel()
+            _, running = concurrent.futures.wait(self.pending, timeout=STOP_GRACE_S)
+            if running:  # ProcessPoolExecutor has no public way to stop running tasks before 3.14
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+                return
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -64,6 +64,81 @@ def test_no_model_gives_how_to_train(tmp_path, capsys, monkeypatch):
     assert "no model file" in err and "make repro" in err
 
 
+def test_listening_beyond_localhost_needs_a_password(tiny_checkpoint, capsys, monkeypatch):
+    from stages import app
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("SER_APP_PASSWORD", raising=False)
+    assert app.main(["--model", str(tiny_checkpoint), "--host", "0.0.0.0"]) == 2
+    assert "set a password with --password or the SER_APP_PASSWORD" in capsys.readouterr().err
+    assert app.login("127.0.0.1", None) is None and app.login("localhost", None) is None
+    assert app.login("0.0.0.0", "s3cret") == [("ser", "s3cret")]
+
+
+# Runs the page with every DNS look-up and connection to a non-loopback address logged.
+NETWORK_AUDIT = r"""
+import os, runpy, socket, sys
+log = open(os.environ["NETWORK_AUDIT_LOG"], "a", buffering=1)
+def local(host):
+    return str(host) in ("localhost", "::1", "0.0.0.0", "") or str(host).startswith("127.")
+real_getaddrinfo, real_connect, real_connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+def getaddrinfo(host, *args, **kwargs):
+    if not local(host):
+        log.write(f"lookup {host}\n")
+    return real_getaddrinfo(host, *args, **kwargs)
+def connect(self, address):
+    if isinstance(address, tuple) and not local(address[0]):
+        log.write(f"connect {address}\n")
+    return real_connect(self, address)
+def connect_ex(self, address):
+    if isinstance(address, tuple) and not local(address[0]):
+        log.write(f"connect {address}\n")
+    return real_connect_ex(self, address)
+socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex
+sys.argv = ["stages.app", *sys.argv[1:]]
+runpy.run_module("stages.app", run_name="__main__")
+"""
+
+
+def _upload(url: str, path: Path) -> str:
+    boundary = "----ser-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    import json
+
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())[0]
+
+
+def test_the_page_contacts_nobody_and_removes_its_uploads(tiny_checkpoint, tmp_path):
+    log = tmp_path / "network.log"
+    log.write_text("")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", NETWORK_AUDIT, "--model", str(tiny_checkpoint), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "NETWORK_AUDIT_LOG": str(log)})
+    first_line = proc.stdout.readline()
+    assert first_line.startswith("uploads are kept in "), first_line + proc.stdout.read()
+    uploads = Path(first_line.split()[4])
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+    stored = Path(_upload(url, write_tone(tmp_path / "mine.wav", seconds=1.0)))
+    assert stored.is_file() and uploads in stored.parents
+    time.sleep(3)  # analytics and version checks start in threads at launch
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert not uploads.exists()  # nothing of the user's left behind in the temp folder
+    assert log.read_text() == "", log.read_text()
+
+
 # ---- the real page in headless Chromium -------------------------------------------------
 
 def _free_port() -> int:

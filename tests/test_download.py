@@ -5,6 +5,7 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from stages.download import fetch, safe_extract
@@ -165,3 +166,76 @@ def test_not_a_zip_is_refused(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"nope")
     with pytest.raises(UserError, match="not a zip archive"):
         safe_extract(tmp_path / "x.zip", tmp_path / "out")
+
+
+def _bomb(path, declared_mb: int):
+    """A zip of zeros: a few kB that declare declared_mb MB (deflate's best case is ~1000x)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("Actor_01/zeros.wav", "w", force_zip64=True) as f:
+            for _ in range(declared_mb):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    archive = _bomb(tmp_path / "bomb.zip", 64)
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(UserError, match="would expand to .* over download.max_ratio 100"):
+        safe_extract(archive, tmp_path / "out" / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]  # not even a temp folder
+
+
+def test_declared_total_and_free_disk_are_checked_first(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    archive = _zip(tmp_path / "ok.zip", [("Actor_01/x.wav", bytes(3000)), ("Actor_02/y.wav", bytes(3000))])
+    with pytest.raises(UserError, match="declares 0.0 GB of files, over download.max_extract_gb"):
+        safe_extract(archive, tmp_path / "out", max_total_bytes=5000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match="needs 0.00 GB to extract, 0.00 GB free"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_member_that_holds_more_than_it_declares_is_refused(tmp_path):
+    archive = _zip(tmp_path / "lie.zip", [("Actor_01/x.wav", b"a" * 5000)])
+    data = bytearray(archive.read_bytes())
+    # lower the declared size in both headers (local at 22, central directory at +24)
+    central = data.rfind(b"PK\x01\x02")
+    for offset in (22, central + 24):
+        data[offset : offset + 4] = (100).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="(holds more than the 100 bytes it declares|is corrupt)"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_member_gives_one_clear_message(tmp_path):
+    archive = tmp_path / "corrupt.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Actor_01/x.wav", np.random.default_rng(0).integers(0, 256, 40000, dtype=np.uint8).tobytes())
+    data = bytearray(archive.read_bytes())
+    start = 30 + len("Actor_01/x.wav")  # the member's compressed bytes
+    data[start + 10 : start + 60] = bytes(50)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="member 'Actor_01/x.wav' is corrupt \\(.*\\); fetch the archive again"):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.zip"]
+
+
+def test_md5_is_compared_as_lower_case_text(tmp_path):
+    from stages.download import normalise_md5
+
+    source = tmp_path / "src.zip"
+    source.write_bytes(PAYLOAD)
+    _fetch(str(source), tmp_path / "a.zip", md5=PAYLOAD_MD5.upper())  # upper case: the same checksum
+    assert (tmp_path / "a.zip").read_bytes() == PAYLOAD
+    digits = "12345678901234567890123456789012"
+    import yaml
+
+    assert normalise_md5(yaml.safe_load(f"md5: {digits}")["md5"]) == digits  # YAML made it a number
+    for bad in ("abc", None, "g" * 32, True):
+        with pytest.raises(UserError, match="is not an md5 checksum"):
+            normalise_md5(bad)

@@ -44,3 +44,22 @@ def test_split_is_by_actor_and_disjoint():
     assert [assign_split(a, [2], [3, 4]) for a in (1, 2, 3, 4)] == ["train", "val", "test", "test"]
     with pytest.raises(UserError, match="actors \\[3\\] are in both"):
         collect(__import__("pathlib").Path("."), val_actors=[3], test_actors=[3])
+
+
+def test_the_same_clip_under_two_top_folders_is_one_row_and_a_reject(tmp_path):
+    _tree(tmp_path / "Audio")
+    copy = tmp_path / "backup" / "Actor_01" / "03-01-05-01-01-01-01.wav"
+    write_tone(copy, seconds=0.3)
+    clips, rejects = collect(tmp_path, val_actors=[2], test_actors=[3])
+    assert len(clips) == 6 and clips["path"].map(lambda p: p.split("/")[-1]).is_unique
+    reason = rejects.set_index("path").loc[str(copy), "reason"]
+    assert reason.startswith("duplicate of ") and "Audio/Actor_01/03-01-05-01-01-01-01.wav" in reason
+
+
+def test_the_output_marker_of_an_extracted_folder_is_not_a_reject(tmp_path):
+    from stages.util import OUTPUT_MARKER
+
+    _tree(tmp_path)
+    (tmp_path / OUTPUT_MARKER).write_text("x")
+    _, rejects = collect(tmp_path, val_actors=[2], test_actors=[3])
+    assert OUTPUT_MARKER not in "".join(rejects["path"])

@@ -6,6 +6,7 @@ import pandas as pd
 import soundfile as sf
 import pytest
 
+from bench.hostile import as_in_a_terminal, descendants, gone
 from conftest import write_tone
 from stages.labels import EMOTIONS
 from stages.audio import LogMel, window_bounds
@@ -303,29 +304,6 @@ def test_an_unwritable_output_is_found_before_labelling(tmp_path, tiny_checkpoin
         assert f"output {out}: cannot write in" in err and "files labelled" not in err
 
 
-def _descendants(pid: int) -> set[int]:
-    """Process ids below `pid` (children, their children ...), from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def _start_labelling(folder: Path, out: Path, model: Path):
     import subprocess
     import sys as _sys
@@ -335,12 +313,12 @@ def _start_labelling(folder: Path, out: Path, model: Path):
 
     proc = subprocess.Popen([_sys.executable, "-m", "stages.predict", str(folder), "-o", str(out), "--model",
                              str(model), "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, preexec_fn=as_in_a_terminal)
     deadline = time.time() + 60
-    while len(_descendants(proc.pid)) < 2 and time.time() < deadline:
+    while len(descendants(proc.pid)) < 2 and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(3)  # torch loaded, labelling under way
-    workers = _descendants(proc.pid)
+    workers = descendants(proc.pid)
     assert proc.poll() is None, proc.communicate()
     assert len(workers) >= 2
     return proc, workers
@@ -369,7 +347,7 @@ def test_ctrl_c_stops_labelling_leaves_no_worker_and_keeps_the_old_output(many_f
         assert proc.returncode == 130, err
         assert "interrupted: nothing written" in err and "Traceback" not in err
         time.sleep(0.5)
-        assert all(_gone(pid) for pid in workers), workers
+        assert all(gone(pid) for pid in workers), workers
         assert out.read_text() == "the previous run's labels\n"
         assert stopped_s < 10, stopped_s  # the 2 s target is measured by bench/bench_hostile.py
 
@@ -382,7 +360,7 @@ def test_workers_die_with_a_killed_labeller(many_files, tiny_checkpoint, tmp_pat
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     deadline = time.time() + 10
-    while not all(_gone(pid) for pid in workers) and time.time() < deadline:
+    while not all(gone(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert all(_gone(pid) for pid in workers), workers
+    assert all(gone(pid) for pid in workers), workers
     assert not (tmp_path / "labels.csv").exists()
