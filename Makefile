@@ -2,26 +2,27 @@
 # Each sets everything up on a fresh machine: .venv with the pinned requirements, git, dvc.
 SHELL := /bin/bash
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell md5sum requirements.txt | cut -c1-12)
-# DVC runs each stage's `python -m stages.X` through the shell: make it the venv's python.
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | md5sum | cut -c1-12)
+# DVC runs each stage's `python stages/X.py` through the shell: make it the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup browser repro test app bench compare clean-venv
+.PHONY: setup browser repro cv test app bench clean-venv
 
 # Measured: installing requirements.txt (torch's CUDA build) peaks at 7.7 GB on disk, 5.8 GB after.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); [ "$$free_mb" -ge 8000 ] || \
 	  echo "warning: $$free_mb MB free here; installing .venv needs about 7,700 MB at its peak"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 setup: $(STAMP)
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
 	@[ -d .dvc ] || dvc init -q
 
-# `make repro` runs the pipeline as params.yaml says (default: the official Zenodo archive).
+# `make repro` runs the main pipeline as params.yaml says (default: the official Zenodo archive).
 # `make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=<md5>` runs it on a local archive,
 # recorded by DVC as an experiment with download.url/md5 set (params.yaml is updated).
 repro: setup
@@ -30,6 +31,10 @@ ifdef ARCHIVE
 else
 	dvc repro
 endif
+
+# Actor-fold cross-validation of the train recipe: its own DVC pipeline (cv/dvc.yaml), after repro.
+cv: setup
+	dvc repro cv/dvc.yaml
 
 # The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
 browser:
@@ -40,20 +45,15 @@ browser:
 test: setup browser
 	python -m pytest -q tests
 
-# The demo page on http://127.0.0.1:7860 (ARGS="--host 0.0.0.0 --port 8080 --model path.pt").
+# The demo page on http://127.0.0.1:7860 (ARGS="--port 8080 --model path.pt").
 app: setup
-	python -m stages.app $(ARGS)
+	ser app $(ARGS)
 
 bench: setup
 	python bench/bench_features.py
 	python bench/bench_predict.py
 	python bench/bench_repro.py
 	python -m bench.bench_hostile
-
-# Arch comparison and ablations on the params split (hours of CPU; see bench/experiments.py).
-compare: setup
-	python bench/experiments.py archs
-	python bench/experiments.py ablations
 
 clean-venv:
 	rm -rf $(VENV)

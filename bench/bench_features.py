@@ -1,6 +1,6 @@
 """Benchmark the features stage on the 1,200 mirror clips: steady-state clips/s for
 n_jobs=1 and 2 (after a warm-up that loads files into the page cache and starts the
-workers), and the wall time of the whole stage (`python -m stages.features`, process and
+workers), and the wall time of the whole stage (`python stages/features.py`, process and
 worker start included)."""
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from stages.audio import FeatureParams  # noqa: E402
-from stages.features import build  # noqa: E402
-from stages.metadata import collect, write_parquet  # noqa: E402
+from ser.audio import FeatureParams
+from ser.features import build
+from ser.corpora import collect, write_parquet
 
 MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
 
@@ -30,20 +29,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         zipfile.ZipFile(MIRROR).extractall(tmp / "data/raw")
-        clips, _ = collect(tmp / "data/raw", [], [])
+        clips, _ = collect(tmp / "data/raw", [])
         paths = clips["path"].tolist()
         rates = {}
         for n in (1, 2):
             build(paths[:128], fp, tmp / "warm", n_jobs=n)  # page cache, imports, worker start
             rates[n] = build(paths, fp, tmp / f"f{n}", n_jobs=n)
         # whole stage, as DVC runs it, in a scratch project with the same params
-        shutil.copytree(ROOT / "stages", tmp / "stages")
-        params["features"].update(metadata="data/metadata.parquet", out_dir="data/features")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         write_parquet(clips.assign(path=[str(Path(p).relative_to(tmp)) for p in paths]),
                       tmp / "data/metadata.parquet")
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.features"], cwd=tmp, check=True,
+        subprocess.run([sys.executable, str(ROOT / "stages/features.py"), "--metadata", "data/metadata.parquet",
+                        "--out", "data/features"], cwd=tmp, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stage_s = time.perf_counter() - start
     result = {

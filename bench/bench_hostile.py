@@ -1,6 +1,6 @@
 """Benchmark the labeller on hostile inputs: peak memory and how fast Ctrl-C stops it.
 
-1. Peak RSS of `python -m stages.predict` (main process and workers) on the hostile files of
+1. Peak RSS of `ser label` (main process and workers) on the hostile files of
    bench/hostile.py (a FLAC header claiming 2^36 frames, a WAV at 1 Hz, 3 hours of silence),
    against the same run on one ordinary clip: a header must not decide the memory bill.
 2. Ctrl-C (SIGINT to the process group, as a terminal sends it) at 7 moments of labelling
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(path: Path) -> Path:
-    from stages.audio import FeatureParams
-    from stages.labels import EMOTIONS
-    from stages.models import build_model, save_checkpoint
+    from ser.audio import FeatureParams
+    from ser.corpora import EMOTIONS
+    from ser.models import build_model, save_checkpoint
 
     fp = FeatureParams.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["features"])
     arch = {"channels": [4, 8], "convs_per_block": 1, "batch_norm": True, "block_dropout": 0.0,
@@ -44,14 +44,14 @@ def peak_rss_mb(args: list[str]) -> tuple[float, int, float]:
     code = ("import resource, subprocess, sys, time; t = time.time(); "
             "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc, time.time() - t)")
-    done = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "stages.predict", *args],
+    done = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "ser", "label", *args],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     rss, rc, seconds = done.stdout.split()
     return float(rss), int(rc), float(seconds)
 
 
 def interrupt_once(folder: Path, model: Path, out: Path, delay_s: float) -> tuple[float, int, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "stages.predict", str(folder), "-o", str(out), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "ser", "label", str(folder), "-o", str(out), "--model",
                              str(model), "--jobs", "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=as_in_a_terminal)
     time.sleep(delay_s)

@@ -2,7 +2,7 @@
 
 naive: per file, load the model, compute the features, run the model on that one clip
        (what single-file predict scripts do);
-ours:  `python -m stages.predict` on the whole folder, process start included (default params,
+ours:  `ser label` on the whole folder, process start included (default params,
        then --precision float32: their labels are compared, and scored on the test actors).
 Needs a trained model (make repro) at predict.model."""
 from __future__ import annotations
@@ -21,10 +21,9 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from stages.audio import LogMel, find_audio_files  # noqa: E402
-from stages.labels import parse_name  # noqa: E402
-from stages.models import load_checkpoint  # noqa: E402
+from ser.audio import LogMel, find_audio_files
+from ser.corpora import parse_name
+from ser.models import load_checkpoint
 
 MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
 NAIVE_FILES = 200  # the naive loop is timed on a sample: it is the slow one
@@ -43,9 +42,9 @@ def naive(paths: list[Path], model_path: Path) -> float:
 
 
 def label(clips: Path, out: Path, model_path: Path, *extra: str) -> float:
-    """Seconds for the whole `python -m stages.predict` command, process start included."""
+    """Seconds for the whole `ser label` command, process start included."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.predict", str(clips), "-o", str(out), "--model", str(model_path),
+    subprocess.run([sys.executable, "-m", "ser", "label", str(clips), "-o", str(out), "--model", str(model_path),
                     *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 

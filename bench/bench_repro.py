@@ -11,7 +11,7 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 def main() -> None:
-    status = subprocess.run(DVC + ["status"], cwd=ROOT, capture_output=True, text=True)
+    status = subprocess.run(DVC + ["status", "dvc.yaml"], cwd=ROOT, capture_output=True, text=True)
     if "up to date" not in status.stdout:
         sys.exit("bench_repro: the pipeline is not up to date here; run `make repro` first\n" + status.stdout)
     times = []

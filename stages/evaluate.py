@@ -1,92 +1,34 @@
-"""Stage 5: score the trained model on the test actors only (never seen in training or
-checkpoint selection): metrics JSON, confusion-matrix data for `dvc plots`, and a PNG."""
+"""Stage evaluate: score the trained model on the test actors only (never seen in training):
+metrics JSON, confusion-matrix data for `dvc plots`, and a PNG.
+
+    python stages/evaluate.py --model data/model/model.pt --features data/features \
+        --metadata data/metadata.parquet --metrics metrics/eval.json \
+        --predictions reports/test_predictions.csv --confusion reports/confusion_matrix.png
+"""
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch.nn.functional as F
+import yaml
 
-from stages.models import infer, load_checkpoint
-from stages.train import load_split
-from stages.util import UserError, atomic_path, load_params, pick_device, run_main, write_json
-
-
-def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    """cm[i, j] = number of clips of class i predicted as class j."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (actual, predicted), 1)
-    return cm
-
-
-def scores_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, unweighted average recall (UAR), macro F1 and per-class precision/recall/F1.
-    A class with no predictions (or no clips) gets precision (or recall) 0."""
-    tp = np.diag(cm).astype(float)
-    support = cm.sum(axis=1).astype(float)
-    predicted = cm.sum(axis=0).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = support > 0  # UAR and macro F1 average over the classes the test set has
-    return {
-        "accuracy": float(tp.sum() / cm.sum()) if cm.sum() else 0.0,
-        "uar": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]),
-                "f1": float(f1[i]), "support": int(support[i])}
-            for i, c in enumerate(classes)
-        },
-    }
-
-
-def group_accuracy(frame: pd.DataFrame, column: str) -> dict[str, float]:
-    correct = frame["actual"] == frame["predicted"]
-    return {str(k): round(float(v), 5) for k, v in correct.groupby(frame[column]).mean().items()}
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="share of the actual class")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def round_floats(value: Any, digits: int = 5) -> Any:
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, dict):
-        return {k: round_floats(v, digits) for k, v in value.items()}
-    return value
+from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
+from ser.models import infer, load_checkpoint
+from ser.training import load_clips
+from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
 
 
 def main() -> None:
-    p = load_params("evaluate")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name in ("model", "features", "metadata", "metrics", "predictions", "confusion"):
+        parser.add_argument(f"--{name}", required=True)
+    args = parser.parse_args()
+    p = yaml.safe_load(Path("params.yaml").read_text())["evaluate"]
     device = pick_device(p["device"])
-    model, meta = load_checkpoint(p["model"], device)
+    model, meta = load_checkpoint(args.model, device)
     classes = meta["classes"]
-    x, y, clips = load_split(p["features_dir"], p["metadata"], classes, "test")
+    x, y, clips = load_clips(args.features, args.metadata, classes, split="test")
     if len(x) == 0:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     logits = infer(model, x, p["batch_size"], device)
@@ -94,7 +36,6 @@ def main() -> None:
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
     frame = clips[["path", "actor", "sex", "intensity"]].assign(
         actual=[classes[i] for i in y.numpy()], predicted=[classes[i] for i in predicted])
-
     scores = scores_from_confusion(cm, classes)
     metrics = {
         "test_accuracy": scores["accuracy"],
@@ -107,14 +48,14 @@ def main() -> None:
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
     }
-    write_json(p["metrics"], round_floats(metrics))
-    with atomic_path(p["predictions"]) as tmp:
+    write_json(args.metrics, round_floats(metrics))
+    with atomic_path(args.predictions) as tmp:
         frame[["path", "actual", "predicted"]].to_csv(tmp, index=False)
     title = (f"Test actors {metrics['test_actors']}: accuracy {scores['accuracy']:.1%}, "
              f"UAR {scores['uar']:.1%}")
-    plot_confusion(cm, classes, title, p["confusion_png"])
+    plot_confusion(cm, classes, title, args.confusion)
     print(f"evaluate: {title} ({len(y)} clips)")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_stage(main)

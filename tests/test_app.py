@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 
 from conftest import MIRROR, ROOT, write_tone
-from stages.app import Analyser, timeline_figure
-from stages.labels import EMOTIONS
-from stages.predict import Settings
+from ser.app import Analyser, timeline_figure
+from ser.corpora import EMOTIONS
+from ser.labeller import Settings
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=256)
@@ -56,7 +56,7 @@ def test_bad_input_gives_a_readable_message(analyser, tmp_path, make, message):
 
 
 def test_no_model_gives_how_to_train(tmp_path, capsys, monkeypatch):
-    from stages import app
+    from ser import app
 
     monkeypatch.chdir(ROOT)
     assert app.main(["--model", str(tmp_path / "none.pt")]) == 2
@@ -65,7 +65,7 @@ def test_no_model_gives_how_to_train(tmp_path, capsys, monkeypatch):
 
 
 def test_listening_beyond_localhost_needs_a_password(tiny_checkpoint, capsys, monkeypatch):
-    from stages import app
+    from ser import app
 
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("SER_APP_PASSWORD", raising=False)
@@ -95,8 +95,8 @@ def connect_ex(self, address):
         log.write(f"connect {address}\n")
     return real_connect_ex(self, address)
 socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex
-sys.argv = ["stages.app", *sys.argv[1:]]
-runpy.run_module("stages.app", run_name="__main__")
+sys.argv = ["ser", "app", *sys.argv[1:]]
+runpy.run_module("ser", run_name="__main__")
 """
 
 
@@ -149,7 +149,7 @@ def _free_port() -> int:
 
 def _start_app(model_path: Path, *args: str):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.app", "--model", str(model_path), "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(model_path), "--port", str(port), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -178,8 +178,8 @@ def page_server(tmp_path_factory):
     import torch
 
     from conftest import TINY_ARCH
-    from stages.audio import FeatureParams
-    from stages.models import build_model, save_checkpoint
+    from ser.audio import FeatureParams
+    from ser.models import build_model, save_checkpoint
 
     work = tmp_path_factory.mktemp("app")
     fp = FeatureParams(sample_rate=16000, duration_s=3.2, n_mels=64, n_fft=1024, hop_length=256,

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from conftest import write_tone
-from stages.audio import AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio, mel_filterbank
+from ser.audio import AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio, mel_filterbank
 
 
 @pytest.mark.parametrize("sr, channels, subtype, suffix", [

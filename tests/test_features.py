@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 
 from conftest import write_tone
-from stages.audio import LogMel
-from stages.features import build, load
+from ser.audio import LogMel
+from ser.features import build, load
 
 
 def test_build_writes_an_aligned_memmap_and_same_numbers_for_any_n_jobs(tmp_path, feature_params):
@@ -24,7 +24,7 @@ def test_build_writes_an_aligned_memmap_and_same_numbers_for_any_n_jobs(tmp_path
 def test_a_bad_clip_fails_the_stage_naming_it_and_leaves_no_output(tmp_path, feature_params):
     import pytest
 
-    from stages.util import UserError
+    from ser.util import UserError
 
     good = str(write_tone(tmp_path / "good.wav"))
     bad = tmp_path / "bad.wav"

@@ -1,8 +1,8 @@
 import pickle
 import zipfile
 
-from stages.models import load_checkpoint
-from stages.modelfile import read_model_info
+from ser.models import load_checkpoint
+from ser.modelfile import read_model_info
 
 
 def test_reads_what_the_full_load_reads(tiny_checkpoint):

@@ -2,13 +2,11 @@ import pytest
 import torch
 
 from conftest import TINY_ARCH
-from stages.labels import EMOTIONS
-from stages.models import ModelFileError, build_model, count_parameters, infer, load_checkpoint
+from ser.corpora import EMOTIONS
+from ser.models import ModelFileError, build_model, count_parameters, infer, load_checkpoint
 
 
-@pytest.mark.parametrize("change", [{}, {"pooling": "attention"}, {"pooling": "meanstd"}, {"lstm_hidden": 6},
-                                    {"batch_norm": False, "convs_per_block": 2},
-                                    {"deltas": True, "utterance_norm": True}])
+@pytest.mark.parametrize("change", [{}, {"batch_norm": False}, {"channels": [4, 8, 16], "block_dropout": 0.2}])
 def test_forward_shapes(change):
     model = build_model({**TINY_ARCH, **change}, n_mels=32, n_classes=8)
     assert model(torch.randn(3, 32, 63)).shape == (3, 8)
@@ -16,7 +14,7 @@ def test_forward_shapes(change):
 
 
 def test_statistics_pooling_gives_each_features_mean_and_spread_over_time():
-    from stages.models import statistics_pool
+    from ser.models import statistics_pool
 
     x = torch.tensor([[[0.0, 1.0], [10.0, 1.0], [0.0, 1.0], [10.0, 1.0]]], requires_grad=True)  # (1, 4 frames, 2)
     pooled = statistics_pool(x)
@@ -26,26 +24,34 @@ def test_statistics_pooling_gives_each_features_mean_and_spread_over_time():
 
 
 def test_statistics_pooling_runs_in_float32_under_bfloat16_autocast():
-    from stages.models import statistics_pool
+    from ser.models import statistics_pool
 
     x = torch.full((1, 4, 1), 300.0, dtype=torch.bfloat16)
     x[0, ::2] = 0.0
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         pooled = statistics_pool(x)
-        logits = build_model({**TINY_ARCH, "pooling": "meanstd"}, 32, 8).eval()(torch.randn(2, 32, 63))
+        logits = build_model(TINY_ARCH, 32, 8).eval()(torch.randn(2, 32, 63))
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled, torch.tensor([[150.0, 150.0]]))
     assert logits.shape == (2, 8) and torch.isfinite(logits).all()
 
 
-def test_an_unknown_pooling_is_refused():
-    with pytest.raises(ValueError, match="pooling must be one of meanmax, meanstd, attention"):
-        build_model({**TINY_ARCH, "pooling": "median"}, n_mels=32, n_classes=8)
+def test_settings_of_retired_architectures_load_only_at_the_value_kept():
+    """Model files of the previous layout carry cnn4's full settings: they still load."""
+    old_cnn4 = {**TINY_ARCH, "convs_per_block": 1, "pooling": "meanstd", "lstm_hidden": 0, "freq_pool": "flatten",
+                "utterance_norm": True, "deltas": False}
+    assert build_model(old_cnn4, 32, 8)(torch.randn(2, 32, 63)).shape == (2, 8)
+    for retired in ({"pooling": "attention"}, {"lstm_hidden": 64}, {"convs_per_block": 2}, {"deltas": True}):
+        with pytest.raises(ValueError, match=f"arch setting {next(iter(retired))} is no longer supported"):
+            build_model({**TINY_ARCH, **retired}, 32, 8)
 
 
-def test_paper_vgg_shape_from_params():
-    arch = {"channels": [32, 64, 128, 256], "convs_per_block": 1, "batch_norm": True,
-            "block_dropout": 0.1, "head_dropout": 0.3, "head_hidden": 128, "pooling": "meanmax", "lstm_hidden": 0}
+def test_the_default_shape_from_params():
+    import yaml
+
+    from conftest import ROOT
+
+    arch = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["model"]
     assert build_model(arch, 64, 8)(torch.randn(2, 64, 201)).shape == (2, 8)
 
 
@@ -87,7 +93,7 @@ def test_a_model_whose_weights_do_not_match_its_classes_or_features_is_refused(t
 
 def test_the_same_weights_give_the_same_file_bytes(tmp_path, feature_params):
     from conftest import TINY_ARCH
-    from stages.models import save_checkpoint
+    from ser.models import save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(TINY_ARCH, feature_params.n_mels, 8)
@@ -97,13 +103,13 @@ def test_the_same_weights_give_the_same_file_bytes(tmp_path, feature_params):
 
 
 def test_utterance_norm_ignores_a_constant_gain():
-    model = build_model({**TINY_ARCH, "utterance_norm": True}, n_mels=32, n_classes=8).eval()
+    model = build_model(TINY_ARCH, n_mels=32, n_classes=8).eval()
     x = torch.randn(2, 32, 63)
     torch.testing.assert_close(model(x), model(x + 12.0), rtol=1e-4, atol=1e-4)
 
 
 def test_an_ensemble_round_trips_and_averages_its_members_probabilities(tmp_path, feature_params):
-    from stages.models import Ensemble, save_checkpoint
+    from ser.models import Ensemble, save_checkpoint
 
     torch.manual_seed(0)
     members = [build_model(TINY_ARCH, feature_params.n_mels, 8).eval() for _ in range(3)]
@@ -118,7 +124,7 @@ def test_an_ensemble_round_trips_and_averages_its_members_probabilities(tmp_path
 
 def test_fusing_batch_norm_for_inference_keeps_the_outputs(feature_params):
     torch.manual_seed(0)
-    model = build_model({**TINY_ARCH, "convs_per_block": 2}, feature_params.n_mels, 8)
+    model = build_model({**TINY_ARCH, "channels": [4, 8, 16]}, feature_params.n_mels, 8)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics
             module.running_mean.normal_()
@@ -134,7 +140,7 @@ def test_fusing_batch_norm_for_inference_keeps_the_outputs(feature_params):
 
 
 def test_inference_rewrite_keeps_the_outputs_bit_for_bit_in_the_pool():
-    from stages.models import MaxPool2x2
+    from ser.models import MaxPool2x2
 
     x = torch.randn(2, 5, 17, 33).contiguous(memory_format=torch.channels_last)
     assert torch.equal(MaxPool2x2()(x), torch.nn.functional.max_pool2d(x, 2))
@@ -149,7 +155,7 @@ def test_inference_rewrite_keeps_the_outputs_bit_for_bit_in_the_pool():
 
 
 def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    from stages import models
+    from ser import models
 
     cpu = torch.device("cpu")
     assert models.autocast_dtype(cpu, "float32") is None
@@ -164,7 +170,7 @@ def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
 
 
 def test_bfloat16_inference_is_close_to_float32(tiny_checkpoint):
-    from stages.models import infer
+    from ser.models import infer
 
     model, _ = load_checkpoint(tiny_checkpoint)
     x = torch.randn(16, 32, 63) * 10

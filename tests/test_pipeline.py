@@ -48,7 +48,7 @@ def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     repo = work / "repo"
     repo.mkdir()
-    for name in ["stages", "params.yaml", "dvc.yaml", ".gitignore"]:
+    for name in ["ser", "stages", "cv", "params.yaml", "dvc.yaml", ".gitignore"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -57,7 +57,7 @@ def project(tmp_path_factory):
     md5 = _slice(work / "slice.zip")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["download"].update(url=str(work / "slice.zip"), md5=md5)
-    params["metadata"].update(val_actors=[13, 14], test_actors=[17, 18])
+    params["metadata"].update(test_actors=[17, 18])
     params["train"].update(epochs=2)
     params["cv"].update(fold_size=2)  # 6 actors: 3 folds of 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -71,16 +71,23 @@ def project(tmp_path_factory):
     return repo, env, dvc, first
 
 
-def test_repro_runs_every_stage_and_writes_outputs(project):
+MAIN_STAGES = ["download", "metadata", "features", "train", "evaluate", "predict"]
+
+
+def _ran(out: str) -> set[str]:
+    return {s for s in MAIN_STAGES + ["cv"] if f"Running stage '{s}'" in out or f"Running stage 'cv/dvc.yaml:{s}'" in out}
+
+
+def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     repo, _, _, first = project
-    for stage in ["download", "metadata", "features", "train", "cv", "evaluate", "predict"]:
-        assert f"Running stage '{stage}'" in first
+    assert _ran(first) == set(MAIN_STAGES)  # cross-validation is its own pipeline
     clips = pd.read_parquet(repo / "data/metadata.parquet")
     assert len(clips) == 360 and set(clips["actor"]) == {1, 2, 13, 14, 17, 18}
-    assert clips.groupby("split")["actor"].nunique().to_dict() == {"test": 2, "train": 2, "val": 2}
+    assert clips.groupby("split")["actor"].nunique().to_dict() == {"test": 2, "train": 4}
     train = json.loads((repo / "metrics/train.json").read_text())
     members = params_of(repo)["train"]["ensemble_seeds"]  # the default's seed ensemble
-    assert train["members"] == members and train["epochs_run"] == 2 * members and train["device"] == "cpu"
+    assert train["members"] == members and train["epochs"] == 2 and train["device"] == "cpu"
+    assert train["train_actors"] == [1, 2, 13, 14] and train["train_clips"] == 240
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert ev["test_actors"] == [17, 18] and ev["test_clips"] == 120
     for key in ["test_accuracy", "test_uar", "test_macro_f1", "test_loss"]:
@@ -93,19 +100,38 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")
     assert len(predictions) == 360 and (predictions["status"] == "ok").all()
+
+
+def test_status_clean_and_second_repro_does_nothing(project):
+    repo, env, dvc, _ = project
+    assert "up to date" in _run(dvc + ["status", "dvc.yaml"], repo, env)  # cv/dvc.yaml runs with `make cv`
+    assert "Running stage" not in _run(dvc + ["repro"], repo, env)
+
+
+def test_cv_is_its_own_pipeline_and_reuses_the_train_stage_fold(project):
+    repo, env, dvc, _ = project
+    out = _run(dvc + ["repro", "cv/dvc.yaml"], repo, env)
+    assert _ran(out) == {"cv"}
     cv = json.loads((repo / "metrics/cv.json").read_text())
     assert cv["folds"] == 3 and 0 <= cv["test_accuracy_mean"] <= 1 and cv["test_accuracy_std"] >= 0
     folds = pd.read_csv(repo / "reports/cv_folds.csv")
     assert folds["test_actors"].tolist() == ["1 2", "13 14", "17 18"]
     # the test actors' fold is the train stage's model, not a second training of it
     assert folds["model"].tolist() == ["trained here", "trained here", "train stage"]
+    ev = json.loads((repo / "metrics/eval.json").read_text())
     assert cv["per_fold"]["fold3"]["test_accuracy"] == round(ev["test_accuracy"], 5)
 
 
-def test_status_clean_and_second_repro_does_nothing(project):
+def test_any_change_to_the_library_makes_every_stage_stale(project):
     repo, env, dvc, _ = project
-    assert "up to date" in _run(dvc + ["status"], repo, env)
-    assert "Running stage" not in _run(dvc + ["repro"], repo, env)
+    library_file = repo / "ser" / "metrics.py"
+    original = library_file.read_text()
+    library_file.write_text(original + "\n# a change\n")
+    try:
+        status = _run(dvc + ["status", "--json"], repo, env)
+    finally:
+        library_file.write_text(original)
+    assert set(MAIN_STAGES) <= set(json.loads(status)), status
 
 
 def test_train_param_experiment_reruns_only_downstream_and_diffs(project):
@@ -113,13 +139,10 @@ def test_train_param_experiment_reruns_only_downstream_and_diffs(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline"], repo, env)
     out = _run(dvc + ["exp", "run", "-S", "train.epochs=1"], repo, env)
-    ran = {s for s in ["download", "metadata", "features", "train", "cv", "evaluate", "predict"]
-           if f"Running stage '{s}'" in out}
-    assert ran == {"train", "cv", "evaluate", "predict"}
+    assert _ran(out) == {"train", "evaluate", "predict"}
     diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], repo, env))
-    assert {"metrics/eval.json", "metrics/train.json", "metrics/cv.json"} <= set(diff)
-    members = params_of(repo)["train"]["ensemble_seeds"]
-    assert diff["metrics/train.json"]["epochs_run"] == {"old": 2 * members, "new": members, "diff": -members}
+    assert {"metrics/eval.json", "metrics/train.json"} <= set(diff)
+    assert diff["metrics/train.json"]["epochs"] == {"old": 2, "new": 1, "diff": -1}
     plots = json.loads(_run(dvc + ["plots", "diff", "--json"], repo, env))["data"]
-    assert {"Loss", "Accuracy", "Confusion (test actors)"} <= set(plots)
+    assert {"Loss", "Accuracy (training clips)", "Confusion (test actors)"} <= set(plots)
     assert set(plots["Loss"][0]["revisions"]) == {"workspace", "HEAD"}

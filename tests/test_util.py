@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from stages.util import OUTPUT_MARKER, UserError, atomic_path, load_params, remove_stale_temps, write_json
+from ser.util import OUTPUT_MARKER, UserError, atomic_path, remove_stale_temps, run_stage, write_json
 
 
 def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path):
@@ -81,11 +81,13 @@ def test_stale_temps_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     assert live.exists()
 
 
-def test_write_json_and_load_params(tmp_path):
+def test_write_json_and_run_stage(tmp_path, capsys):
     write_json(tmp_path / "m.json", {"a": 1})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
-    params = tmp_path / "params.yaml"
-    params.write_text("train:\n  lr: 0.1\n")
-    assert load_params("train", params) == {"lr": 0.1}
-    with pytest.raises(UserError, match="no 'predict' section"):
-        load_params("predict", params)
+
+    def failing() -> None:
+        raise UserError("train.classes: unknown class set 'seven'")
+
+    with pytest.raises(SystemExit) as stop:
+        run_stage(failing)
+    assert stop.value.code == 1 and capsys.readouterr().err == "error: train.classes: unknown class set 'seven'\n"

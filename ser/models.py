@@ -8,68 +8,46 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.audio import FeatureParams
-from stages.util import atomic_path
+from ser.audio import FeatureParams
+from ser.util import atomic_path
 
 CHECKPOINT_FORMAT = 2  # 2: a list of member weights (one for a single model)
-# Pooling over time: mean and max; mean and standard deviation (statistics pooling);
-# attention-weighted mean.
-POOLINGS = ("meanmax", "meanstd", "attention")
 STD_FLOOR = 1e-5  # added to the variance before its square root in statistics pooling
+# Settings of architectures measured and dropped (docs/experiments.md): a model file that
+# has them is loaded only if they hold the one value this model still has.
+RETIRED_ARCH = {"convs_per_block": 1, "pooling": "meanstd", "lstm_hidden": 0, "freq_pool": "flatten",
+                "utterance_norm": True, "deltas": False}
 
 
 class EmotionCNN(nn.Module):
-    """2D CNN over log-Mel: conv blocks (conv, [BatchNorm], ReLU) -> max-pool -> dropout,
-    (block dropout before a BatchNorm shifts its statistics between training and eval:
-    keep it small; the head's dropout does the regularising),
-    then optional BiLSTM over time, then mean+max (or mean+std, or attention) pooling over
-    time and a dense head. Input (batch, n_mels, frames) in dB; normalised inside with stored stats."""
+    """2D CNN over log-Mel: conv blocks (3x3 conv, [BatchNorm], ReLU, 2x2 max-pool, dropout),
+    the remaining mel bands of each frame concatenated, statistics pooling over time (each
+    feature's mean and standard deviation), and a dense head. Input (batch, n_mels, frames) in
+    dB, normalised inside with stored per-bin statistics, then each clip's own mean per mel
+    bin subtracted (removes the speaker's and the microphone's average spectrum).
+    Block dropout before a BatchNorm shifts its statistics between training and eval: keep it
+    small; the head's dropout does the regularising."""
 
-    def __init__(self, n_mels: int, n_classes: int, channels: list[int], convs_per_block: int,
-                 batch_norm: bool, block_dropout: float, head_dropout: float, head_hidden: int,
-                 pooling: str, lstm_hidden: int, deltas: bool = False,
-                 utterance_norm: bool = False, freq_pool: str = "mean") -> None:
+    def __init__(self, n_mels: int, n_classes: int, channels: list[int], batch_norm: bool,
+                 block_dropout: float, head_dropout: float, head_hidden: int) -> None:
         super().__init__()
-        # deltas: the log-Mel's first and second time derivatives as two more input channels.
-        # utterance_norm: subtract each clip's own mean per mel bin (removes the speaker's and
-        # the microphone's average spectrum; only the changes over time remain).
-        self.deltas, self.utterance_norm = deltas, utterance_norm
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        if freq_pool not in ("mean", "flatten"):
-            raise ValueError(f"freq_pool must be 'mean' or 'flatten', not {freq_pool!r}")
-        # freq_pool: how the conv output's remaining mel bands become one vector per frame:
-        # averaged ('mean': where in the spectrum is lost) or concatenated ('flatten').
-        self.freq_pool = freq_pool
         self.register_buffer("feature_mean", torch.zeros(n_mels))
         self.register_buffer("feature_std", torch.ones(n_mels))
         layers: list[nn.Module] = []
-        in_ch = 3 if deltas else 1
+        in_ch = 1
         for out_ch in channels:
-            for _ in range(convs_per_block):
-                layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm)]
-                if batch_norm:
-                    layers.append(nn.BatchNorm2d(out_ch))
-                layers.append(nn.ReLU(inplace=True))
-                in_ch = out_ch
-            layers += [nn.MaxPool2d(2), nn.Dropout(block_dropout)]
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(block_dropout)]
+            in_ch = out_ch
         self.conv = nn.Sequential(*layers)
         bands = n_mels // 2 ** len(channels)
         if bands < 1:
             raise ValueError(f"{len(channels)} pooling blocks need at least {2 ** len(channels)} mel bands")
-        width = in_ch * bands if freq_pool == "flatten" else in_ch
-        self.lstm = None
-        if lstm_hidden > 0:
-            self.lstm = nn.LSTM(width, lstm_hidden, batch_first=True, bidirectional=True)
-            width = 2 * lstm_hidden
-        self.pooling = pooling
-        if pooling == "attention":
-            self.attention = nn.Linear(width, 1)
-            pooled = width
-        else:
-            pooled = 2 * width
+        width = in_ch * bands
         self.head = nn.Sequential(
-            nn.Dropout(head_dropout), nn.Linear(pooled, head_hidden), nn.ReLU(inplace=True),
+            nn.Dropout(head_dropout), nn.Linear(2 * width, head_hidden), nn.ReLU(inplace=True),
             nn.Dropout(head_dropout), nn.Linear(head_hidden, n_classes),
         )
 
@@ -103,29 +81,10 @@ class EmotionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.feature_mean[:, None]) / self.feature_std[:, None]
-        if self.utterance_norm:
-            x = x - x.mean(dim=2, keepdim=True)
-        x = x.unsqueeze(1)
-        if self.deltas:
-            import torchaudio  # here, not at the top: its import costs the labeller 0.4 s
-
-            d1 = torchaudio.functional.compute_deltas(x)
-            x = torch.cat([x, d1, torchaudio.functional.compute_deltas(d1)], dim=1)
-        x = self.conv(x)  # (B, C, mels', frames')
-        if self.freq_pool == "flatten":
-            x = x.flatten(1, 2).transpose(1, 2)  # (B, frames', C * bands)
-        else:
-            x = x.mean(dim=2).transpose(1, 2)  # (B, frames', C)
-        if self.lstm is not None:
-            x, _ = self.lstm(x)
-        if self.pooling == "attention":
-            weights = torch.softmax(self.attention(x), dim=1)
-            x = (weights * x).sum(dim=1)
-        elif self.pooling == "meanstd":
-            x = statistics_pool(x)
-        else:
-            x = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)
-        return self.head(x)
+        x = x - x.mean(dim=2, keepdim=True)  # per clip and mel bin
+        x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
+        x = x.flatten(1, 2).transpose(1, 2)  # (B, frames', C * bands)
+        return self.head(statistics_pool(x))
 
 
 def statistics_pool(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +130,13 @@ class Ensemble(nn.Module):
 
 
 def build_model(arch: dict[str, Any], n_mels: int, n_classes: int) -> EmotionCNN:
+    """The model of `arch` (channels, batch_norm, block_dropout, head_dropout, head_hidden).
+    Settings of retired architectures are accepted at the one value this model has."""
+    arch = dict(arch)
+    for name, kept in RETIRED_ARCH.items():
+        if name in arch and arch.pop(name) != kept:
+            raise ValueError(f"arch setting {name} is no longer supported except as {kept!r} "
+                             "(see docs/experiments.md)")
     return EmotionCNN(n_mels=n_mels, n_classes=n_classes, **arch)
 
 

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from stages.download import fetch, safe_extract
-from stages.util import UserError
+from ser.archive import fetch, safe_extract
+from ser.util import UserError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -226,7 +226,7 @@ def test_a_corrupt_member_gives_one_clear_message(tmp_path):
 
 
 def test_md5_is_compared_as_lower_case_text(tmp_path):
-    from stages.download import normalise_md5
+    from ser.archive import normalise_md5
 
     source = tmp_path / "src.zip"
     source.write_bytes(PAYLOAD)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from stages.audio import FeatureParams
+from ser.audio import FeatureParams
 
 
 def _no_tensor(*args: Any, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""Small helpers every stage uses: params, atomic writes, seeding, device choice."""
+"""Small helpers of the whole library: atomic writes, seeding, device choice, user errors."""
 from __future__ import annotations
 
 import json
@@ -8,25 +8,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-import yaml
-
-PARAMS_FILE = Path("params.yaml")
 
 
 class UserError(Exception):
     """A problem the user can fix (bad input, missing file); printed as one line, no traceback."""
-
-
-def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Return one section of params.yaml; each stage reads only its own."""
-    with open(path, encoding="utf-8") as f:
-        params = yaml.safe_load(f)
-    if section not in params:
-        raise UserError(f"{path}: no '{section}' section")
-    return params[section]
 
 
 # An output directory that atomic_path wrote carries this file: only such a directory is ever
@@ -117,6 +105,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """JSON, indented, written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -143,7 +132,7 @@ def pick_device(preference: str = "auto") -> "torch.device":
     return torch.device(preference)
 
 
-def run_main(main) -> None:
+def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); user errors become one clear line and exit code 1."""
     import sys
 

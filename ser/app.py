@@ -1,13 +1,14 @@
 """A web page to try the trained model: upload or record a clip, see the emotion.
 
-    python -m stages.app [--model data/model/model.pt] [--host 127.0.0.1] [--port 7860]
+    ser app [--model data/model/model.pt] [--host 127.0.0.1] [--port 7860]
 
 It scores audio with the batch labeller's own code (same decoding, windows, features and
-model), so the page shows what `python -m stages.predict` would write for the file.
+model), so the page shows what `ser label` would write for the file.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,10 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.audio import AudioError, audio_info
-from stages.models import ModelFileError, load_checkpoint
-from stages.predict import PROJECT_PARAMS, Settings, label_files
-from stages.util import PARAMS_FILE, load_params
+from ser.audio import AudioError, Settings, audio_info
+from ser.labeller import DEFAULT_MODEL, DEFAULTS, label_files
+from ser.models import ModelFileError, load_checkpoint
 
 # A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
 # Set before gradio (and huggingface_hub, which it imports) is loaded; they read them then.
@@ -33,6 +33,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Uploads and recordings: every UPLOAD_SWEEP_S, those older than UPLOAD_MAX_AGE_S are deleted
 # (Gradio's delete_cache); the whole folder goes when the page stops.
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 60, 600
+MAX_DURATION_S = 600  # longer clips get a message (the batch labeller takes any length)
 
 
 class Analyser:
@@ -56,7 +57,7 @@ class Analyser:
             duration = None  # label_files reports why the file cannot be read
         if duration is not None and duration > self.max_duration_s:
             return {"error": f"The clip is {duration:.0f} s long; this page takes up to "
-                             f"{self.max_duration_s:.0f} s (use `python -m stages.predict` for longer files)."}
+                             f"{self.max_duration_s:.0f} s (use `ser label` for longer files)."}
         files, segments = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"))
         row = files.iloc[0]
         if row["status"] != "ok":
@@ -132,28 +133,24 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = load_params("app", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
-    predict = load_params("predict", PARAMS_FILE if PARAMS_FILE.exists() else PROJECT_PARAMS)
-    parser = argparse.ArgumentParser(prog="python -m stages.app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=predict["model"])
-    parser.add_argument("--host", default=p["host"], help="beyond 127.0.0.1 a password is required")
-    parser.add_argument("--port", type=int, default=p["port"])
+    parser = argparse.ArgumentParser(prog="ser app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (what `make repro` trains)")
+    parser.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 a password is required")
+    parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--password", default=os.environ.get("SER_APP_PASSWORD"),
                         help="log-in password (user: ser); default: $SER_APP_PASSWORD")
-    parser.add_argument("--max-upload-mb", type=float, default=p["max_upload_mb"])
+    parser.add_argument("--max-upload-mb", type=float, default=50)
+    parser.add_argument("--max-duration-s", type=float, default=MAX_DURATION_S,
+                        help="longer clips get a message (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         auth = login(args.host, args.password)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = Settings(batch_size=predict["batch_size"], n_jobs=1, min_duration_s=predict["min_duration_s"],
-                        silence_peak=predict["silence_peak"], segment_s=predict["segment_s"],
-                        hop_s=predict["hop_s"], max_queued_windows=predict["max_queued_windows"],
-                        precision=predict["precision"], max_duration_s=predict["max_duration_s"],
-                        min_sample_rate=predict["min_sample_rate"])
+    settings = dataclasses.replace(DEFAULTS, n_jobs=1)  # one clip at a time: no worker processes
     try:
-        analyser = Analyser(args.model, settings, p["max_duration_s"])
+        analyser = Analyser(args.model, settings, args.max_duration_s)
     except ModelFileError as e:
         print(f"error: {e}\nTrain a model first: `make repro` (or `make repro ARCHIVE=... ARCHIVE_MD5=...`), "
               f"or pass --model PATH.", file=sys.stderr)

@@ -8,9 +8,9 @@ import pytest
 
 from bench.hostile import as_in_a_terminal, descendants, gone
 from conftest import write_tone
-from stages.labels import EMOTIONS
-from stages.audio import LogMel, window_bounds
-from stages.predict import FILES_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare, write_table
+from ser.corpora import EMOTIONS
+from ser.audio import LogMel, window_bounds
+from ser.labeller import FILES_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare, write_table
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=256)
@@ -192,7 +192,7 @@ def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
 
     from conftest import ROOT
 
-    code = "import os, stages.predict, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, ser.labeller, torch; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         run_env = env if preset is None else {**env, "OMP_WAIT_POLICY": preset}
@@ -208,7 +208,7 @@ def test_command_line_with_worker_processes(folder, tiny_checkpoint, tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "cli.csv"
-    done = subprocess.run([_sys.executable, "-m", "stages.predict", str(folder), "-o", str(out),
+    done = subprocess.run([_sys.executable, "-m", "ser", "label", str(folder), "-o", str(out),
                            "--model", str(tiny_checkpoint), "--jobs", "2"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
     frame = pd.read_csv(out)
@@ -245,8 +245,8 @@ def test_a_long_file_streams_in_pieces_with_the_same_labels(tmp_path, tiny_check
     WINDOWS_PER_TASK of them): same file label and segments as in one piece."""
     import torch
 
-    from stages import predict
-    from stages.models import load_checkpoint
+    from ser import labeller as predict
+    from ser.models import load_checkpoint
 
     paths = [write_tone(tmp_path / "a_long.wav", seconds=40.0, sr=8000, freq=300),
              write_tone(tmp_path / "b_short.wav", seconds=2.0), write_tone(tmp_path / "c_long.wav", seconds=31.0)]
@@ -267,8 +267,8 @@ def test_a_long_file_streams_in_pieces_with_the_same_labels(tmp_path, tiny_check
 def test_a_model_file_with_absurd_feature_params_is_refused(tmp_path, feature_params):
     import dataclasses
 
-    from stages.labels import EMOTIONS
-    from stages.models import build_model, save_checkpoint
+    from ser.corpora import EMOTIONS
+    from ser.models import build_model, save_checkpoint
     from conftest import TINY_ARCH
 
     write_tone(tmp_path / "a.wav")
@@ -311,7 +311,7 @@ def _start_labelling(folder: Path, out: Path, model: Path):
 
     from conftest import ROOT
 
-    proc = subprocess.Popen([_sys.executable, "-m", "stages.predict", str(folder), "-o", str(out), "--model",
+    proc = subprocess.Popen([_sys.executable, "-m", "ser", "label", str(folder), "-o", str(out), "--model",
                              str(model), "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=as_in_a_terminal)
     deadline = time.time() + 60

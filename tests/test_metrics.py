@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.evaluate import confusion_matrix, group_accuracy, scores_from_confusion
+from ser.metrics import confusion_matrix, group_accuracy, scores_from_confusion
 
 
 def test_confusion_matrix_counts_pairs():

@@ -1,9 +1,17 @@
-"""The RAVDESS label schema: file-name fields and the emotion class list."""
+"""Corpora: the emotion class list, the RAVDESS file-name schema, and the scan of an extracted
+corpus into one row per clip (file-name fields, audio facts, a speaker-independent split)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ser.audio import AudioError, audio_info, find_audio_files
+from ser.util import OUTPUT_MARKER, atomic_path
 
 # Order is the class index order of every model this project trains.
 EMOTIONS: list[str] = [
@@ -74,3 +82,57 @@ def resolve_classes(selected: str | list[str] | None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown emotion(s) {unknown}; choose from {EMOTIONS}")
     return [e for e in EMOTIONS if e in selected]
+
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("modality", pa.string()),
+    ("vocal_channel", pa.string()),
+    ("emotion", pa.string()),
+    ("intensity", pa.string()),
+    ("statement", pa.int8()),
+    ("repetition", pa.int8()),
+    ("actor", pa.int8()),
+    ("sex", pa.string()),
+    ("sample_rate", pa.int32()),
+    ("channels", pa.int16()),
+    ("frames", pa.int64()),
+    ("duration_s", pa.float64()),
+    ("split", pa.string()),
+])
+
+
+def collect(audio_dir: Path, test_actors: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan audio_dir; return (clips, rejects). Every actor is in one split: `test` for
+    test_actors, else `train`. Paths are as found under audio_dir."""
+    rows, rejects, seen = [], [], {}
+    candidates = sorted(p for p in audio_dir.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
+    audio = set(find_audio_files(audio_dir))
+    for path in candidates:
+        if path not in audio:
+            rejects.append({"path": str(path), "reason": "not an audio file extension"})
+            continue
+        if path.name in seen:  # a RAVDESS name is one clip: a second copy would count twice
+            rejects.append({"path": str(path), "reason": f"duplicate of {seen[path.name]} (same clip name)"})
+            continue
+        try:
+            fields = parse_name(path)
+            facts = audio_info(path)
+        except (ValueError, AudioError) as e:
+            rejects.append({"path": str(path), "reason": str(e)})
+            continue
+        if facts["frames"] == 0:
+            rejects.append({"path": str(path), "reason": "contains no audio samples"})
+            continue
+        seen[path.name] = path
+        split = "test" if fields["actor"] in test_actors else "train"
+        rows.append({"path": str(path), **fields, **facts, "split": split})
+    clips = pd.DataFrame(rows, columns=SCHEMA.names)
+    return clips, pd.DataFrame(rejects, columns=["path", "reason"])
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """The clips table with SCHEMA's column types, written atomically."""
+    table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

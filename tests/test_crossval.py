@@ -1,0 +1,108 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import synthetic_dataset, train_params
+from ser.crossval import cross_validate, make_folds
+from ser.features import PARAMS_NAME
+from ser.util import UserError
+
+
+def _cv(data, recipe, fold_size=2, n_jobs=1, train_model=None):
+    return cross_validate(data, recipe, fold_size, n_jobs, train_model=train_model)
+
+
+def _data(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    return str(features), str(metadata)
+
+
+def test_folds_are_consecutive_actor_groups():
+    assert make_folds(list(range(20, 0, -1)), 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12],
+                                                      [13, 14, 15, 16], [17, 18, 19, 20]]
+    with pytest.raises(UserError, match="do not split into folds of 4"):
+        make_folds(list(range(1, 15)), 4)
+    with pytest.raises(UserError, match="cannot make train/test folds"):
+        make_folds([1, 2, 3, 4], 4)
+
+
+def test_every_fold_is_tested_on_actors_it_never_trained_on(tmp_path, feature_params):
+    """One cross-validation (3 trainings) checks the folds, the summary and the per-clip
+    predictions: every clip predicted once, by the fold that held out its actor."""
+    data = _data(tmp_path, feature_params)
+    table, summary, predictions = _cv(data, train_params(epochs=3))
+    assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
+    assert summary["folds"] == 3 and set(summary["per_fold"]) == {"fold1", "fold2", "fold3"}
+    assert summary["test_accuracy_mean"] == pytest.approx(table["test_accuracy"].mean(), abs=1e-5)
+    assert summary["test_accuracy_std"] == pytest.approx(table["test_accuracy"].std(), abs=1e-5)
+    assert summary["test_accuracy_mean"] >= 0.9  # the synthetic classes are separable
+    clips = pd.read_parquet(data[1])
+    assert sorted(predictions["path"]) == sorted(clips["path"])
+    actor = predictions["path"].map(dict(zip(clips["path"], clips["actor"])))
+    tested_by = {a: fold for fold, actors in zip(table["fold"], table["test_actors"]) for a in map(int, actors.split())}
+    assert (predictions["fold"] == actor.map(tested_by)).all()
+    probs = predictions.filter(like="prob_")
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
+    assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
+    per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
+    assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
+
+
+def test_a_seed_ensemble_fold_scores_the_members_averaged_probabilities(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    runs = [_cv(data, train_params(epochs=2, seed=seed))[2] for seed in (3, 4)]
+    _, _, predictions = _cv(data, train_params(epochs=2, ensemble_seeds=2))
+    averaged = (runs[0].filter(like="prob_") + runs[1].filter(like="prob_")) / 2
+    assert (predictions["path"] == runs[0]["path"]).all()
+    assert (predictions.filter(like="prob_") - averaged).abs().max().max() < 1e-4
+
+
+def test_the_fold_the_train_stage_trained_scores_its_model_instead_of_training_again(tmp_path, feature_params):
+    from ser.features import load
+    from ser.metrics import confusion_matrix, scores_from_confusion
+    from ser.models import infer, load_checkpoint, save_checkpoint
+    from ser.training import load_clips, train
+
+    data = _data(tmp_path, feature_params)  # train 1-5, test 6
+    recipe = train_params(epochs=2, ensemble_seeds=2)
+    model, _, record = train(recipe, *data, torch.device("cpu"))  # actors 1-5: fold 6's training set
+    model_file = tmp_path / "model.pt"
+    save_checkpoint(model_file, model, recipe["model"], record["classes"], load(data[0])[2], extra=record)
+    table, summary, predictions = _cv(data, recipe, fold_size=1, train_model=str(model_file))
+    assert table["model"].tolist() == ["trained here"] * 5 + ["train stage"]
+    assert summary["folds_from_train_stage"] == [6] and table.iloc[5]["train_minutes"] == 0
+    # its scores are the saved model's on the test actor, as the evaluate stage computes them
+    classes = record["classes"]
+    x, y, _ = load_clips(*data, classes, split="test")
+    probs = infer(load_checkpoint(model_file)[0], x, 8, torch.device("cpu")).softmax(dim=1).numpy()
+    fold6 = predictions[predictions["fold"] == 6]
+    assert abs(fold6[[f"prob_{c}" for c in classes]].to_numpy() - probs).max() < 1e-5
+    expected = scores_from_confusion(confusion_matrix(y.numpy(), probs.argmax(1), 2), classes)
+    assert [table.iloc[5]["test_accuracy"], table.iloc[5]["test_uar"]] == [
+        round(expected["accuracy"], 5), round(expected["uar"], 5)]
+    # another recipe (or no model file) trains every fold
+    assert _cv(data, {**recipe, "seed": 4}, 1, train_model=str(model_file))[0]["model"].tolist() == ["trained here"] * 6
+    assert _cv(data, recipe, 1, train_model=str(tmp_path / "none.pt"))[0]["model"].tolist() == ["trained here"] * 6
+    # features recomputed with other params since the model was trained: it is stale
+    params_file = tmp_path / "features" / PARAMS_NAME
+    params_file.write_text(json.dumps({**json.loads(params_file.read_text()), "fmin": 40.0}))
+    assert _cv(data, recipe, 1, train_model=str(model_file))[0]["model"].tolist() == ["trained here"] * 6
+
+
+def test_folds_trained_side_by_side_give_what_one_at_a_time_gives_at_their_threads(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    recipe = train_params(epochs=2)
+    threads = max(1, torch.get_num_threads() // 2)  # what each of 2 workers gets
+    _, summary, parallel = _cv(data, recipe, n_jobs=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, _, sequential = _cv(data, recipe)
+    finally:
+        torch.set_num_threads(before)
+    assert parallel.equals(sequential)
+    assert summary["folds"] == 3 and summary["folds_from_train_stage"] == []
+    with pytest.raises(UserError, match="cv.n_jobs must be a whole number >= 1"):
+        _cv(data, recipe, n_jobs=0)

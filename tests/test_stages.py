@@ -1,0 +1,79 @@
+"""The layout's promises, checked on the code itself: every DVC stage depends on its script
+and on each project module it imports (so no code change can leave a stale output), stages
+import only the library, the library never reads params.yaml, nothing edits sys.path."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PIPELINES = [ROOT / "dvc.yaml", ROOT / "cv" / "dvc.yaml"]
+PROJECT_PACKAGES = {"ser", "stages", "bench", "tests"}
+
+
+def _stages():
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load(pipeline.read_text())["stages"].items():
+            yield f"{pipeline.relative_to(ROOT)}:{name}", stage
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level project packages (and their modules) that a file imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        found |= {n for n in names if n.split(".")[0] in PROJECT_PACKAGES}
+    return found
+
+
+@pytest.mark.parametrize("name, stage", list(_stages()), ids=[n for n, _ in _stages()])
+def test_a_stage_depends_on_its_script_and_on_every_project_module_it_imports(name, stage):
+    script = re.search(r"python (stages/\w+\.py)", stage["cmd"]).group(1)
+    deps = set(stage["deps"])
+    assert script in deps, f"{name}: {script} is not among its deps"
+    for module in _imports(ROOT / script):
+        package = module.split(".")[0]
+        assert package == "ser", f"{name}: {script} imports {module}; a stage imports only the library"
+        assert "ser" in deps or f"{module.replace('.', '/')}.py" in deps, f"{name}: imports {module}, not in deps"
+
+
+def test_the_library_imports_only_itself_and_never_reads_params():
+    for path in sorted((ROOT / "ser").glob("*.py")):
+        assert {m.split(".")[0] for m in _imports(path)} <= {"ser"}, path
+        assert "import yaml" not in path.read_text(), f"{path} imports a YAML parser: the library reads no params"
+
+
+def test_no_stage_imports_another_and_each_is_short_with_a_main():
+    for path in sorted((ROOT / "stages").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert not any(m.startswith("stages") for m in _imports(path)), path
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), f"{path}: no main()"
+        assert len(path.read_text().splitlines()) <= 150, path
+
+
+def test_no_sys_path_edits_and_no_long_functions():
+    for path in sorted(p for d in ("ser", "stages", "bench", "tests") for p in (ROOT / d).glob("*.py")):
+        text = path.read_text()
+        assert "sys.path.insert" not in text and "sys.path.append" not in text or path.name == "test_stages.py", path
+        if path.parent.name in ("ser", "stages"):
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    assert node.end_lineno - node.lineno + 1 <= 60, f"{path}:{node.lineno} {node.name}()"
+
+
+def test_params_are_short_and_every_setting_says_what_it_is():
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    assert len(lines) <= 80
+    for line in lines:
+        value = re.match(r"^\s+\w+:\s*(\S.*)$", line)
+        if value:  # a setting with a value (sections and their heads need none)
+            assert "#" in line or lines[lines.index(line) - 1].strip().startswith("#"), line
+    assert not any(re.search(r"data/|reports/|metrics/", line) for line in lines), "paths belong in dvc.yaml"
+
+
+def test_readme_is_for_users():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200

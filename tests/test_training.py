@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import ser.training as train_module
+from conftest import synthetic_dataset, train_params
+from ser.training import Augment, calibrate_batch_norm, fit_ensemble, load_clips, train, train_classes
+from ser.util import UserError
+
+CPU = torch.device("cpu")
+
+
+def _data(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    return str(features), str(metadata)
+
+
+def test_train_learns_and_is_deterministic(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    model, history, record = train(train_params(), *data, CPU)
+    assert [r["epoch"] for r in history] == list(range(1, 9)) and set(history[0]) == {
+        "member", "epoch", "train_loss", "train_accuracy", "lr"}
+    x, y, _ = load_clips(*data, record["classes"], split="test")
+    assert record["classes"] == ["sad", "angry"]  # schema order
+    assert (model(x).argmax(1) == y).float().mean() >= 0.9  # the two classes are trivially separable
+    again, history_again, _ = train(train_params(), *data, CPU)
+    assert history == history_again
+    for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0)
+
+
+def test_bfloat16_training_learns_and_is_deterministic(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    _, first, _ = train(train_params(precision="bfloat16"), *data, CPU)
+    _, second, _ = train(train_params(precision="bfloat16"), *data, CPU)
+    assert first == second and first[-1]["train_accuracy"] >= 0.9
+
+
+def test_test_actors_never_reach_training(tmp_path, feature_params, monkeypatch):
+    data = _data(tmp_path, feature_params)
+    seen = []
+    fit_ensemble_ = train_module.fit_ensemble
+    monkeypatch.setattr(train_module, "fit_ensemble", lambda r, x, *a, **k: seen.append(len(x)) or fit_ensemble_(r, x, *a, **k))
+    _, _, record = train(train_params(epochs=1), *data, CPU)
+    assert record["train_actors"] == [1, 2, 3, 4, 5] and seen == [record["train_clips"]] == [120]
+
+
+def test_augment_keeps_shape_and_masks_to_the_bin_mean():
+    torch.manual_seed(0)
+    mean, std = torch.full((16,), -50.0), torch.full((16,), 10.0)
+    augment = Augment({"time_shift_frames": 0, "freq_mask": 8, "n_freq_masks": 1, "time_mask": 0,
+                       "n_time_masks": 0}, mean, std)
+    x = torch.zeros(4, 16, 20)
+    out = augment(x)
+    assert out.shape == x.shape
+    assert set(torch.unique(out).tolist()) <= {0.0, -50.0}
+
+
+def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    model[0].running_mean.fill_(100.0)
+    x = torch.randn(49, 3) + torch.tensor([1.0, 2.0, 3.0])
+    calibrate_batch_norm(model, x, batch_size=7, device=torch.device("cpu"))
+    torch.testing.assert_close(model[0].running_mean, x.mean(dim=0))
+    assert not model.training and model[0].momentum == 0.1
+
+
+def test_batch_norm_calibration_runs_without_dropout_and_draws_no_random_numbers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(3))
+    x = torch.randn(20, 3) + 5
+    state = torch.get_rng_state()
+    calibrate_batch_norm(model, x, batch_size=5, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(model[1].running_mean, x.mean(dim=0))  # dropout would scale by 2 or zero
+
+
+def test_batch_norm_is_calibrated_once_at_the_end(tmp_path, feature_params, monkeypatch):
+    data = _data(tmp_path, feature_params)
+    calls = []
+    calibrate = train_module.calibrate_batch_norm
+    monkeypatch.setattr(train_module, "calibrate_batch_norm", lambda *args: calls.append(1) or calibrate(*args))
+    train(train_params(epochs=3), *data, CPU)
+    assert len(calls) == 1
+
+
+def test_a_seed_ensemble_averages_the_single_seed_models(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    x, y, _ = load_clips(*data, ["sad", "angry"], split="test")
+    singles = [train(train_params(epochs=2, seed=seed), *data, CPU)[0](x).softmax(dim=1) for seed in (3, 4)]
+    ensemble, history, _ = train(train_params(epochs=2, ensemble_seeds=2), *data, CPU)
+    assert len(ensemble.members) == 2 and sorted({r["member"] for r in history}) == [1, 2]
+    torch.testing.assert_close(ensemble(x).softmax(dim=1), (singles[0] + singles[1]) / 2, rtol=0, atol=1e-5)
+
+
+def test_ensemble_seeds_must_be_a_whole_number_of_at_least_one():
+    for bad in (0, 1.5, True):
+        with pytest.raises(UserError, match="train.ensemble_seeds must be a whole number >= 1"):
+            fit_ensemble(train_params(ensemble_seeds=bad), torch.zeros(2, 32, 5), torch.zeros(2), 32, 2, CPU)
+
+
+def test_class_sets():
+    assert train_classes("six") == ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
+    with pytest.raises(UserError, match="train.classes"):
+        train_classes("seven")
