@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | md5sum
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup browser repro cv test app bench clean-venv
+.PHONY: setup browser repro cv loco test app bench clean-venv
 
 # Measured: installing requirements.txt (torch's CUDA build) peaks at 7.7 GB on disk, 5.8 GB after.
 $(STAMP): requirements.txt pyproject.toml
@@ -23,11 +23,11 @@ setup: $(STAMP)
 	@[ -d .dvc ] || dvc init -q
 
 # `make repro` runs the main pipeline as params.yaml says (default: the official Zenodo archive).
-# `make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=<md5>` runs it on a local archive,
-# recorded by DVC as an experiment with download.url/md5 set (params.yaml is updated).
+# `make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=<md5>` runs it on a local RAVDESS archive,
+# recorded by DVC as an experiment with download.archives.ravdess set (params.yaml is updated).
 repro: setup
 ifdef ARCHIVE
-	dvc exp run -S 'download.url=$(ARCHIVE)' -S 'download.md5=$(ARCHIVE_MD5)'
+	dvc exp run -S 'download.archives.ravdess.url=$(ARCHIVE)' -S 'download.archives.ravdess.md5=$(ARCHIVE_MD5)'
 else
 	dvc repro
 endif
@@ -35,6 +35,10 @@ endif
 # Actor-fold cross-validation of the train recipe: its own DVC pipeline (cv/dvc.yaml), after repro.
 cv: setup
 	dvc repro cv/dvc.yaml
+
+# Leave-one-corpus-out evaluation of the train recipe (loco/dvc.yaml): needs two corpora or more.
+loco: setup
+	dvc repro loco/dvc.yaml
 
 # The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
 browser:

@@ -27,7 +27,7 @@ DISK_MARGIN_BYTES = 256 << 20  # left free after extracting, for everything else
 LOCAL_HINT = (
     "to use a local copy of the archive run: "
     "make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=its_md5 "
-    "(that is: dvc exp run -S download.url=... -S download.md5=...)"
+    "(that is: dvc exp run -S download.archives.ravdess.url=... -S download.archives.ravdess.md5=...)"
 )
 
 
@@ -53,7 +53,7 @@ def _local_source(url: str) -> Path | None:
 
 def _copy_local(src: Path, part: Path, chunk_bytes: int) -> None:
     if not src.is_file():
-        raise UserError(f"download.url: no such file {src}")
+        raise UserError(f"archive url: no such file {src}")
     done = part.stat().st_size if part.exists() else 0
     total = src.stat().st_size
     if done > total:
@@ -102,15 +102,18 @@ def _retryable(e: Exception) -> bool:
     return isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError, OSError))
 
 
-def fetch(url: str, archive: Path, md5: str, retries: int, backoff_s: float,
+def fetch(url: str, archive: Path, md5: str | None, retries: int, backoff_s: float,
           timeout_s: float, chunk_bytes: int) -> None:
-    """Make `archive` a verified copy of `url`; keep a partial download for resuming."""
-    archive, md5 = Path(archive), normalise_md5(md5)
+    """Make `archive` a verified copy of `url`; keep a partial download for resuming.
+    md5 None (no published checksum): fetched afresh each time and not verified."""
+    archive, md5 = Path(archive), None if md5 is None else normalise_md5(md5)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    if archive.exists() and md5sum(archive) == md5:
+    if md5 is not None and archive.exists() and md5sum(archive) == md5:
         print(f"{archive}: already present, checksum ok")
         return
     part = archive.with_name(archive.name + ".part")
+    if md5 is None:
+        part.unlink(missing_ok=True)  # nothing to check a partial download against: start over
     source = _local_source(url)
     if source is not None:
         _copy_local(source, part, chunk_bytes)
@@ -127,12 +130,12 @@ def fetch(url: str, archive: Path, md5: str, retries: int, backoff_s: float,
                 print(f"download interrupted ({e}); retry {attempt + 1}/{retries} in {wait:.0f}s")
                 time.sleep(wait)
     got = md5sum(part)
-    if got != md5:
+    if md5 is not None and got != md5:
         part.unlink()
         raise UserError(
-            f"checksum mismatch for {url}: md5 {got}, expected {md5} (download.md5); "
+            f"checksum mismatch for {url}: md5 {got}, expected {md5} (its md5 in download.archives); "
             f"the partial file was removed. If this is a different archive on purpose, "
-            f"set download.md5 to its md5"
+            f"set its md5 in download.archives"
         )
     os.replace(part, archive)
 
@@ -216,10 +219,10 @@ def safe_extract(archive: Path, out_dir: Path, max_total_bytes: int = 50 * 10**9
 
 
 def normalise_md5(md5: Any) -> str:
-    """download.md5 as lower-case hex text: upper case is the same checksum, and YAML reads
+    """An archive's md5 as lower-case hex text: upper case is the same checksum, and YAML reads
     an all-digit md5 as a number."""
     text = str(md5) if isinstance(md5, int) and not isinstance(md5, bool) else str(md5 or "").strip().lower()
     if not re.fullmatch(r"[0-9a-f]{32}", text):
-        raise UserError(f"download.md5: {md5!r} is not an md5 checksum (32 hex digits); "
+        raise UserError(f"archive md5: {md5!r} is not an md5 checksum (32 hex digits); "
                         f"quote it in params.yaml: md5: \"<32 hex digits>\"")
     return text

@@ -3,7 +3,7 @@ corpus into one row per clip (file-name fields, audio facts, a speaker-independe
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ser.audio import AudioError, audio_info, find_audio_files
-from ser.util import OUTPUT_MARKER, atomic_path
+from ser.util import OUTPUT_MARKER, UserError, atomic_path
 
 # Order is the class index order of every model this project trains.
 EMOTIONS: list[str] = [
@@ -84,16 +84,22 @@ def resolve_classes(selected: str | list[str] | None) -> list[str]:
     return [e for e in EMOTIONS if e in selected]
 
 
+# One row per clip, whatever the corpus. `label` is the corpus's own word for the emotion,
+# `emotion` the project's class it maps to; the RAVDESS file-name fields are empty elsewhere.
 SCHEMA = pa.schema([
     ("path", pa.string()),
+    ("corpus", pa.string()),
+    ("speaker", pa.string()),  # "<corpus>:<its speaker id>": unique across corpora
+    ("label", pa.string()),
+    ("emotion", pa.string()),
+    ("sex", pa.string()),
+    ("language", pa.string()),
     ("modality", pa.string()),
     ("vocal_channel", pa.string()),
-    ("emotion", pa.string()),
     ("intensity", pa.string()),
     ("statement", pa.int8()),
     ("repetition", pa.int8()),
     ("actor", pa.int8()),
-    ("sex", pa.string()),
     ("sample_rate", pa.int32()),
     ("channels", pa.int16()),
     ("frames", pa.int64()),
@@ -101,34 +107,235 @@ SCHEMA = pa.schema([
     ("split", pa.string()),
 ])
 
+TESS_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "ps", "sad")  # file-name suffixes
+TESS_FOLDER_EMOTIONS = {"pleasant_surprise": "ps"}  # folder names that differ from the suffix
+EMODB_LETTERS = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happiness", "T": "sadness",
+                 "N": "neutral"}
+EMODB_MALE = {"03", "10", "11", "12", "15"}
+EMODB_FEMALE = {"08", "09", "13", "14", "16"}
+CREMA_D_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMA_D_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
+CREMA_D_LEVELS = ("LO", "MD", "HI", "XX")
 
-def collect(audio_dir: Path, test_actors: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Scan audio_dir; return (clips, rejects). Every actor is in one split: `test` for
-    test_actors, else `train`. Paths are as found under audio_dir."""
+# Each kind's labels mapped onto the project's classes; None leaves the label out (listed in
+# the rejects with the reason). A corpus's `labels` param overrides single entries, e.g.
+# {calm: neutral} merges RAVDESS's calm into neutral.
+DEFAULT_LABELS: dict[str, dict[str, str | None]] = {
+    "ravdess": {e: e for e in EMOTIONS},
+    "tess": {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
+             "ps": "surprised", "sad": "sad"},
+    "emodb": {"anger": "angry", "boredom": None, "disgust": "disgust", "fear": "fearful", "happiness": "happy",
+              "sadness": "sad", "neutral": "neutral"},
+    "crema_d": {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"},
+    "manifest": {e: e for e in EMOTIONS},
+    "folders": {e: e for e in EMOTIONS},
+}
+KINDS = tuple(DEFAULT_LABELS)
+NAMED_BY_FILE = ("ravdess", "tess", "emodb", "crema_d")  # kinds whose file name is the clip's identity
+
+
+def parse_ravdess(relative: PurePath) -> dict[str, Any]:
+    """A RAVDESS clip's speaker, label and fields, from its file name."""
+    fields = parse_name(relative)
+    return {"speaker": f"{fields['actor']:02d}", "label": fields["emotion"], "language": "en", **fields}
+
+
+def parse_tess(relative: PurePath) -> dict[str, Any]:
+    """TESS: <SPEAKER>_<emotion>/<SPEAKER>_<word>_<emotion>.flac. The speaker comes from the
+    folder (one file name misspells it), and the folder's emotion must be the file's."""
+    folder, name = relative.parent.name, relative.stem
+    speaker, _, folder_emotion = folder.partition("_")
+    label = name.rsplit("_", 1)[-1]
+    if speaker not in ("OAF", "YAF") or label not in TESS_EMOTIONS:
+        raise ValueError(f"not a TESS name (want OAF_|YAF_<emotion>/<speaker>_<word>_<emotion>): {relative}")
+    if TESS_FOLDER_EMOTIONS.get(folder_emotion, folder_emotion) != label:
+        raise ValueError(f"TESS folder {folder} and file name disagree on the emotion: {relative}")
+    return {"speaker": speaker, "label": label, "sex": "female", "language": "en"}
+
+
+def parse_emodb(relative: PurePath) -> dict[str, Any]:
+    """EmoDB: SSTTTEV (speaker, text, emotion letter, version), e.g. 03a01Fa.wav."""
+    name = relative.stem
+    match = re.fullmatch(r"(\d{2})([ab]\d{2})([WLEAFTN])([a-z])", name)
+    if not match or match.group(1) not in EMODB_MALE | EMODB_FEMALE:
+        raise ValueError(f"not an EmoDB name (want SSTTTEV, e.g. 03a01Fa): {relative.name}")
+    speaker = match.group(1)
+    return {"speaker": speaker, "label": EMODB_LETTERS[match.group(3)],
+            "sex": "male" if speaker in EMODB_MALE else "female", "language": "de"}
+
+
+def parse_crema_d(relative: PurePath) -> dict[str, Any]:
+    """CREMA-D: <actor 1001-1091>_<sentence>_<emotion>_<level>, e.g. 1001_DFA_ANG_XX.wav."""
+    parts = relative.stem.split("_")
+    if (len(parts) != 4 or not parts[0].isdigit() or not 1001 <= int(parts[0]) <= 1091
+            or parts[1] not in CREMA_D_SENTENCES or parts[2] not in CREMA_D_EMOTIONS or parts[3] not in CREMA_D_LEVELS):
+        raise ValueError(f"not a CREMA-D name (want 1001-1091_SENTENCE_EMOTION_LEVEL): {relative.name}")
+    return {"speaker": parts[0], "label": parts[2], "language": "en"}
+
+
+def parse_folders(relative: PurePath) -> dict[str, Any]:
+    """<speaker>/<emotion>/<file> (or <emotion>/<file>: one speaker for the whole corpus)."""
+    if len(relative.parts) == 3:
+        return {"speaker": relative.parts[0], "label": relative.parts[1]}
+    if len(relative.parts) == 2:
+        return {"speaker": "all", "label": relative.parts[0]}
+    raise ValueError(f"not in a <speaker>/<emotion>/ or <emotion>/ folder: {relative}")
+
+
+PARSERS = {"ravdess": parse_ravdess, "tess": parse_tess, "emodb": parse_emodb, "crema_d": parse_crema_d,
+           "folders": parse_folders}
+
+
+def label_map(kind: str, overrides: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """The kind's label mapping with a corpus's overrides; every target must be a class."""
+    if kind not in KINDS:
+        raise UserError(f"unknown corpus kind {kind!r}; one of {', '.join(KINDS)}")
+    mapping = {**DEFAULT_LABELS[kind], **(overrides or {})}
+    bad = sorted(str(v) for v in mapping.values() if v is not None and v not in EMOTIONS)
+    if bad:
+        raise UserError(f"corpus labels map onto {bad}, which are not among the classes {EMOTIONS}")
+    return mapping
+
+
+def is_test_speaker(speaker: str, test_speakers: list[Any]) -> bool:
+    """A corpus's own speaker id against its test_speakers param (RAVDESS actor 7 is "07")."""
+    return any(speaker == str(t) or (speaker.isdigit() and isinstance(t, int) and int(speaker) == t)
+               for t in test_speakers)
+
+
+def collect_corpus(name: str, kind: str, root: Path, test_speakers: list[Any],
+                   labels: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan one corpus: (clips, rejects). `kind` names how its files are labelled (KINDS);
+    a manifest kind reads `root` as the manifest file. Every speaker is in one split: `test`
+    for test_speakers, else `train`. Files left out (no audio extension, a name the kind
+    does not parse, a second copy of a clip, a label that maps to no class, unreadable
+    audio) are rejects with the reason, never dropped silently."""
+    if kind == "manifest":
+        return collect_manifest(name, root, test_speakers, labels)
+    mapping, parse = label_map(kind, labels), PARSERS.get(kind)
     rows, rejects, seen = [], [], {}
-    candidates = sorted(p for p in audio_dir.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
-    audio = set(find_audio_files(audio_dir))
+    candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
+    audio = set(find_audio_files(root))
     for path in candidates:
         if path not in audio:
             rejects.append({"path": str(path), "reason": "not an audio file extension"})
             continue
-        if path.name in seen:  # a RAVDESS name is one clip: a second copy would count twice
-            rejects.append({"path": str(path), "reason": f"duplicate of {seen[path.name]} (same clip name)"})
+        identity = path.name if kind in NAMED_BY_FILE else path  # a second copy would count twice
+        if identity in seen:
+            rejects.append({"path": str(path), "reason": f"duplicate of {seen[identity]} (same clip name)"})
             continue
         try:
-            fields = parse_name(path)
+            fields = parse(path.relative_to(root))
             facts = audio_info(path)
         except (ValueError, AudioError) as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue
-        if facts["frames"] == 0:
-            rejects.append({"path": str(path), "reason": "contains no audio samples"})
+        reason = _label_problem(fields["label"], mapping, name) or (
+            "contains no audio samples" if facts["frames"] == 0 else None)
+        if reason:
+            rejects.append({"path": str(path), "reason": reason})
             continue
-        seen[path.name] = path
-        split = "test" if fields["actor"] in test_actors else "train"
-        rows.append({"path": str(path), **fields, **facts, "split": split})
-    clips = pd.DataFrame(rows, columns=SCHEMA.names)
-    return clips, pd.DataFrame(rejects, columns=["path", "reason"])
+        seen[identity] = path
+        split = "test" if is_test_speaker(fields["speaker"], test_speakers) else "train"
+        rows.append({**fields, "path": str(path), "corpus": name, "speaker": f"{name}:{fields['speaker']}",
+                     "emotion": mapping[fields["label"]], **facts, "split": split})
+    return _table(rows), pd.DataFrame(rejects, columns=["path", "reason"])
+
+
+def _label_problem(label: str, mapping: dict[str, str | None], corpus: str) -> str | None:
+    if label not in mapping:
+        return f"label {label!r} is not one of corpus {corpus}'s labels ({', '.join(mapping)})"
+    if mapping[label] is None:
+        return f"label {label!r} maps to no class (left out by corpus {corpus}'s labels)"
+    return None
+
+
+def _table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=SCHEMA.names).astype({"actor": "Int8", "statement": "Int8", "repetition": "Int8"})
+
+
+MANIFEST_COLUMNS = ("path", "emotion", "speaker")  # required; sex, language, split optional
+
+
+def read_manifest(manifest: Path) -> pd.DataFrame:
+    """A manifest (CSV, or Parquet by extension) with at least MANIFEST_COLUMNS."""
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no such manifest")
+    table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(
+        manifest, dtype=str, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"{manifest}: missing column(s) {', '.join(missing)} (a manifest has "
+                        f"{', '.join(MANIFEST_COLUMNS)}, optionally sex, language, split)")
+    return table.astype(str)
+
+
+def collect_manifest(name: str, manifest: Path, test_speakers: list[Any],
+                     labels: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Clips listed in a manifest (paths relative to its folder, or absolute). A problem of
+    the manifest itself (unknown emotion, missing file, a path twice, a speaker in two
+    splits, a bad split) stops with one message naming the row; unreadable audio and labels
+    mapped to no class are rejects."""
+    mapping, table = label_map("manifest", labels), read_manifest(manifest)
+    rows, rejects, first_row, speaker_split = [], [], {}, {}
+    for i, item in enumerate(table.to_dict("records")):
+        where = f"{manifest} row {i + 1} (path {item['path']!r})"
+        path = Path(item["path"]) if Path(item["path"]).is_absolute() else manifest.parent / item["path"]
+        label, speaker = item["emotion"].strip(), item["speaker"].strip()
+        if label not in mapping:
+            raise UserError(f"{where}: unknown emotion {label!r}; use one of {', '.join(mapping)} or map it "
+                            "in the corpus's labels")
+        if not speaker:
+            raise UserError(f"{where}: no speaker")
+        if not path.is_file():
+            raise UserError(f"{where}: no such file {path}")
+        if path.resolve() in first_row:
+            raise UserError(f"{where}: the same file as row {first_row[path.resolve()]}")
+        first_row[path.resolve()] = i + 1
+        split = item.get("split", "").strip() or ("test" if is_test_speaker(speaker, test_speakers) else "train")
+        if split not in ("train", "test"):
+            raise UserError(f"{where}: split {split!r} is not train or test")
+        if speaker_split.setdefault(speaker, (split, i + 1))[0] != split:
+            other_split, other_row = speaker_split[speaker]
+            raise UserError(f"{where}: speaker {speaker!r} is in split {split} here and in {other_split} "
+                            f"in row {other_row}: a speaker is in one split only")
+        try:
+            facts = audio_info(path)
+        except AudioError as e:
+            rejects.append({"path": str(path), "reason": str(e)})
+            continue
+        if mapping[label] is None:
+            rejects.append({"path": str(path), "reason": _label_problem(label, mapping, name)})
+            continue
+        rows.append({"path": str(path), "corpus": name, "speaker": f"{name}:{speaker}", "label": label,
+                     "emotion": mapping[label], "sex": item.get("sex") or None,
+                     "language": item.get("language") or None, **facts, "split": split})
+    return _table(rows), pd.DataFrame(rejects, columns=["path", "reason"])
+
+
+def collect(audio_dir: Path, test_actors: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RAVDESS under audio_dir (corpus name ravdess), test_actors in the test split."""
+    return collect_corpus("ravdess", "ravdess", audio_dir, test_actors)
+
+
+def collect_corpora(raw_dir: Path, corpora: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every corpus named in `corpora` (name -> kind, test_speakers, optional labels and, for
+    a manifest, the manifest's path inside its folder), each extracted under raw_dir/<name>:
+    one table of clips, one of rejects."""
+    clips, rejects = [], []
+    for name, c in corpora.items():
+        unknown = sorted(set(c) - {"kind", "test_speakers", "labels", "manifest"})
+        if unknown or "kind" not in c:
+            raise UserError(f"metadata.corpora.{name}: give kind (one of {', '.join(KINDS)}) and test_speakers; "
+                            f"unknown keys {unknown}")
+        root = raw_dir / name
+        if not root.is_dir():
+            raise UserError(f"metadata.corpora.{name}: no folder {root}; name its archive in download.archives")
+        source = root / c["manifest"] if c["kind"] == "manifest" else root
+        found, left_out = collect_corpus(name, c["kind"], source, c.get("test_speakers") or [], c.get("labels"))
+        clips.append(found)
+        rejects.append(left_out)
+    return pd.concat(clips, ignore_index=True), pd.concat(rejects, ignore_index=True)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:

@@ -65,10 +65,11 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[list[int
     if threads is not None:
         torch.set_num_threads(threads)
     train_actors, test_actors = fold_actors(folds, k)
-    x_test, y_test, test_clips = load_clips(*data, classes, actors=test_actors)
+    norm = recipe.get("normalisation", "clip")
+    x_test, y_test, test_clips = load_clips(*data, classes, actors=test_actors, normalisation=norm)
     start = time.perf_counter()
     if trained is None:
-        x, y, _ = load_clips(*data, classes, actors=train_actors)
+        x, y, _ = load_clips(*data, classes, actors=train_actors, normalisation=norm)
         model, _ = fit_ensemble(recipe, x, y, n_mels, len(classes), device, label=f"fold {k + 1}/{len(folds)} ")
     else:
         model = trained
@@ -113,12 +114,14 @@ def cross_validate(data: tuple[str, str], recipe: dict[str, Any], fold_size: int
     `data`: (features dir, metadata file); `train_model`: the train stage's model file, reused
     for the fold it already is."""
     classes = train_classes(recipe["classes"])
-    folds = make_folds(pd.read_parquet(data[1])["actor"].unique().tolist(), fold_size)
+    # folds of RAVDESS actors: clips of other corpora (no actor number) take part in no fold
+    folds = make_folds([int(a) for a in pd.read_parquet(data[1])["actor"].dropna().unique()], fold_size)
     n_mels, device = feature_store.load(data[0])[2].n_mels, pick_device(recipe["device"])
     trained = train_stage_model(train_model, recipe, data[0], device) if train_model else None
     start = time.perf_counter()
-    reused = [k for k in range(len(folds))
-              if trained is not None and trained[1].get("train_actors") == fold_actors(folds, k)[0]]
+    clips = pd.read_parquet(data[1])
+    reused = [k for k in range(len(folds)) if trained is not None and trained[1].get("train_speakers") == sorted(
+        clips.loc[clips["actor"].isin(fold_actors(folds, k)[0]), "speaker"].unique())]
     to_train = [k for k in range(len(folds)) if k not in reused]
     results = {k: run_fold(data, recipe, folds, k, classes, n_mels, device, trained[0]) for k in reused}
     workers = fold_workers(n_jobs, device, len(to_train))

@@ -262,9 +262,10 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     probabilities, so only a bounded number of windows is ever held in memory."""
     import torch
 
-    from ser.models import infer
+    from ser.models import infer, speaker_normalise
 
     classes = meta["classes"]
+    by_speaker = meta["extra"].get("normalisation") == "speaker"
     prob_columns = [f"prob_{c}" for c in classes]
     results = stream if stream is not None else FeatureStream(paths, LogMel(meta["feature_params"]), s)
     rows: list[dict[str, Any]] = []
@@ -275,6 +276,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
 
     def flush() -> None:
         x = torch.from_numpy(np.concatenate([r["features"] for _, r in pending]))
+        if by_speaker:  # no speaker grouping here yet: each window by its own statistics
+            x = speaker_normalise(x, np.arange(len(x)))
         probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
         for row_index, r in pending:
@@ -412,6 +415,9 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         write_table(segments, segments_out)
     errors = [row["error"] for row in files.rows if row["status"] == "error"]
     print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
+    if meta["extra"].get("normalisation") == "speaker":
+        print("predict: a speaker-normalised model; with no speaker grouping, each window was normalised "
+              "by its own statistics")
     for error in errors:
         print(f"  error: {error}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK

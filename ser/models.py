@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,21 +17,23 @@ STD_FLOOR = 1e-5  # added to the variance before its square root in statistics p
 # Settings of architectures measured and dropped (docs/experiments.md): a model file that
 # has them is loaded only if they hold the one value this model still has.
 RETIRED_ARCH = {"convs_per_block": 1, "pooling": "meanstd", "lstm_hidden": 0, "freq_pool": "flatten",
-                "utterance_norm": True, "deltas": False}
+                "deltas": False}
 
 
 class EmotionCNN(nn.Module):
     """2D CNN over log-Mel: conv blocks (3x3 conv, [BatchNorm], ReLU, 2x2 max-pool, dropout),
     the remaining mel bands of each frame concatenated, statistics pooling over time (each
     feature's mean and standard deviation), and a dense head. Input (batch, n_mels, frames) in
-    dB, normalised inside with stored per-bin statistics, then each clip's own mean per mel
-    bin subtracted (removes the speaker's and the microphone's average spectrum).
+    dB, normalised inside with stored per-bin statistics, then (utterance_norm) each clip's own
+    mean per mel bin subtracted (removes the speaker's and the microphone's average spectrum);
+    a model of speaker-normalised input (ser.training.speaker_normalise) keeps it.
     Block dropout before a BatchNorm shifts its statistics between training and eval: keep it
     small; the head's dropout does the regularising."""
 
     def __init__(self, n_mels: int, n_classes: int, channels: list[int], batch_norm: bool,
-                 block_dropout: float, head_dropout: float, head_hidden: int) -> None:
+                 block_dropout: float, head_dropout: float, head_hidden: int, utterance_norm: bool = True) -> None:
         super().__init__()
+        self.utterance_norm = utterance_norm
         self.register_buffer("feature_mean", torch.zeros(n_mels))
         self.register_buffer("feature_std", torch.ones(n_mels))
         layers: list[nn.Module] = []
@@ -81,10 +84,29 @@ class EmotionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.feature_mean[:, None]) / self.feature_std[:, None]
-        x = x - x.mean(dim=2, keepdim=True)  # per clip and mel bin
+        if self.utterance_norm:
+            x = x - x.mean(dim=2, keepdim=True)  # per clip and mel bin
         x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
         x = x.flatten(1, 2).transpose(1, 2)  # (B, frames', C * bands)
         return self.head(statistics_pool(x))
+
+
+def speaker_normalise(x: torch.Tensor, speakers: list[str] | np.ndarray) -> torch.Tensor:
+    """Each clip's log-Mel standardised per mel bin by its speaker's mean and spread over the
+    speaker's sounding frames (frames wholly at the floor, the padding, are left out). Needs
+    no labels, only which clips share a speaker: the model then hears each clip relative to
+    its own speaker's voice and microphone, not to the training speakers'."""
+    out, speakers = torch.empty_like(x), np.asarray(speakers)
+    for speaker in np.unique(speakers):
+        rows = torch.from_numpy(np.flatnonzero(speakers == speaker))
+        xs = x[rows]
+        frames = xs.transpose(1, 2)  # (clips, frames, mels)
+        sounding = frames[xs.amax(dim=1) > xs.amin() + 1e-3]
+        if len(sounding) < 2:
+            sounding = frames.reshape(-1, x.shape[1])
+        mean, std = sounding.mean(dim=0), sounding.std(dim=0).clamp_min(1e-3)
+        out[rows] = (xs - mean[:, None]) / std[:, None]
+    return out
 
 
 def statistics_pool(x: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,26 @@ import torchaudio.transforms as T
 
 from ser import features as feature_store
 from ser.corpora import resolve_classes
-from ser.models import Ensemble, autocast_dtype, build_model
+from ser.models import Ensemble, autocast_dtype, build_model, speaker_normalise
 from ser.util import UserError, seed_everything
 
 
+NORMALISATIONS = ("clip", "speaker")
+
+
+def normalise(x: torch.Tensor, clips: pd.DataFrame, normalisation: str) -> torch.Tensor:
+    """x as the model of `normalisation` takes it: clip (the model subtracts each clip's own
+    mean itself) or speaker (speaker_normalise, by the clips' speaker column)."""
+    if normalisation not in NORMALISATIONS:
+        raise UserError(f"train.normalisation must be one of {', '.join(NORMALISATIONS)}, not {normalisation!r}")
+    return speaker_normalise(x, clips["speaker"].to_numpy()) if normalisation == "speaker" and len(x) else x
+
+
 def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
-               actors: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
+               actors: list[int] | None = None, normalisation: str = "clip"
+               ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
     """Features and class indices of the clips of one split (or of the given actors),
-    restricted to `classes`."""
+    restricted to `classes`, normalised as `normalisation` says (see normalise)."""
     array, index, _ = feature_store.load(features_dir)
     clips = pd.read_parquet(metadata_path)
     if index["path"].tolist() != clips["path"].tolist():
@@ -36,7 +48,14 @@ def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, spl
     rows = np.flatnonzero(keep.to_numpy())
     x = torch.from_numpy(np.ascontiguousarray(array[rows]))
     y = torch.tensor([classes.index(e) for e in clips["emotion"].iloc[rows]], dtype=torch.long)
-    return x, y, clips.iloc[rows].reset_index(drop=True)
+    chosen = clips.iloc[rows].reset_index(drop=True)
+    return normalise(x, chosen, normalisation), y, chosen
+
+
+def model_arch(r: dict[str, Any]) -> dict[str, Any]:
+    """The model settings of recipe r: train.model, and the per-clip mean subtraction unless
+    the input is speaker-normalised (train.normalisation)."""
+    return {**r["model"], "utterance_norm": r.get("normalisation", "clip") == "clip"}
 
 
 class Augment:
@@ -94,17 +113,29 @@ def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: in
     model.eval()
 
 
+def sampling_weights(clips: pd.DataFrame, balance: str) -> torch.Tensor | None:
+    """Per-clip weights for drawing an epoch (None: every clip once, shuffled). corpus: every
+    corpus weighs the same whatever its size, so one big corpus does not drown the rest."""
+    if balance not in ("none", "corpus"):
+        raise UserError(f"train.balance must be none or corpus, not {balance!r}")
+    if balance == "none" or clips["corpus"].nunique() < 2:
+        return None
+    return torch.tensor((1.0 / clips["corpus"].map(clips["corpus"].value_counts())).to_numpy(), dtype=torch.double)
+
+
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels: int, n_classes: int,
-        device: torch.device, label: str = "") -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model on all of (x_train, y_train) for r["epochs"] epochs of the one-cycle
-    schedule and keep the last epoch; return it in eval mode with its per-epoch history.
+        device: torch.device, label: str = "", weights: torch.Tensor | None = None
+        ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train one model on (x_train, y_train) for r["epochs"] epochs of the one-cycle schedule
+    and keep the last epoch; return it in eval mode with its per-epoch history. An epoch is
+    every clip once in random order, or as many clips drawn by `weights` (sampling_weights).
     Seeds itself from r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
     # Mixed precision: float16 on CUDA (with loss scaling); bfloat16 on CPUs with native
     # bfloat16 units when r["precision"] is auto or bfloat16 (2x faster steps); else float32.
     amp_dtype = autocast_dtype(device, r["precision"])
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
-    model = build_model(r["model"], n_mels, n_classes)
+    model = build_model(model_arch(r), n_mels, n_classes)
     model.set_normalization(mean, std)
     model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
     augment = Augment(r["augment"], mean, std)
@@ -122,7 +153,8 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels:
     history: list[dict[str, float]] = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
-        order = torch.randperm(len(x_train), generator=generator)
+        order = (torch.randperm(len(x_train), generator=generator) if weights is None else
+                 torch.multinomial(weights, len(x_train), replacement=True, generator=generator))
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
@@ -152,7 +184,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels:
 
 
 def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels: int,
-                 n_classes: int, device: torch.device, label: str = ""
+                 n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
     (one: that model), and the history of every member (column `member`)."""
@@ -162,7 +194,7 @@ def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor
     members, history = [], []
     for j in range(n):
         model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, n_mels, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label)
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -170,15 +202,19 @@ def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor
 
 def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torch.device
           ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
-    """The recipe `r` on every training clip of the metadata (split `train`): (model,
-    history, record). The record (recipe, training actors, minutes) goes into the model file,
+    """The recipe `r` on every training clip of the metadata (split `train`, every corpus):
+    (model, history, record). The record (recipe, training speakers, minutes) goes into the model file,
     so that cross-validation can recognise the fold this model already is."""
     classes = train_classes(r["classes"])
-    x, y, clips = load_clips(features_dir, metadata_path, classes, split="train")
+    x, y, clips = load_clips(features_dir, metadata_path, classes, split="train",
+                             normalisation=r.get("normalisation", "clip"))
     if len(x) == 0:
         raise UserError(f"train: no training clips in {metadata_path}; check metadata.test_actors")
     start = time.perf_counter()
-    model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2].n_mels, len(classes), device)
-    record = {"recipe": r, "classes": classes, "train_actors": sorted(int(a) for a in clips["actor"].unique()),
+    model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2].n_mels, len(classes), device,
+                                  weights=sampling_weights(clips, r.get("balance", "none")))
+    record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"),
+              "train_speakers": sorted(clips["speaker"].unique()),
+              "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
               "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2)}
     return model, history, record

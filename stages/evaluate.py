@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
 import torch.nn.functional as F
 import yaml
 
@@ -17,6 +18,18 @@ from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_
 from ser.models import infer, load_checkpoint
 from ser.training import load_clips
 from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
+
+
+def per_corpus(frame: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, float]]:
+    """Accuracy, UAR and macro F1 on each corpus's test speakers (over the classes it has)."""
+    result = {}
+    for corpus, rows in frame.groupby("corpus"):
+        cm = confusion_matrix(rows["actual"].map(classes.index).to_numpy(),
+                              rows["predicted"].map(classes.index).to_numpy(), len(classes))
+        scores = scores_from_confusion(cm, classes)
+        result[corpus] = {"accuracy": scores["accuracy"], "uar": scores["uar"], "macro_f1": scores["macro_f1"],
+                          "clips": int(len(rows))}
+    return result
 
 
 def main() -> None:
@@ -28,13 +41,15 @@ def main() -> None:
     device = pick_device(p["device"])
     model, meta = load_checkpoint(args.model, device)
     classes = meta["classes"]
-    x, y, clips = load_clips(args.features, args.metadata, classes, split="test")
+    # a speaker-normalised model hears each test speaker relative to that speaker's own clips
+    x, y, clips = load_clips(args.features, args.metadata, classes, split="test",
+                             normalisation=meta["extra"].get("normalisation", "clip"))
     if len(x) == 0:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     logits = infer(model, x, p["batch_size"], device)
     predicted = logits.argmax(1).numpy()
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
-    frame = clips[["path", "actor", "sex", "intensity"]].assign(
+    frame = clips[["path", "corpus", "speaker", "sex", "intensity"]].assign(
         actual=[classes[i] for i in y.numpy()], predicted=[classes[i] for i in predicted])
     scores = scores_from_confusion(cm, classes)
     metrics = {
@@ -43,15 +58,17 @@ def main() -> None:
         "test_macro_f1": scores["macro_f1"],
         "test_loss": float(F.cross_entropy(logits, y).item()),
         "test_clips": int(len(y)),
-        "test_actors": sorted(int(a) for a in clips["actor"].unique()),
+        "test_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
+        "test_speakers": sorted(clips["speaker"].unique()),
         "accuracy_by_sex": group_accuracy(frame, "sex"),
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
+        "per_corpus": per_corpus(frame, classes),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.predictions) as tmp:
-        frame[["path", "actual", "predicted"]].to_csv(tmp, index=False)
-    title = (f"Test actors {metrics['test_actors']}: accuracy {scores['accuracy']:.1%}, "
+        frame[["path", "corpus", "actual", "predicted"]].to_csv(tmp, index=False)
+    title = (f"Test speakers of {', '.join(metrics['per_corpus'])}: accuracy {scores['accuracy']:.1%}, "
              f"UAR {scores['uar']:.1%}")
     plot_confusion(cm, classes, title, args.confusion)
     print(f"evaluate: {title} ({len(y)} clips)")

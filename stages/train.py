@@ -16,7 +16,7 @@ import yaml
 
 from ser.features import load
 from ser.models import count_parameters, save_checkpoint
-from ser.training import train
+from ser.training import model_arch, train
 from ser.util import atomic_path, pick_device, run_stage, write_json
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     device = pick_device(recipe["device"])
     model, history, record = train(recipe, args.features, args.metadata, device)
     fp = load(args.features)[2]
-    save_checkpoint(args.model, model, recipe["model"], record["classes"], fp, extra=record)
+    save_checkpoint(args.model, model, model_arch(recipe), record["classes"], fp, extra=record)
     with atomic_path(args.history) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {"members": recipe["ensemble_seeds"], "epochs": recipe["epochs"], "device": device.type,

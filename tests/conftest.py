@@ -67,6 +67,7 @@ def synthetic_dataset(root, feature_params, per_class=24):
                 x[band, : feature_params.n_frames // 2] += 30
                 arrays.append(x.astype(np.float32))
                 rows.append({"path": f"a{actor}/{emotion}{i}.wav", "emotion": emotion, "actor": actor,
+                             "corpus": "syn", "speaker": f"syn:{actor}",
                              "split": "train" if actor <= 5 else "test"})
     features = root / "features"
     features.mkdir()

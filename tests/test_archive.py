@@ -98,7 +98,7 @@ def test_server_errors_are_retried(tmp_path):
 def test_wrong_checksum_leaves_nothing(tmp_path):
     server = RangeServer()
     try:
-        with pytest.raises(UserError, match="checksum mismatch.*download.md5"):
+        with pytest.raises(UserError, match="checksum mismatch.*its md5 in download.archives"):
             _fetch(server.url, tmp_path / "a.zip", md5="0" * 32)
     finally:
         server.close()
@@ -110,7 +110,7 @@ def test_offline_gives_one_line_with_the_local_hint(tmp_path):
     with pytest.raises(UserError) as err:
         _fetch("http://127.0.0.1:9/archive.zip", tmp_path / "a.zip", retries=1)
     message = str(err.value)
-    assert "cannot download" in message and "download.url=" in message and "\n" not in message
+    assert "cannot download" in message and "download.archives.ravdess.url=" in message and "\n" not in message
     assert not (tmp_path / "a.zip").exists()
 
 

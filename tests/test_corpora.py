@@ -1,9 +1,14 @@
+import collections
+from pathlib import Path, PurePosixPath
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_tone
-from ser.corpora import EMOTIONS, SCHEMA, collect, parse_name, resolve_classes, write_parquet
+from conftest import ROOT, write_tone
+from ser.corpora import (EMOTIONS, SCHEMA, collect, collect_corpus, label_map, parse_crema_d, parse_emodb, parse_folders,
+                         parse_name, parse_tess, resolve_classes, write_parquet)
+from ser.util import UserError
 
 
 def test_parse_valid_name_decodes_every_field():
@@ -96,3 +101,131 @@ def test_the_output_marker_of_an_extracted_folder_is_not_a_reject(tmp_path):
     (tmp_path / OUTPUT_MARKER).write_text("x")
     _, rejects = collect(tmp_path, test_actors=[3])
     assert OUTPUT_MARKER not in "".join(rejects["path"])
+
+
+# ---- other corpora, the emotion vocabulary, manifests ------------------------------------
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _real_names(archive: Path, suffix: str) -> list[PurePosixPath]:
+    import zipfile
+
+    if not archive.is_file():
+        pytest.skip(f"{archive} not found")
+    return [PurePosixPath(n) for n in zipfile.ZipFile(archive).namelist() if n.endswith(suffix)]
+
+
+def test_every_real_tess_name_parses_with_its_speaker_from_the_folder():
+    names = _real_names(SHARED / "tess" / "TESS_flac.zip", ".flac")
+    parsed = [parse_tess(PurePosixPath(*n.parts[1:])) for n in names]  # relative to TESS/
+    assert len(parsed) == 2798 and {p["speaker"] for p in parsed} == {"OAF", "YAF"}
+    assert collections.Counter(p["label"] for p in parsed) == {"angry": 399, "disgust": 400, "fear": 400,
+                                                               "happy": 400, "neutral": 400, "ps": 400, "sad": 399}
+    odd = parse_tess(PurePosixPath("OAF_neutral/OA_bite_neutral.flac"))  # the original's misspelt speaker
+    assert odd["speaker"] == "OAF" and odd["label"] == "neutral"
+    assert {label_map("tess")[p["label"]] for p in parsed} == {"angry", "disgust", "fearful", "happy", "neutral",
+                                                               "surprised", "sad"}
+
+
+def test_every_real_emodb_name_parses():
+    names = _real_names(SHARED / "emodb" / "EmoDB_2s_flac.zip", ".flac")
+    parsed = [parse_emodb(n) for n in names]
+    assert len(parsed) == 535 and len({p["speaker"] for p in parsed}) == 10
+    assert collections.Counter(p["label"] for p in parsed) == {"anger": 127, "boredom": 81, "disgust": 46, "fear": 69,
+                                                               "happiness": 71, "sadness": 62, "neutral": 79}
+    assert parse_emodb(PurePosixPath("03a01Fa.wav"))["sex"] == "male" and parse_emodb(
+        PurePosixPath("08a01Fa.wav"))["sex"] == "female"
+    assert label_map("emodb")["boredom"] is None  # no such class: left out, with a reject row
+
+
+@pytest.mark.parametrize("name, speaker, label", [("1001_DFA_ANG_XX.wav", "1001", "ANG"),
+                                                   ("1091_TSI_NEU_LO.wav", "1091", "NEU"),
+                                                   ("1045_IEO_HAP_HI.flac", "1045", "HAP")])
+def test_crema_d_names_follow_the_official_convention(name, speaker, label):
+    assert parse_crema_d(PurePosixPath(name)) == {"speaker": speaker, "label": label, "language": "en"}
+
+
+@pytest.mark.parametrize("parse, name", [(parse_crema_d, "1000_DFA_ANG_XX.wav"), (parse_crema_d, "1001_XYZ_ANG_XX.wav"),
+                                         (parse_crema_d, "1001_DFA_BOR_XX.wav"), (parse_crema_d, "1001_DFA_ANG.wav"),
+                                         (parse_emodb, "03a01Xa.wav"), (parse_emodb, "04a01Fa.wav"),
+                                         (parse_tess, "MAF_angry/MAF_back_angry.flac"),
+                                         (parse_tess, "OAF_angry/OAF_back_sad.flac"),
+                                         (parse_folders, "x.wav")])
+def test_names_a_kind_does_not_know_are_refused_with_the_reason(parse, name):
+    with pytest.raises(ValueError, match="not a|disagree|folder"):
+        parse(PurePosixPath(name))
+
+
+def test_labels_map_onto_the_classes_with_overrides():
+    assert label_map("ravdess", {"calm": "neutral"})["calm"] == "neutral"
+    assert label_map("tess")["ps"] == "surprised"
+    with pytest.raises(UserError, match="not among the classes"):
+        label_map("tess", {"ps": "amazed"})
+    with pytest.raises(UserError, match="unknown corpus kind 'iemocap'"):
+        label_map("iemocap")
+
+
+def test_a_corpus_scan_lists_what_it_leaves_out_and_why(tmp_path):
+    root = tmp_path / "emodb" / "wav"
+    for name in ("03a01Fa", "03a02Wb", "08a01La", "10b09Ta"):
+        write_tone(root / f"{name}.flac", seconds=0.5)
+    write_tone(root / "zz_not_emodb.flac", seconds=0.5)
+    clips, rejects = collect_corpus("emodb", "emodb", tmp_path / "emodb", test_speakers=["10"])
+    assert clips["emotion"].tolist() == ["happy", "angry", "sad"]
+    assert clips["speaker"].tolist() == ["emodb:03", "emodb:03", "emodb:10"]
+    assert clips["split"].tolist() == ["train", "train", "test"] and set(clips["corpus"]) == {"emodb"}
+    assert clips["language"].unique().tolist() == ["de"] and clips["actor"].isna().all()
+    reasons = dict(zip(rejects["path"].map(lambda p: Path(p).name), rejects["reason"]))
+    assert reasons == {"08a01La.flac": "label 'boredom' maps to no class (left out by corpus emodb's labels)",
+                       "zz_not_emodb.flac": "not an EmoDB name (want SSTTTEV, e.g. 03a01Fa): zz_not_emodb.flac"}
+    write_parquet(clips, tmp_path / "m.parquet")  # nullable RAVDESS columns fit the schema
+    assert pq.read_schema(tmp_path / "m.parquet").remove_metadata() == SCHEMA
+
+
+def test_folders_per_speaker_and_emotion(tmp_path):
+    for speaker, emotion in (("ann", "happy"), ("ann", "sad"), ("bob", "happy"), ("bob", "bored")):
+        write_tone(tmp_path / "mine" / speaker / emotion / "take1.wav", seconds=0.5)
+    # a clip's name is the clip for file-name corpora, not here: every take1.wav is its own clip
+    clips, rejects = collect_corpus("mine", "folders", tmp_path / "mine", test_speakers=["bob"],
+                                    labels={"bored": None})
+    assert list(zip(clips["speaker"], clips["emotion"], clips["split"])) == [
+        ("mine:ann", "happy", "train"), ("mine:ann", "sad", "train"), ("mine:bob", "happy", "test")]
+    assert rejects["path"].tolist() == [str(tmp_path / "mine" / "bob" / "bored" / "take1.wav")]
+    write_tone(tmp_path / "flat" / "angry" / "x.wav", seconds=0.5)  # <emotion>/<file>: one speaker
+    flat, _ = collect_corpus("flat", "folders", tmp_path / "flat", test_speakers=[])
+    assert flat["speaker"].tolist() == ["flat:all"] and flat["emotion"].tolist() == ["angry"]
+
+
+def _manifest(tmp_path, rows, header="path,emotion,speaker"):
+    for row in rows:
+        if not row.startswith("missing"):
+            write_tone(tmp_path / row.split(",")[0], seconds=0.5)
+    path = tmp_path / "manifest.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_a_manifest_of_your_own_recordings(tmp_path):
+    manifest = _manifest(tmp_path, ["a/1.wav,happy,ann", "a/2.wav,sad,ann", "b/1.wav,happy,bob", "b/2.wav,bored,bob"])
+    clips, rejects = collect_corpus("mine", "manifest", manifest, ["bob"], labels={"bored": None})
+    assert clips["speaker"].tolist() == ["mine:ann", "mine:ann", "mine:bob"]
+    assert clips["split"].tolist() == ["train", "train", "test"]
+    assert clips["path"].tolist() == [str(tmp_path / p) for p in ("a/1.wav", "a/2.wav", "b/1.wav")]
+    assert rejects["reason"].tolist() == ["label 'bored' maps to no class (left out by corpus mine's labels)"]
+
+
+@pytest.mark.parametrize("rows, header, message", [
+    (["a.wav,happy,ann"], "path,emotion", "missing column\\(s\\) speaker"),
+    (["a.wav,happy,ann", "b.wav,elated,ann"], None, "row 2 \\(path 'b.wav'\\): unknown emotion 'elated'"),
+    (["a.wav,happy,ann", "missing.wav,sad,ann"], None, "row 2 \\(path 'missing.wav'\\): no such file"),
+    (["a.wav,happy,ann", "a.wav,sad,ann"], None, "row 2 \\(path 'a.wav'\\): the same file as row 1"),
+    (["a.wav,happy,ann,train", "b.wav,sad,ann,test"], "path,emotion,speaker,split",
+     "row 2 \\(path 'b.wav'\\): speaker 'ann' is in split test here and in train in row 1"),
+    (["a.wav,happy,,train"], "path,emotion,speaker,split", "row 1 \\(path 'a.wav'\\): no speaker"),
+    (["a.wav,happy,ann,val"], "path,emotion,speaker,split", "split 'val' is not train or test"),
+])
+def test_a_bad_manifest_fails_with_one_message_naming_the_row(tmp_path, rows, header, message):
+    manifest = _manifest(tmp_path, rows, header or "path,emotion,speaker")
+    with pytest.raises(UserError, match=message):
+        collect_corpus("mine", "manifest", manifest, [])

@@ -364,3 +364,18 @@ def test_workers_die_with_a_killed_labeller(many_files, tiny_checkpoint, tmp_pat
         time.sleep(0.1)
     assert all(gone(pid) for pid in workers), workers
     assert not (tmp_path / "labels.csv").exists()
+
+
+def test_a_speaker_normalised_model_labels_each_window_by_its_own_statistics(tmp_path, feature_params, capsys):
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    model = build_model({**TINY_ARCH, "utterance_norm": False}, feature_params.n_mels, len(EMOTIONS))
+    save_checkpoint(tmp_path / "spk.pt", model, {**TINY_ARCH, "utterance_norm": False}, EMOTIONS, feature_params,
+                    extra={"normalisation": "speaker"})
+    quiet, loud = write_tone(tmp_path / "in" / "quiet.wav", amplitude=0.05), write_tone(tmp_path / "in" / "loud.wav")
+    assert _run([tmp_path / "in", "-o", tmp_path / "o.csv", "--model", tmp_path / "spk.pt"]) == 0
+    assert "each window was normalised by its own statistics" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "o.csv")
+    probs = frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
+    np.testing.assert_allclose(probs[0], probs[1], atol=2e-3)  # the same tone at another gain: the same label

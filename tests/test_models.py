@@ -178,3 +178,20 @@ def test_bfloat16_inference_is_close_to_float32(tiny_checkpoint):
     half = infer(model, x, 8, "cpu", "bfloat16").softmax(1)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.02, rtol=0)
+
+
+def test_speaker_normalisation_standardises_each_speaker_over_its_sounding_frames():
+    from ser.models import speaker_normalise
+
+    torch.manual_seed(0)
+    x = torch.full((4, 3, 10), -80.0)  # the floor: padding
+    x[:2, :, :6] = torch.randn(2, 3, 6) * 2 + 10  # speaker a: loud, padded after frame 6
+    x[2:, :, :] = torch.randn(2, 3, 10) * 5 - 30  # speaker b: quiet, no padding
+    out = speaker_normalise(x, ["a", "a", "b", "b"])
+    a = out[:2, :, :6].transpose(1, 2).reshape(-1, 3)
+    b = out[2:].transpose(1, 2).reshape(-1, 3)
+    torch.testing.assert_close(a.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.std(0), torch.ones(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    # a speaker's gain (another microphone) is gone: only the voice relative to itself remains
+    torch.testing.assert_close(speaker_normalise(x[2:] + 12.0, ["b", "b"]), out[2:], atol=1e-4, rtol=0)

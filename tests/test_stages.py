@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 
-PIPELINES = [ROOT / "dvc.yaml", ROOT / "cv" / "dvc.yaml"]
+PIPELINES = [ROOT / "dvc.yaml", ROOT / "cv" / "dvc.yaml", ROOT / "loco" / "dvc.yaml"]
 PROJECT_PACKAGES = {"ser", "stages", "bench", "tests"}
 
 

@@ -102,3 +102,28 @@ def test_class_sets():
     assert train_classes("six") == ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
     with pytest.raises(UserError, match="train.classes"):
         train_classes("seven")
+
+
+def test_corpus_balance_draws_every_corpus_alike():
+    import pandas as pd
+
+    from ser.training import sampling_weights
+
+    clips = pd.DataFrame({"corpus": ["big"] * 90 + ["small"] * 10})
+    weights = sampling_weights(clips, "corpus")
+    assert float(weights[:90].sum()) == pytest.approx(float(weights[90:].sum()))
+    drawn = torch.multinomial(weights, 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((drawn >= 90).float().mean().item() - 0.5) < 0.03
+    assert sampling_weights(clips, "none") is None and sampling_weights(clips.iloc[:90], "corpus") is None
+    with pytest.raises(UserError, match="train.balance must be none or corpus"):
+        sampling_weights(clips, "class")
+
+
+def test_a_speaker_normalised_recipe_trains_and_its_model_skips_the_clip_mean(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    model, _, record = train(train_params(normalisation="speaker", balance="corpus"), *data, CPU)
+    assert record["normalisation"] == "speaker" and model.utterance_norm is False
+    x, y, _ = load_clips(*data, record["classes"], split="test", normalisation="speaker")
+    assert (model(x).argmax(1) == y).float().mean() >= 0.9
+    with pytest.raises(UserError, match="train.normalisation must be one of clip, speaker"):
+        load_clips(*data, record["classes"], split="test", normalisation="corpus")

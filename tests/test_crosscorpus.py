@@ -1,0 +1,42 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import synthetic_dataset, train_params
+from ser.crosscorpus import leave_one_corpus_out, score_shared
+from ser.util import UserError
+
+
+def _two_corpora(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+    clips = pd.read_parquet(metadata)
+    clips["corpus"] = np.where(clips["actor"] <= 3, "studio_a", "studio_b")
+    clips["speaker"] = clips["corpus"] + ":" + clips["actor"].astype(str)
+    clips.to_parquet(metadata)
+    return str(features), str(metadata)
+
+
+def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature_params):
+    data = _two_corpora(tmp_path, feature_params)
+    table, summary, predictions = leave_one_corpus_out(data, train_params(epochs=4, normalisation="speaker"))
+    assert table["left_out"].tolist() == ["studio_a", "studio_b"]
+    assert table["trained_on"].tolist() == ["studio_b", "studio_a"]
+    assert table["test_clips"].tolist() == [72, 72] and summary["corpora"] == ["studio_a", "studio_b"]
+    assert summary["uar_min"] == table["uar"].min() and summary["uar_min"] >= 0.9  # separable classes
+    clips = pd.read_parquet(data[1])
+    assert sorted(predictions["path"]) == sorted(clips["path"])
+    per_corpus = (predictions["actual"] == predictions["predicted"]).groupby(predictions["corpus"]).mean()
+    assert per_corpus.round(5).tolist() == table["accuracy"].tolist()
+
+
+def test_one_corpus_is_not_enough(tmp_path, feature_params):
+    features, metadata = synthetic_dataset(tmp_path, feature_params)
+    with pytest.raises(UserError, match="needs two corpora or more"):
+        leave_one_corpus_out((str(features), str(metadata)), train_params(epochs=1))
+
+
+def test_a_corpus_is_scored_on_the_classes_it_has():
+    classes = ["neutral", "calm", "happy"]
+    probs = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])  # the first would be "calm", which it lacks
+    scores, cm, names = score_shared(probs, np.array([0, 2]), classes)
+    assert names == ["neutral", "happy"] and scores["accuracy"] == 1.0 and cm.tolist() == [[1, 0], [0, 1]]
