@@ -34,7 +34,7 @@ def main() -> None:
         rates = {}
         for n in (1, 2):
             build(paths[:128], fp, tmp / "warm", n_jobs=n)  # page cache, imports, worker start
-            rates[n] = build(paths, fp, tmp / f"f{n}", n_jobs=n)
+            rates[n] = build(paths, fp, tmp / f"f{n}", n_jobs=n)[0]
         # whole stage, as DVC runs it, in a scratch project with the same params
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         write_parquet(clips.assign(path=[str(Path(p).relative_to(tmp)) for p in paths]),

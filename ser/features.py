@@ -33,25 +33,62 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int,
     yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
 
 
-def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int) -> float:
-    """Write the feature directory for `paths`; return clips per second."""
+def cache_key(fp: FeatureParams) -> str:
+    """Names the per-clip cache of these feature params and of the code that computes them
+    (ser/audio.py): a change to either starts a new cache, never reuses stale features."""
+    import hashlib
+    import json
+
+    from ser import audio
+
+    digest = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
+    digest.update(Path(audio.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _file_md5(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
+          cache_dir: Path | None = None) -> tuple[float, int]:
+    """Write the feature directory for `paths`; return (clips per second, clips computed).
+    With cache_dir, each clip's features are kept there under its audio's md5, so a clip
+    already computed with the same params and code (another corpus mix, a rerun) is read,
+    not recomputed."""
     start = time.perf_counter()
+    store = None if cache_dir is None else Path(cache_dir) / cache_key(fp)
+    digests = [_file_md5(p) for p in paths] if store is not None else [None] * len(paths)
+    missing = [i for i, d in enumerate(digests) if d is None or not (store / f"{d}.npy").is_file()]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         array = np.lib.format.open_memmap(
             tmp / ARRAY_NAME, mode="w+", dtype=np.float32,
             shape=(len(paths), fp.n_mels, fp.n_frames),
         )
+        for i in sorted(set(range(len(paths))) - set(missing)):
+            array[i] = np.load(store / f"{digests[i]}.npy")
         try:
-            for i, feature in enumerate(compute_parallel(paths, fp, n_jobs)):
+            for i, feature in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs)):
                 array[i] = feature
+                if store is not None:
+                    store.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(store / f"{digests[i]}.npy") as cached:
+                        with open(cached, "wb") as f:
+                            np.save(f, feature)
         except AudioError as e:
             raise UserError(str(e)) from None
         array.flush()
         del array
         pd.DataFrame({"path": paths}).to_parquet(tmp / INDEX_NAME, index=False)
         write_json(tmp / PARAMS_NAME, fp.to_dict())
-    return len(paths) / (time.perf_counter() - start)
+    return len(paths) / (time.perf_counter() - start), len(missing)
 
 
 def load(features_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, FeatureParams]:

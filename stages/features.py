@@ -1,6 +1,10 @@
 """Stage features: the log-Mel spectrogram of every clip, in parallel (joblib).
 
-    python stages/features.py --metadata data/metadata.parquet --out data/features    (params: features)
+    python stages/features.py --metadata data/metadata.parquet --out data/features \
+        --cache data/feature_cache    (params: features)
+
+Clips already computed with the same params and code are read from the cache, so adding a
+corpus computes only its clips.
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--metadata", required=True, help="clips table; features follow its row order")
     parser.add_argument("--out", required=True, help="feature directory")
+    parser.add_argument("--cache", help="per-clip cache kept between runs (keyed by audio md5, params, code)")
     args = parser.parse_args()
     p = yaml.safe_load(Path("params.yaml").read_text())["features"]
     fp = FeatureParams.from_dict(p)
     clips = pd.read_parquet(args.metadata)
-    rate = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"])
-    print(f"features: {len(clips)} clips -> {args.out} ({fp.n_mels} mels x {fp.n_frames} frames, {rate:.0f} clips/s)")
+    rate, computed = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"], args.cache and Path(args.cache))
+    print(f"features: {len(clips)} clips -> {args.out} ({computed} computed, {len(clips) - computed} from the cache; "
+          f"{fp.n_mels} mels x {fp.n_frames} frames, {rate:.0f} clips/s)")
 
 
 if __name__ == "__main__":

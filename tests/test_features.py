@@ -33,3 +33,28 @@ def test_a_bad_clip_fails_the_stage_naming_it_and_leaves_no_output(tmp_path, fea
         build([good, str(bad)], feature_params, tmp_path / "out", n_jobs=1)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav", "good.wav"]
+
+
+def test_a_clip_is_computed_once_per_params_and_code_whatever_the_mix(tmp_path, feature_params):
+    import dataclasses
+
+    import numpy as np
+
+    from ser.features import ARRAY_NAME, build, cache_key
+
+    paths = [str(write_tone(tmp_path / f"c{i}.wav", freq=200 + 40 * i)) for i in range(4)]
+    cache = tmp_path / "cache"
+    _, computed = build(paths[:3], feature_params, tmp_path / "first", n_jobs=1, cache_dir=cache)
+    assert computed == 3
+    # a corpus added: only its clip is computed, and the result is what a full computation gives
+    _, computed = build(paths, feature_params, tmp_path / "mix", n_jobs=1, cache_dir=cache)
+    assert computed == 1
+    build(paths, feature_params, tmp_path / "plain", n_jobs=1)
+    np.testing.assert_array_equal(np.load(tmp_path / "mix" / ARRAY_NAME), np.load(tmp_path / "plain" / ARRAY_NAME))
+    # other params: another cache, nothing stale reused
+    other = dataclasses.replace(feature_params, fmin=40.0)
+    assert cache_key(other) != cache_key(feature_params)
+    assert build(paths, other, tmp_path / "other", n_jobs=1, cache_dir=cache)[1] == 4
+    # the same audio under another name is the same clip
+    (tmp_path / "copy.wav").write_bytes(open(paths[0], "rb").read())
+    assert build([str(tmp_path / "copy.wav")], feature_params, tmp_path / "copy", n_jobs=1, cache_dir=cache)[1] == 0

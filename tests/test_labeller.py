@@ -379,3 +379,18 @@ def test_a_speaker_normalised_model_labels_each_window_by_its_own_statistics(tmp
     frame = pd.read_csv(tmp_path / "o.csv")
     probs = frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
     np.testing.assert_allclose(probs[0], probs[1], atol=2e-3)  # the same tone at another gain: the same label
+
+
+def test_a_crash_is_exit_3_with_the_traceback_and_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    from ser import labeller
+
+    write_tone(tmp_path / "a.wav")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(labeller, "label_rows", broken)
+    assert _run([tmp_path / "a.wav", "-o", tmp_path / "o.csv", "--model", tiny_checkpoint]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err and "the labeller crashed (exit 3)" in err
+    assert not (tmp_path / "o.csv").exists()
