@@ -2,8 +2,9 @@
 score it on the one left out, which it has never heard (other speakers, studio, microphones,
 sometimes language). The honest figure for recordings from elsewhere.
 
-A left-out corpus may lack classes the model knows (TESS has no calm): its clips are scored
-on the classes both sides share, the model's probabilities renormalised over those.
+Scores are on the classes both sides share: those of the left-out corpus that the training
+corpora have too (TESS has no calm; without RAVDESS nothing trains calm), the model's choice
+made among those alone; clips of other classes are counted, not scored.
 """
 from __future__ import annotations
 
@@ -36,14 +37,17 @@ def clips_of(data: tuple[str, str], classes: list[str], corpora: list[str], norm
     return normalise(x, chosen, normalisation), y, chosen
 
 
-def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> tuple[dict[str, Any], np.ndarray, list[str]]:
-    """Scores over the classes the test clips have, the argmax taken among those only."""
-    shared = sorted(set(y.tolist()))
-    local = np.array([shared.index(c) for c in y])
-    predicted = probs[:, shared].argmax(1)
+def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]
+                 ) -> tuple[dict[str, Any], np.ndarray, list[str], np.ndarray]:
+    """Scores over the classes the test clips have and training had (`trained`), the argmax
+    taken among those only: (scores, confusion, class names, which clips were scored)."""
+    shared = sorted(set(y.tolist()) & trained)
+    scored = np.isin(y, shared)
+    local = np.array([shared.index(c) for c in y[scored]], dtype=int)
+    predicted = probs[scored][:, shared].argmax(1)
     names = [classes[c] for c in shared]
     cm = confusion_matrix(local, predicted, len(shared))
-    return scores_from_confusion(cm, names), cm, names
+    return scores_from_confusion(cm, names), cm, names, scored
 
 
 def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, corpora: list[str],
@@ -58,16 +62,17 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
                             label=f"without {left_out} ",
                             weights=sampling_weights(train_clips, recipe.get("balance", "none")))
     probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
-    scores, cm, names = score_shared(probs, y_test.numpy(), classes)
-    predicted = [names[i] for i in probs[:, [classes.index(n) for n in names]].argmax(1)]
+    scores, cm, names, scored = score_shared(probs, y_test.numpy(), classes, set(y.tolist()))
+    predicted = [names[i] for i in probs[scored][:, [classes.index(n) for n in names]].argmax(1)]
     share = pd.Series(predicted).value_counts(normalize=True)
     row = {"left_out": left_out, "trained_on": " ".join(c for c in corpora if c != left_out),
-           "test_clips": len(y_test), "classes": " ".join(names), "accuracy": round(scores["accuracy"], 5),
+           "test_clips": int(scored.sum()), "not_scored": int((~scored).sum()), "classes": " ".join(names),
+           "accuracy": round(scores["accuracy"], 5),
            "uar": round(scores["uar"], 5), "macro_f1": round(scores["macro_f1"], 5),
            "most_predicted": f"{share.index[0]} {share.iloc[0]:.0%}",
            "train_minutes": round((time.perf_counter() - start) / 60, 2)}
-    predictions = pd.DataFrame({"path": test_clips["path"], "corpus": left_out, "actual": test_clips["emotion"],
-                                "predicted": predicted})
+    predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
+                                "actual": test_clips["emotion"][scored], "predicted": predicted})
     print(f"left out {left_out}: accuracy {row['accuracy']:.3f}, UAR {row['uar']:.3f}, "
           f"most predicted {row['most_predicted']}", flush=True)
     return row, predictions

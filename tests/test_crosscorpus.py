@@ -21,7 +21,8 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
     table, summary, predictions = leave_one_corpus_out(data, train_params(epochs=4, normalisation="speaker"))
     assert table["left_out"].tolist() == ["studio_a", "studio_b"]
     assert table["trained_on"].tolist() == ["studio_b", "studio_a"]
-    assert table["test_clips"].tolist() == [72, 72] and summary["corpora"] == ["studio_a", "studio_b"]
+    assert table["test_clips"].tolist() == [72, 72] and table["not_scored"].tolist() == [0, 0]
+    assert summary["corpora"] == ["studio_a", "studio_b"]
     assert summary["uar_min"] == table["uar"].min() and summary["uar_min"] >= 0.9  # separable classes
     clips = pd.read_parquet(data[1])
     assert sorted(predictions["path"]) == sorted(clips["path"])
@@ -35,8 +36,12 @@ def test_one_corpus_is_not_enough(tmp_path, feature_params):
         leave_one_corpus_out((str(features), str(metadata)), train_params(epochs=1))
 
 
-def test_a_corpus_is_scored_on_the_classes_it_has():
+def test_a_corpus_is_scored_on_the_classes_both_sides_share():
     classes = ["neutral", "calm", "happy"]
-    probs = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])  # the first would be "calm", which it lacks
-    scores, cm, names = score_shared(probs, np.array([0, 2]), classes)
+    probs = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])  # the first would be "calm"
+    # the test corpus lacks calm: its clips are scored among neutral and happy
+    scores, cm, names, scored = score_shared(probs[:2], np.array([0, 2]), classes, trained={0, 1, 2})
     assert names == ["neutral", "happy"] and scores["accuracy"] == 1.0 and cm.tolist() == [[1, 0], [0, 1]]
+    # training lacked calm: the test corpus's calm clip is counted, not scored
+    scores, cm, names, scored = score_shared(probs, np.array([0, 2, 1]), classes, trained={0, 2})
+    assert names == ["neutral", "happy"] and scored.tolist() == [True, True, False] and scores["accuracy"] == 1.0
