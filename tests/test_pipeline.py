@@ -88,6 +88,7 @@ def project(tmp_path_factory):
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "-q"], repo, env)
     _run(dvc + ["init", "-q"], repo, env)
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     first = _run(dvc + ["repro"], repo, env)
     return repo, env, dvc, first
 
@@ -133,6 +134,10 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
 def test_status_clean_and_second_repro_does_nothing(project):
     repo, env, dvc, _ = project
     assert "up to date" in _run(dvc + ["status", "dvc.yaml"], repo, env)  # cv/dvc.yaml runs with `make cv`
+    # bytecode that Python writes beside the library is not a code change
+    (repo / "ser" / "__pycache__").mkdir(exist_ok=True)
+    (repo / "ser" / "__pycache__" / "metrics.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    assert "up to date" in _run(dvc + ["status", "dvc.yaml"], repo, env)
     assert "Running stage" not in _run(dvc + ["repro"], repo, env)
 
 
