@@ -18,23 +18,8 @@ import torch
 from ser import features as feature_store
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.training import fit_ensemble, normalise, sampling_weights, train_classes
+from ser.training import fit_ensemble, input_statistics, load_clips, load_raw, sampling_weights, train_classes
 from ser.util import UserError, pick_device
-
-
-def clips_of(data: tuple[str, str], classes: list[str], corpora: list[str], normalisation: str
-             ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
-    """Features and class indices of every clip (both splits) of the given corpora, normalised
-    as the recipe says (by speaker: each speaker's own clips, labels unseen)."""
-    array, index, _ = feature_store.load(data[0])
-    clips = pd.read_parquet(data[1])
-    if index["path"].tolist() != clips["path"].tolist():
-        raise UserError(f"{data[0]} does not match {data[1]}; rerun the features stage")
-    rows = np.flatnonzero((clips["corpus"].isin(corpora) & clips["emotion"].isin(classes)).to_numpy())
-    x = torch.from_numpy(np.ascontiguousarray(array[rows]))
-    y = torch.tensor([classes.index(e) for e in clips["emotion"].iloc[rows]], dtype=torch.long)
-    chosen = clips.iloc[rows].reset_index(drop=True)
-    return normalise(x, chosen, normalisation), y, chosen
 
 
 def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]
@@ -55,11 +40,12 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     """Train on every corpus but `left_out` (all their speakers), score on all of `left_out`."""
     classes = train_classes(recipe["classes"])
     norm = recipe.get("normalisation", "clip")
-    x, y, train_clips = clips_of(data, classes, [c for c in corpora if c != left_out], norm)
-    x_test, y_test, test_clips = clips_of(data, classes, [left_out], norm)
+    # every clip of a corpus, both splits; by speaker normalisation each speaker's own clips
+    x, y, train_clips = load_raw(*data, classes, corpora=[c for c in corpora if c != left_out])
+    x_test, y_test, test_clips = load_clips(*data, classes, corpora=[left_out], normalisation=norm)
     start = time.perf_counter()
-    model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2].n_mels, len(classes), device,
-                            label=f"without {left_out} ",
+    model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
+                            label=f"without {left_out} ", stats=input_statistics(x, train_clips, norm),
                             weights=sampling_weights(train_clips, recipe.get("balance", "none")))
     probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
     scores, cm, names, scored = score_shared(probs, y_test.numpy(), classes, set(y.tolist()))

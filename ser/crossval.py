@@ -21,9 +21,10 @@ import torch
 from joblib import Parallel, delayed
 
 from ser import features as feature_store
+from ser.audio import FeatureParams
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer, load_checkpoint
-from ser.training import fit_ensemble, load_clips, train_classes
+from ser.training import fit_ensemble, input_statistics, load_clips, load_raw, train_classes
 from ser.util import UserError, pick_device
 
 
@@ -55,7 +56,7 @@ def train_stage_model(model_path: str, recipe: dict[str, Any], features_dir: str
 
 
 def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[list[int]], k: int,
-             classes: list[str], n_mels: int, device: torch.device,
+             classes: list[str], fp: FeatureParams, device: torch.device,
              trained: torch.nn.Module | None = None, threads: int | None = None
              ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Train on fold k's training actors (`trained`: the train stage's model, scored instead)
@@ -69,8 +70,9 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[list[int
     x_test, y_test, test_clips = load_clips(*data, classes, actors=test_actors, normalisation=norm)
     start = time.perf_counter()
     if trained is None:
-        x, y, _ = load_clips(*data, classes, actors=train_actors, normalisation=norm)
-        model, _ = fit_ensemble(recipe, x, y, n_mels, len(classes), device, label=f"fold {k + 1}/{len(folds)} ")
+        x, y, clips = load_raw(*data, classes, actors=train_actors)
+        model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"fold {k + 1}/{len(folds)} ",
+                                stats=input_statistics(x, clips, norm))
     else:
         model = trained
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
@@ -116,22 +118,22 @@ def cross_validate(data: tuple[str, str], recipe: dict[str, Any], fold_size: int
     classes = train_classes(recipe["classes"])
     # folds of RAVDESS actors: clips of other corpora (no actor number) take part in no fold
     folds = make_folds([int(a) for a in pd.read_parquet(data[1])["actor"].dropna().unique()], fold_size)
-    n_mels, device = feature_store.load(data[0])[2].n_mels, pick_device(recipe["device"])
+    fp, device = feature_store.load(data[0])[2], pick_device(recipe["device"])
     trained = train_stage_model(train_model, recipe, data[0], device) if train_model else None
     start = time.perf_counter()
     clips = pd.read_parquet(data[1])
     reused = [k for k in range(len(folds)) if trained is not None and trained[1].get("train_speakers") == sorted(
         clips.loc[clips["actor"].isin(fold_actors(folds, k)[0]), "speaker"].unique())]
     to_train = [k for k in range(len(folds)) if k not in reused]
-    results = {k: run_fold(data, recipe, folds, k, classes, n_mels, device, trained[0]) for k in reused}
+    results = {k: run_fold(data, recipe, folds, k, classes, fp, device, trained[0]) for k in reused}
     workers = fold_workers(n_jobs, device, len(to_train))
     if workers == 1:
-        results.update({k: run_fold(data, recipe, folds, k, classes, n_mels, device) for k in to_train})
+        results.update({k: run_fold(data, recipe, folds, k, classes, fp, device) for k in to_train})
     else:
         # results depend on the thread count, so a fold gets the same threads however it is scheduled
         threads = max(1, torch.get_num_threads() // workers)
         done = Parallel(n_jobs=workers, backend="loky")(
-            delayed(run_fold)(data, recipe, folds, k, classes, n_mels, device, threads=threads) for k in to_train)
+            delayed(run_fold)(data, recipe, folds, k, classes, fp, device, threads=threads) for k in to_train)
         results.update(zip(to_train, done))
     rows, predictions = zip(*(results[k] for k in range(len(folds))))
     table = pd.DataFrame(rows)

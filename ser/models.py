@@ -91,12 +91,11 @@ class EmotionCNN(nn.Module):
         return self.head(statistics_pool(x))
 
 
-def speaker_normalise(x: torch.Tensor, speakers: list[str] | np.ndarray) -> torch.Tensor:
-    """Each clip's log-Mel standardised per mel bin by its speaker's mean and spread over the
-    speaker's sounding frames (frames wholly at the floor, the padding, are left out). Needs
-    no labels, only which clips share a speaker: the model then hears each clip relative to
-    its own speaker's voice and microphone, not to the training speakers'."""
-    out, speakers = torch.empty_like(x), np.asarray(speakers)
+def speaker_statistics(x: torch.Tensor, speakers: list[str] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per clip, its speaker's mean and spread per mel bin (clips, mels) over the speaker's
+    sounding frames (frames wholly at the floor, the padding, are left out). Needs no labels,
+    only which clips share a speaker."""
+    mean, std, speakers = torch.empty(x.shape[:2]), torch.empty(x.shape[:2]), np.asarray(speakers)
     for speaker in np.unique(speakers):
         rows = torch.from_numpy(np.flatnonzero(speakers == speaker))
         xs = x[rows]
@@ -104,9 +103,16 @@ def speaker_normalise(x: torch.Tensor, speakers: list[str] | np.ndarray) -> torc
         sounding = frames[xs.amax(dim=1) > xs.amin() + 1e-3]
         if len(sounding) < 2:
             sounding = frames.reshape(-1, x.shape[1])
-        mean, std = sounding.mean(dim=0), sounding.std(dim=0).clamp_min(1e-3)
-        out[rows] = (xs - mean[:, None]) / std[:, None]
-    return out
+        mean[rows], std[rows] = sounding.mean(dim=0), sounding.std(dim=0).clamp_min(1e-3)
+    return mean, std
+
+
+def speaker_normalise(x: torch.Tensor, speakers: list[str] | np.ndarray) -> torch.Tensor:
+    """Each clip's log-Mel standardised per mel bin by its speaker's statistics
+    (speaker_statistics): the model then hears each clip relative to its own speaker's voice
+    and microphone, not to the training speakers'."""
+    mean, std = speaker_statistics(x, speakers)
+    return (x - mean[:, :, None]) / std[:, :, None]
 
 
 def statistics_pool(x: torch.Tensor) -> torch.Tensor:

@@ -16,26 +16,34 @@ import torchaudio.transforms as T
 
 from ser import features as feature_store
 from ser.corpora import resolve_classes
-from ser.models import Ensemble, autocast_dtype, build_model, speaker_normalise
+from ser.audio import FeatureParams
+from ser.augment import RoomAugment
+from ser.models import Ensemble, autocast_dtype, build_model, speaker_statistics
 from ser.util import UserError, seed_everything
 
 
 NORMALISATIONS = ("clip", "speaker")
 
 
-def normalise(x: torch.Tensor, clips: pd.DataFrame, normalisation: str) -> torch.Tensor:
-    """x as the model of `normalisation` takes it: clip (the model subtracts each clip's own
-    mean itself) or speaker (speaker_normalise, by the clips' speaker column)."""
+def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per clip (mean, std) per mel bin that the model of `normalisation` takes its input
+    relative to: None for clip (the model subtracts each clip's own mean itself), the
+    speaker's statistics for speaker (speaker_statistics, by the clips' speaker column)."""
     if normalisation not in NORMALISATIONS:
         raise UserError(f"train.normalisation must be one of {', '.join(NORMALISATIONS)}, not {normalisation!r}")
-    return speaker_normalise(x, clips["speaker"].to_numpy()) if normalisation == "speaker" and len(x) else x
+    return speaker_statistics(x, clips["speaker"].to_numpy()) if normalisation == "speaker" and len(x) else None
 
 
-def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
-               actors: list[int] | None = None, normalisation: str = "clip"
-               ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
-    """Features and class indices of the clips of one split (or of the given actors),
-    restricted to `classes`, normalised as `normalisation` says (see normalise)."""
+def apply_statistics(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    return x if stats is None else (x - stats[0][:, :, None]) / stats[1][:, :, None]
+
+
+def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
+             actors: list[int] | None = None, corpora: list[str] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
+    """Features (as the features stage wrote them) and class indices of the clips of one split
+    (or of the given actors, or of the given corpora), restricted to `classes`."""
     array, index, _ = feature_store.load(features_dir)
     clips = pd.read_parquet(metadata_path)
     if index["path"].tolist() != clips["path"].tolist():
@@ -45,11 +53,20 @@ def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, spl
         keep &= clips["split"] == split
     if actors is not None:
         keep &= clips["actor"].isin(actors)
+    if corpora is not None:
+        keep &= clips["corpus"].isin(corpora)
     rows = np.flatnonzero(keep.to_numpy())
     x = torch.from_numpy(np.ascontiguousarray(array[rows]))
     y = torch.tensor([classes.index(e) for e in clips["emotion"].iloc[rows]], dtype=torch.long)
-    chosen = clips.iloc[rows].reset_index(drop=True)
-    return normalise(x, chosen, normalisation), y, chosen
+    return x, y, clips.iloc[rows].reset_index(drop=True)
+
+
+def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
+               actors: list[int] | None = None, corpora: list[str] | None = None,
+               normalisation: str = "clip") -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
+    """load_raw's clips as the model of `normalisation` takes them (input_statistics)."""
+    x, y, clips = load_raw(features_dir, metadata_path, classes, split=split, actors=actors, corpora=corpora)
+    return apply_statistics(x, input_statistics(x, clips, normalisation)), y, clips
 
 
 def model_arch(r: dict[str, Any]) -> dict[str, Any]:
@@ -123,19 +140,35 @@ def sampling_weights(clips: pd.DataFrame, balance: str) -> torch.Tensor | None:
     return torch.tensor((1.0 / clips["corpus"].map(clips["corpus"].value_counts())).to_numpy(), dtype=torch.double)
 
 
-def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels: int, n_classes: int,
-        device: torch.device, label: str = "", weights: torch.Tensor | None = None
+def room_augment(r: dict[str, Any], fp: FeatureParams) -> RoomAugment | None:
+    """The simulated rooms and microphones of train.augment.room (None when off)."""
+    room = r["augment"].get("room")
+    if not room or not room.get("p"):
+        return None  # off: no random number is drawn, so recipes without it train as before
+    try:
+        return RoomAugment(room, fp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
+        device: torch.device, label: str = "", weights: torch.Tensor | None = None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train one model on (x_train, y_train) for r["epochs"] epochs of the one-cycle schedule
-    and keep the last epoch; return it in eval mode with its per-epoch history. An epoch is
-    every clip once in random order, or as many clips drawn by `weights` (sampling_weights).
+    and keep the last epoch; return it in eval mode with its per-epoch history. x_train is
+    the features as written (fp), `stats` what the model takes them relative to
+    (input_statistics). An epoch is every clip once in random order, or as many clips drawn
+    by `weights` (sampling_weights).
     Seeds itself from r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
+    raw, x_train = x_train, apply_statistics(x_train, stats)
+    room = room_augment(r, fp)
     # Mixed precision: float16 on CUDA (with loss scaling); bfloat16 on CPUs with native
     # bfloat16 units when r["precision"] is auto or bfloat16 (2x faster steps); else float32.
     amp_dtype = autocast_dtype(device, r["precision"])
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
-    model = build_model(model_arch(r), n_mels, n_classes)
+    model = build_model(model_arch(r), fp.n_mels, n_classes)
     model.set_normalization(mean, std)
     model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
     augment = Augment(r["augment"], mean, std)
@@ -158,7 +191,11 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels:
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            xb = augment(x_train[batch])
+            if room is None:
+                xb = augment(x_train[batch])
+            else:  # another room and microphone first, then the speaker's statistics as usual
+                xb = augment(apply_statistics(room(raw[batch]), None if stats is None else
+                                              (stats[0][batch], stats[1][batch])))
             if device.type == "cuda":  # pinned host memory lets the copy overlap GPU work
                 xb = xb.pin_memory()
             xb, yb = xb.to(device, non_blocking=True), y_train[batch].to(device, non_blocking=True)
@@ -183,8 +220,9 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels:
     return model.eval(), history
 
 
-def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, n_mels: int,
-                 n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None
+def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams,
+                 n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
     (one: that model), and the history of every member (column `member`)."""
@@ -193,8 +231,8 @@ def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor
         raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")
     members, history = [], []
     for j in range(n):
-        model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, n_mels, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights)
+        model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, fp, n_classes, device,
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -206,13 +244,13 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     (model, history, record). The record (recipe, training speakers, minutes) goes into the model file,
     so that cross-validation can recognise the fold this model already is."""
     classes = train_classes(r["classes"])
-    x, y, clips = load_clips(features_dir, metadata_path, classes, split="train",
-                             normalisation=r.get("normalisation", "clip"))
+    x, y, clips = load_raw(features_dir, metadata_path, classes, split="train")
     if len(x) == 0:
         raise UserError(f"train: no training clips in {metadata_path}; check metadata.test_actors")
     start = time.perf_counter()
-    model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2].n_mels, len(classes), device,
-                                  weights=sampling_weights(clips, r.get("balance", "none")))
+    model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
+                                  weights=sampling_weights(clips, r.get("balance", "none")),
+                                  stats=input_statistics(x, clips, r.get("normalisation", "clip")))
     record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"),
               "train_speakers": sorted(clips["speaker"].unique()),
               "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),

@@ -92,10 +92,10 @@ def test_a_seed_ensemble_averages_the_single_seed_models(tmp_path, feature_param
     torch.testing.assert_close(ensemble(x).softmax(dim=1), (singles[0] + singles[1]) / 2, rtol=0, atol=1e-5)
 
 
-def test_ensemble_seeds_must_be_a_whole_number_of_at_least_one():
+def test_ensemble_seeds_must_be_a_whole_number_of_at_least_one(feature_params):
     for bad in (0, 1.5, True):
         with pytest.raises(UserError, match="train.ensemble_seeds must be a whole number >= 1"):
-            fit_ensemble(train_params(ensemble_seeds=bad), torch.zeros(2, 32, 5), torch.zeros(2), 32, 2, CPU)
+            fit_ensemble(train_params(ensemble_seeds=bad), torch.zeros(2, 32, 5), torch.zeros(2), feature_params, 2, CPU)
 
 
 def test_class_sets():
@@ -127,3 +127,37 @@ def test_a_speaker_normalised_recipe_trains_and_its_model_skips_the_clip_mean(tm
     assert (model(x).argmax(1) == y).float().mean() >= 0.9
     with pytest.raises(UserError, match="train.normalisation must be one of clip, speaker"):
         load_clips(*data, record["classes"], split="test", normalisation="corpus")
+
+
+ROOM = {"p": 0.5, "rt60_s": [0.2, 0.8], "eq_db": 8, "snr_db": [5, 35], "lowpass_hz": [3400, 8000]}
+
+
+def test_room_augmentation_off_trains_exactly_as_without_it(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    plain = train_params(epochs=2)
+    off = train_params(epochs=2, augment={**plain["augment"], "room": {**ROOM, "p": 0.0}})
+    a, b = train(plain, *data, CPU)[0], train(off, *data, CPU)[0]
+    for v, w in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("normalisation", ["clip", "speaker"])
+def test_a_recipe_with_simulated_rooms_learns_and_differs(tmp_path, feature_params, monkeypatch, normalisation):
+    data = _data(tmp_path, feature_params)
+    plain = train_params(normalisation=normalisation)
+    rooms = train_params(normalisation=normalisation, augment={**plain["augment"], "room": ROOM})
+    heard = []
+    room_augment = train_module.room_augment
+    monkeypatch.setattr(train_module, "room_augment", lambda r, fp: heard.append(fp) or room_augment(r, fp))
+    model, history, record = train(rooms, *data, CPU)
+    assert heard == [feature_params]  # the room is built for the features as they were written
+    x, y, _ = load_clips(*data, record["classes"], split="test", normalisation=normalisation)
+    assert (model(x).argmax(1) == y).float().mean() >= 0.9
+    assert history != train(plain, *data, CPU)[1]
+
+
+def test_room_settings_that_are_missing_are_named(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    broken = train_params(epochs=1, augment={**train_params()["augment"], "room": {"p": 0.5}})
+    with pytest.raises(UserError, match="train.augment.room needs rt60_s"):
+        train(broken, *data, CPU)
