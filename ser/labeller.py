@@ -39,7 +39,8 @@ from tqdm import tqdm
 # This module does not import torch at the top: the feature workers start first and torch
 # (2-3 s to import) loads while they work. Settings and prepare live in ser.audio so
 # that the workers never import torch either.
-from ser.audio import AUDIO_EXTENSIONS, LogMel, Settings, prepare
+from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
+from ser.grouping import SpeakerStatistics, speaker_keys
 from ser.modelfile import read_model_info
 from ser.util import UserError, atomic_path, pick_device
 
@@ -254,20 +255,65 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found, key=lambda p: str(p))
 
 
+NORMALISED_BY = {
+    "clip": "each clip normalised by itself (a clip-normalised model; --speakers is not needed)",
+    "window": "a speaker-normalised model with no speaker grouping: each window normalised by its own "
+              "statistics (say who is who with --speakers for better labels)",
+    "file": "each file normalised as one speaker (--speakers file)",
+    "folder": "each folder's files normalised as one speaker (--speakers folder)",
+    "manifest": "files normalised by the speakers of the manifest (--speakers)",
+}
+Statistics = dict[str, tuple[np.ndarray, np.ndarray]]  # speaker group -> (mean, std) per mel band
+
+
+def floor_db(fp: FeatureParams) -> float:
+    """The lowest value the features of `fp` take (padding and silence sit there)."""
+    return -fp.top_db if fp.top_db is not None else 10 * math.log10(fp.amin)
+
+
+def gather_statistics(paths: list[Path], keys: list[str], stream: FeatureStream, fp: FeatureParams) -> Statistics:
+    """Each speaker group's statistics over its files' windows (the first of two passes)."""
+    key_of = {str(p): k for p, k in zip(paths, keys)}
+    running = SpeakerStatistics(fp.n_mels, floor_db(fp))
+    with tqdm(total=len(paths), desc="speaker statistics", unit="file") as progress:
+        for piece in stream:
+            progress.update(int(piece["first"]))
+            if piece["features"] is not None:
+                running.add(key_of[piece["path"]], piece["features"])
+    return running.finish()
+
+
+def normalised_by(meta: dict[str, Any], speakers: str) -> str:
+    """What the model's input was standardised by: clip (a clip-normalised model: each clip
+    itself), window (a speaker model with no grouping) or the grouping (file, folder, manifest)."""
+    if meta["extra"].get("normalisation") != "speaker":
+        return "clip"
+    return {"none": "window", "file": "file", "folder": "folder"}.get(speakers, "manifest")
+
+
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
-               device: "torch.device", stream: FeatureStream | None = None) -> tuple[Table, Table]:
+               device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
+               statistics: Statistics | None = None) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model as
     they arrive, a long file's pieces included; a file's label averages its windows'
-    probabilities, so only a bounded number of windows is ever held in memory."""
+    probabilities, so only a bounded number of windows is ever held in memory.
+    A speaker-normalised model hears each file relative to its speaker group (`speakers`,
+    ser.grouping), whose statistics are gathered in a first pass unless given (`statistics`,
+    e.g. the page's calibration); with none, each window by its own."""
     import torch
 
     from ser.models import infer, speaker_normalise
 
-    classes = meta["classes"]
-    by_speaker = meta["extra"].get("normalisation") == "speaker"
+    classes, fp = meta["classes"], meta["feature_params"]
+    used = normalised_by(meta, speakers)
+    keys = speaker_keys(paths, speakers) if used not in ("clip", "window") else None
+    key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
     prob_columns = [f"prob_{c}" for c in classes]
-    results = stream if stream is not None else FeatureStream(paths, LogMel(meta["feature_params"]), s)
+    results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
+    if keys is not None and statistics is None:
+        statistics = gather_statistics(paths, keys, results, fp)
+        results = FeatureStream(paths, LogMel(fp), s)  # the second pass
     rows: list[dict[str, Any]] = []
     sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
     counts: list[int] = []
@@ -276,8 +322,12 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
 
     def flush() -> None:
         x = torch.from_numpy(np.concatenate([r["features"] for _, r in pending]))
-        if by_speaker:  # no speaker grouping here yet: each window by its own statistics
+        if used == "window":
             x = speaker_normalise(x, np.arange(len(x)))
+        elif used != "clip":  # each file by its speaker group's statistics
+            mean, std = (np.concatenate([np.repeat(statistics[key_of[r["path"]]][i][None], len(r["features"]), 0)
+                                         for _, r in pending]) for i in (0, 1))
+            x = (x - torch.from_numpy(mean)[:, :, None]) / torch.from_numpy(std)[:, :, None]
         probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
         for row_index, r in pending:
@@ -296,7 +346,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
             if piece["first"]:  # a new file's row; its later pieces add windows (or an error)
                 rows.append({"path": piece["path"], "status": "error", "error": "", "emotion": None,
                              "confidence": math.nan, **{c: math.nan for c in prob_columns},
-                             "duration_s": math.nan if piece["duration"] is None else piece["duration"]})
+                             "duration_s": math.nan if piece["duration"] is None else piece["duration"],
+                             "normalised_by": used, "speaker_group": key_of.get(piece["path"], "")})
                 sums.append(np.zeros(len(classes)))
                 counts.append(0)
                 progress.update(1)
@@ -325,15 +376,16 @@ def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list
                        **dict(zip(prob_columns, mean.tolist())))
     failed = {row["path"] for row in rows if row["error"]}  # e.g. a read error in a later piece
     segments = [seg for seg in segments if seg["path"] not in failed]
-    return (Table(["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s"], rows),
+    return (Table(["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s",
+                   "normalised_by", "speaker_group"], rows),
             Table(["path", "start_s", "end_s", "emotion", "confidence", *prob_columns], segments))
 
 
 def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
-                device: "torch.device", stream: FeatureStream | None = None
-                ) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+                device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
+                statistics: Statistics | None = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """label_rows as DataFrames (one row per file, one row per window)."""
-    files, segments = label_rows(paths, model, meta, s, device, stream)
+    files, segments = label_rows(paths, model, meta, s, device, stream, speakers, statistics)
     return files.to_frame(), segments.to_frame()
 
 
@@ -383,13 +435,14 @@ def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> 
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-        segments_out: str | None = None) -> int:
+        segments_out: str | None = None, speakers: str = "none") -> int:
     _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
     for output in [out] + ([segments_out] if segments_out else []):
         check_output(output, inputs, model_path)
     if segments_out and Path(segments_out).resolve() == Path(out).resolve():
         raise UserError(f"--segments {segments_out}: is the same file as -o; give another name")
     paths = collect_inputs(inputs)
+    speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     stream = FeatureStream(paths, LogMel(info["feature_params"]), settings) if info else None
@@ -403,7 +456,7 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
             raise UserError(str(e)) from None
         if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
             raise UserError(f"{model_path}: the file's metadata reads differently with and without torch")
-        files, segments = label_rows(paths, model, meta, settings, device, stream)
+        files, segments = label_rows(paths, model, meta, settings, device, stream, speakers)
     except BaseException:
         if stream is not None:
             stream.close(kill=True)  # an interrupt or an error: stop the workers now
@@ -415,9 +468,7 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         write_table(segments, segments_out)
     errors = [row["error"] for row in files.rows if row["status"] == "error"]
     print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
-    if meta["extra"].get("normalisation") == "speaker":
-        print("predict: a speaker-normalised model; with no speaker grouping, each window was normalised "
-              "by its own statistics")
+    print(f"predict: {NORMALISED_BY[normalised_by(meta, speakers)]} (column normalised_by)")
     for error in errors:
         print(f"  error: {error}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK
@@ -439,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hop-s", type=float, default=d.hop_s)
     parser.add_argument("--max-duration-s", type=float, default=d.max_duration_s,
                         help="longer files get an error row, judged from their header (default %(default)s)")
+    parser.add_argument("--speakers", default="none", metavar="none|file|folder|MANIFEST",
+                        help="which files share a speaker, for a speaker-normalised model: none (each window "
+                        "by itself), file (one speaker per file), folder (one per sub-folder), or a .csv/.parquet "
+                        "with path and speaker columns (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default=d.precision, choices=["float32", "bfloat16", "auto"],
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
@@ -447,14 +502,14 @@ def main(argv: list[str] | None = None) -> int:
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s)
     if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
-    return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments)
+    return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers)
 
 
 def run_safely(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-               segments_out: str | None = None) -> int:
+               segments_out: str | None = None, speakers: str = "none") -> int:
     """run(), with every way of ending as its documented exit code and one clear message."""
     try:
-        return run(inputs, out, model_path, settings, device_name, segments_out)
+        return run(inputs, out, model_path, settings, device_name, segments_out, speakers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -45,7 +45,8 @@ def test_every_file_gets_one_row_in_path_order_and_exit_code_1(folder, tiny_chec
     names = [p.split("/in/")[1] for p in frame["path"]]
     assert names == sorted(names) and len(names) == 10
     assert list(frame.columns) == ["path", "status", "error", "emotion", "confidence",
-                                   *[f"prob_{c}" for c in EMOTIONS], "duration_s"]
+                                   *[f"prob_{c}" for c in EMOTIONS], "duration_s",
+                                   "normalised_by", "speaker_group"]
     by_name = dict(zip(names, frame.itertuples()))
     for ok in ("good.wav", "sub/stereo_44k.flac", "sub/ünïcødé 声音.wav"):
         row = by_name[ok]
@@ -375,8 +376,9 @@ def test_a_speaker_normalised_model_labels_each_window_by_its_own_statistics(tmp
                     extra={"normalisation": "speaker"})
     quiet, loud = write_tone(tmp_path / "in" / "quiet.wav", amplitude=0.05), write_tone(tmp_path / "in" / "loud.wav")
     assert _run([tmp_path / "in", "-o", tmp_path / "o.csv", "--model", tmp_path / "spk.pt"]) == 0
-    assert "each window was normalised by its own statistics" in capsys.readouterr().out
+    assert "each window normalised by its own statistics" in capsys.readouterr().out
     frame = pd.read_csv(tmp_path / "o.csv")
+    assert (frame["normalised_by"] == "window").all() and frame["speaker_group"].isna().all()
     probs = frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
     np.testing.assert_allclose(probs[0], probs[1], atol=2e-3)  # the same tone at another gain: the same label
 
@@ -394,3 +396,107 @@ def test_a_crash_is_exit_3_with_the_traceback_and_writes_nothing(tmp_path, tiny_
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a bug" in err and "the labeller crashed (exit 3)" in err
     assert not (tmp_path / "o.csv").exists()
+
+
+def _speaker_model(tmp_path, feature_params):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    save_checkpoint(tmp_path / "spk.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker"})
+    return tmp_path / "spk.pt"
+
+
+def _expected(paths_by_speaker, model_path, feature_params):
+    """Each file's probabilities computed by hand: the windows of every file of a speaker,
+    standardised by the speaker's statistics (ser.models), through the model, averaged."""
+    import torch
+
+    from ser.audio import prepare
+    from ser.models import infer, load_checkpoint, speaker_statistics
+
+    model, _ = load_checkpoint(model_path, torch.device("cpu"))
+    extractor, expected = LogMel(feature_params), {}
+    for files in paths_by_speaker:
+        windows = [prepare(Path(f), extractor, SETTINGS)["features"] for f in files]
+        x = torch.from_numpy(np.concatenate(windows))
+        mean, std = speaker_statistics(x, ["one"] * len(x))
+        probs = infer(model, (x - mean[:, :, None]) / std[:, :, None], 16, torch.device("cpu")).softmax(1).numpy()
+        bounds = np.cumsum([0] + [len(w) for w in windows])
+        expected.update({str(f): probs[a:b].mean(0) for f, a, b in zip(files, bounds[:-1], bounds[1:])})
+    return expected
+
+
+@pytest.fixture
+def two_speakers(tmp_path):
+    """Two speakers, a folder each, two files each (one long enough for several windows)."""
+    a = [write_tone(tmp_path / "in" / "anna" / "1.wav", freq=220), write_tone(tmp_path / "in" / "anna" / "2.wav",
+                                                                              seconds=14, freq=330)]
+    b = [write_tone(tmp_path / "in" / "bob" / "1.wav", freq=150, amplitude=0.1),
+         write_tone(tmp_path / "in" / "bob" / "2.wav", freq=600, amplitude=0.1)]
+    return a, b
+
+
+def test_speakers_by_folder_normalise_each_file_by_its_folders_statistics(tmp_path, feature_params, two_speakers, capsys):
+    model = _speaker_model(tmp_path, feature_params)
+    out = tmp_path / "o.csv"
+    assert _run([tmp_path / "in", "-o", out, "--model", model, "--speakers", "folder", "--jobs", "1"]) == 0
+    assert "each folder's files normalised as one speaker" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert (frame["normalised_by"] == "folder").all()
+    assert frame["speaker_group"].tolist() == [str(two_speakers[0][0].parent)] * 2 + [str(two_speakers[1][0].parent)] * 2
+    expected = _expected(two_speakers, model, feature_params)
+    for row in frame.itertuples():
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
+    _run([tmp_path / "in", "-o", tmp_path / "w.csv", "--model", model, "--jobs", "1"])
+    by_window = pd.read_csv(tmp_path / "w.csv")[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
+    assert np.abs(by_window - frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()).max() > 1e-3  # grouping matters
+
+
+def test_speakers_by_file_and_by_manifest(tmp_path, feature_params, two_speakers):
+    model = _speaker_model(tmp_path, feature_params)
+    assert _run([tmp_path / "in", "-o", tmp_path / "f.csv", "--model", model, "--speakers", "file", "--jobs", "2"]) == 0
+    frame = pd.read_csv(tmp_path / "f.csv")
+    expected = _expected([[f] for f in two_speakers[0] + two_speakers[1]], model, feature_params)
+    for row in frame.itertuples():
+        assert row.normalised_by == "file" and row.speaker_group == row.path
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
+    # a manifest that puts anna's second file with bob: paths relative to the manifest's folder
+    manifest = tmp_path / "in" / "who.csv"
+    a, b = two_speakers
+    manifest.write_text("path,speaker\n" + "".join(f"{p.relative_to(manifest.parent)},{s}\n" for p, s in
+                                                    [(a[0], "x"), (a[1], "y"), (b[0], "y"), (b[1], "y")]))
+    assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", manifest]) == 0
+    frame = pd.read_csv(tmp_path / "m.csv")
+    assert frame["speaker_group"].tolist() == ["x", "y", "y", "y"] and (frame["normalised_by"] == "manifest").all()
+    expected = _expected([[a[0]], [a[1], b[0], b[1]]], model, feature_params)
+    for row in frame.itertuples():
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
+
+
+@pytest.mark.parametrize("manifest_text,message", [
+    ("path,who\nanna/1.wav,a\n", "no column speaker"),
+    ("path,speaker\nanna/1.wav,a\n", "is not in the manifest"),
+    ("path,speaker\nanna/1.wav,\n", "row 2 (anna/1.wav): the speaker is empty"),
+])
+def test_a_bad_speaker_manifest_stops_before_any_work_naming_the_problem(tmp_path, feature_params, two_speakers,
+                                                                          capsys, manifest_text, message):
+    model = _speaker_model(tmp_path, feature_params)
+    (tmp_path / "in" / "who.csv").write_text(manifest_text)
+    code = _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", tmp_path / "in" / "who.csv"])
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
+    assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", "speaker"]) == 2
+    assert "give none, file, folder or a .csv/.parquet manifest" in capsys.readouterr().err
+
+
+def test_a_clip_normalised_model_ignores_the_grouping_and_says_so(tmp_path, tiny_checkpoint, two_speakers, capsys):
+    assert _run([tmp_path / "in", "-o", tmp_path / "g.csv", "--model", tiny_checkpoint, "--speakers", "folder"]) == 0
+    assert "a clip-normalised model; --speakers is not needed" in capsys.readouterr().out
+    grouped = pd.read_csv(tmp_path / "g.csv")
+    assert (grouped["normalised_by"] == "clip").all()
+    _run([tmp_path / "in", "-o", tmp_path / "n.csv", "--model", tiny_checkpoint])
+    pd.testing.assert_frame_equal(grouped, pd.read_csv(tmp_path / "n.csv"))

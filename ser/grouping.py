@@ -1,0 +1,94 @@
+"""Which recordings share a speaker, at labelling time, and that speaker's statistics.
+
+A speaker-normalised model (train.normalisation: speaker) hears each clip relative to its
+speaker's mean and spread per mel band. The labeller learns who is who from the user:
+- `file`: each file is one speaker (a long recording: its own windows are the group);
+- `folder`: the files of one folder are one speaker (a sub-folder per speaker);
+- a CSV or Parquet manifest with `path` and `speaker` columns (paths as given on the
+  command line, or relative to the manifest's folder);
+- `none`: nobody is grouped, each window is standardised by its own statistics.
+The statistics are gathered in a first pass over the features (sums per band, so memory
+does not grow with the number of files), then the model labels in a second pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ser.util import UserError
+
+GROUPINGS = ("none", "file", "folder")
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+def _read_manifest(manifest: Path) -> dict[Path, str]:
+    import pandas as pd
+
+    try:
+        table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(
+            manifest, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--speakers {manifest}: cannot be read ({e})") from None
+    missing = [c for c in ("path", "speaker") if c not in table.columns]
+    if missing:
+        raise UserError(f"--speakers {manifest}: no column {', '.join(missing)} (needs path and speaker)")
+    speakers: dict[Path, str] = {}
+    for row, (path, speaker) in enumerate(zip(table["path"].astype(str), table["speaker"].astype(str)), start=2):
+        if not speaker.strip():
+            raise UserError(f"--speakers {manifest}, row {row} ({path}): the speaker is empty")
+        resolved = (manifest.parent / path if not Path(path).is_absolute() else Path(path)).resolve()
+        speakers[resolved] = speaker
+    return speakers
+
+
+def speaker_keys(paths: list[Path], grouping: str) -> list[str] | None:
+    """Each path's speaker group under `grouping` (see the module), or None for none."""
+    if grouping == "none":
+        return None
+    if grouping == "file":
+        return [str(p) for p in paths]
+    if grouping == "folder":
+        return [str(p.parent) for p in paths]
+    manifest = Path(grouping)
+    if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise UserError(f"--speakers {grouping}: give none, file, folder or a .csv/.parquet manifest "
+                        "with path and speaker columns")
+    if not manifest.is_file():
+        raise UserError(f"--speakers {grouping}: no such manifest")
+    speakers = _read_manifest(manifest)
+    keys = []
+    for p in paths:
+        key = speakers.get(p.resolve(), speakers.get(Path(p).absolute()))
+        if key is None:
+            raise UserError(f"--speakers {grouping}: {p} is not in the manifest (every input needs a speaker)")
+        keys.append(key)
+    return keys
+
+
+class SpeakerStatistics:
+    """Running per-band sums of each group's sounding frames (frames above the features'
+    floor: padding and digital silence are left out; a group with fewer than two sounding
+    frames falls back to all its frames), as ser.models.speaker_statistics computes them."""
+
+    def __init__(self, n_mels: int, floor_db: float) -> None:
+        self.n_mels, self.floor_db = n_mels, floor_db
+        self.sums: dict[str, np.ndarray] = {}  # key -> (2 kinds: sounding, all) x (count, sum, sumsq) x mels
+
+    def add(self, key: str, features: np.ndarray) -> None:
+        """features: (windows, mels, frames) in dB."""
+        frames = features.transpose(0, 2, 1).reshape(-1, self.n_mels).astype(np.float64)
+        sounding = frames[frames.max(axis=1) > self.floor_db + 1e-3]
+        acc = self.sums.setdefault(key, np.zeros((2, 3, self.n_mels)))
+        for kind, chosen in enumerate((sounding, frames)):
+            acc[kind] += [np.full(self.n_mels, len(chosen)), chosen.sum(axis=0), (chosen ** 2).sum(axis=0)]
+
+    def finish(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """key -> (mean, std) per band, float32; std unbiased and at least 1e-3."""
+        result = {}
+        for key, acc in self.sums.items():
+            n, total, squares = acc[0] if acc[0, 0, 0] >= 2 else acc[1]
+            mean = total / n
+            var = np.maximum(squares - n * mean ** 2, 0) / max(n[0] - 1, 1)
+            result[key] = (mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32))
+        return result

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+from ser.grouping import SpeakerStatistics, speaker_keys
+from ser.models import speaker_statistics
+from ser.util import UserError
+
+
+def test_running_statistics_equal_the_speaker_statistics_of_training():
+    torch.manual_seed(0)
+    x = torch.full((5, 4, 12), -80.0)  # the floor: padding
+    x[:3, :, :7] = torch.randn(3, 4, 7) * 3 - 20
+    x[3:, :, 2:] = torch.randn(2, 4, 10) * 6 - 40
+    speakers = ["a", "a", "a", "b", "b"]
+    running = SpeakerStatistics(4, floor_db=-80.0)
+    for i in (0, 3, 1, 4, 2):  # any order, one clip at a time
+        running.add(speakers[i], x[i : i + 1].numpy())
+    result = running.finish()
+    mean, std = speaker_statistics(x, speakers)
+    for i, s in enumerate(speakers):
+        np.testing.assert_allclose(result[s][0], mean[i].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result[s][1], std[i].numpy(), atol=1e-4)
+
+
+def test_a_group_of_silence_falls_back_to_all_its_frames():
+    running = SpeakerStatistics(3, floor_db=-80.0)
+    running.add("quiet", np.full((1, 3, 5), -80.0))
+    mean, std = running.finish()["quiet"]
+    assert (mean == -80.0).all() and (std == pytest.approx(1e-3))
+
+
+def test_speaker_keys(tmp_path):
+    paths = [tmp_path / "a" / "1.wav", tmp_path / "b" / "2.wav"]
+    assert speaker_keys(paths, "none") is None
+    assert speaker_keys(paths, "file") == [str(p) for p in paths]
+    assert speaker_keys(paths, "folder") == [str(tmp_path / "a"), str(tmp_path / "b")]
+    (tmp_path / "who.parquet").write_bytes(b"")
+    import pandas as pd
+
+    pd.DataFrame({"path": [str(paths[0]), "b/2.wav"], "speaker": ["x", "y"]}).to_parquet(tmp_path / "who.parquet")
+    assert speaker_keys(paths, str(tmp_path / "who.parquet")) == ["x", "y"]  # absolute, or relative to it
+    with pytest.raises(UserError, match="no such manifest"):
+        speaker_keys(paths, str(tmp_path / "nobody.csv"))
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00garbage\x00")
+    with pytest.raises(UserError, match="bad.csv"):
+        speaker_keys(paths, str(tmp_path / "bad.csv"))
