@@ -22,12 +22,26 @@ setup: $(STAMP)
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
 	@[ -d .dvc ] || dvc init -q
 
-# `make repro` runs the main pipeline as params.yaml says (default: the official Zenodo archive).
-# `make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=<md5>` runs it on a local RAVDESS archive,
-# recorded by DVC as an experiment with download.archives.ravdess set (params.yaml is updated).
+# `make repro` runs the main pipeline as params.yaml says (default: each corpus's official download).
+# Local archives instead, recorded by DVC as an experiment with download.archives set (params.yaml
+# is updated): `make repro ARCHIVE=ravdess.zip ARCHIVE_MD5=<md5> TESS_ARCHIVE=... TESS_MD5=...
+# EMODB_ARCHIVE=... EMODB_MD5=...` (any of the three), or `make repro SHARED=../shared/data` for
+# the team's copies (their names and checksums are in each folder's README).
+ifdef SHARED
+ARCHIVE ?= $(SHARED)/ravdess/Audio_Speech_Actors_01-20_16k.zip
+ARCHIVE_MD5 ?= 7bfc8ce0a296524349459162de8dadbb
+TESS_ARCHIVE ?= $(SHARED)/tess/TESS_flac.zip
+TESS_MD5 ?= 2a667d4562a5dda34d15b2bb9fa139d3
+EMODB_ARCHIVE ?= $(SHARED)/emodb/EmoDB_2s_flac.zip
+EMODB_MD5 ?= 11b0f023b3dd1e74ee69d6160b0225be
+endif
+LOCAL_ARCHIVES := $(if $(ARCHIVE),-S 'download.archives.ravdess.url=$(ARCHIVE)' -S 'download.archives.ravdess.md5=$(ARCHIVE_MD5)') \
+  $(if $(TESS_ARCHIVE),-S 'download.archives.tess.url=$(TESS_ARCHIVE)' -S 'download.archives.tess.md5=$(TESS_MD5)') \
+  $(if $(EMODB_ARCHIVE),-S 'download.archives.emodb.url=$(EMODB_ARCHIVE)' -S 'download.archives.emodb.md5=$(EMODB_MD5)')
+
 repro: setup
-ifdef ARCHIVE
-	dvc exp run -S 'download.archives.ravdess.url=$(ARCHIVE)' -S 'download.archives.ravdess.md5=$(ARCHIVE_MD5)'
+ifneq ($(strip $(LOCAL_ARCHIVES)),)
+	dvc exp run $(LOCAL_ARCHIVES)
 else
 	dvc repro
 endif

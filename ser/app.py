@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ser.audio import AudioError, Settings, audio_info
-from ser.labeller import DEFAULT_MODEL, DEFAULTS, label_files
+from ser.audio import AudioError, LogMel, Settings, audio_info
+from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
 from ser.models import ModelFileError, load_checkpoint
 
 # A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
@@ -44,21 +44,50 @@ class Analyser:
         self.classes: list[str] = self.meta["classes"]
         self.settings = settings
         self.max_duration_s = max_duration_s
+        self.by_speaker = self.meta["extra"].get("normalisation") == "speaker"
 
-    def analyse(self, path: str | Path | None) -> dict[str, Any]:
+    def too_long(self, path: Path) -> str | None:
+        """A message for a clip over max_duration_s, judged from its header before decoding."""
+        try:
+            duration = audio_info(path)["duration_s"]
+        except AudioError:
+            return None  # label_files reports why the file cannot be read
+        if duration > self.max_duration_s:
+            return (f"The clip is {duration:.0f} s long; this page takes up to {self.max_duration_s:.0f} s "
+                    "(use `ser label` for longer files).")
+        return None
+
+    def calibrate(self, path: str | Path | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+        """(statistics of the user's voice, message) from a recording of them speaking
+        calmly; what a speaker-normalised model then hears every clip relative to."""
+        if not self.by_speaker:
+            return None, "This model normalises every clip by itself; it needs no calibration."
+        if not path:
+            return None, "No calibration recording yet: record a few seconds of yourself speaking calmly."
+        path = Path(path)
+        files, _ = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"))
+        problem = self.too_long(path) or (files["error"].iloc[0].replace(f"{path}: ", "", 1)
+                                          if files["status"].iloc[0] != "ok" else None)
+        if problem:
+            return None, f"Cannot calibrate with this recording: {problem}"
+        stats = gather_statistics([path], ["you"], FeatureStream([path], LogMel(self.meta["feature_params"]), self.settings),
+                                  self.meta["feature_params"])["you"]
+        return stats, (f"Calibrated on {files['duration_s'].iloc[0]:.1f} s of your voice: "
+                       "clips are now heard relative to it.")
+
+    def analyse(self, path: str | Path | None, calibration: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> dict[str, Any]:
         """{'error': str} or {'emotion', 'confidence', 'probabilities', 'starts', 'ends',
-        'window_probs', 'duration'}, computed by the batch labeller's own label_files."""
+        'window_probs', 'duration', 'normalised_by'}, computed by the batch labeller's own
+        label_files (relative to the user's `calibration`, when given)."""
         if not path:
             return {"error": "No audio yet: upload a file or record from the microphone."}
         path = Path(path)
-        try:  # refuse an over-long clip from its header, before decoding any of it
-            duration = audio_info(path)["duration_s"]
-        except AudioError:
-            duration = None  # label_files reports why the file cannot be read
-        if duration is not None and duration > self.max_duration_s:
-            return {"error": f"The clip is {duration:.0f} s long; this page takes up to "
-                             f"{self.max_duration_s:.0f} s (use `ser label` for longer files)."}
-        files, segments = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"))
+        message = self.too_long(path)
+        if message:
+            return {"error": message}
+        files, segments = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"),
+                                      calibration=calibration)
         row = files.iloc[0]
         if row["status"] != "ok":
             return {"error": "Cannot use this file: " + row["error"].replace(f"{path}: ", "", 1)}
@@ -67,7 +96,8 @@ class Analyser:
                 "probabilities": dict(zip(self.classes, row[prob_columns].astype(float).tolist())),
                 "starts": segments["start_s"].tolist(), "ends": segments["end_s"].tolist(),
                 "window_probs": segments[prob_columns].to_numpy(dtype=float),
-                "duration": float(row["duration_s"])}
+                "duration": float(row["duration_s"]), "normalised_by": row["normalised_by"],
+                "uncertain": bool(row["uncertain"])}
 
 
 def timeline_figure(result: dict[str, Any], classes: list[str]):
@@ -94,26 +124,44 @@ def timeline_figure(result: dict[str, Any], classes: list[str]):
 def build_page(analyser: Analyser):
     import gradio as gr
 
-    def on_submit(path: str | None):
-        result = analyser.analyse(path)
+    def on_submit(path: str | None, calibration: tuple[np.ndarray, np.ndarray] | None):
+        result = analyser.analyse(path, calibration)
         if "error" in result:
             return f"**{result['error']}**", None, None
-        headline = (f"## {result['emotion']} ({result['confidence']:.0%})\n"
-                    f"{result['duration']:.1f} s, {len(result['starts'])} window(s)")
+        heard = {"calibration": ", relative to your calibrated voice",
+                 "window": ", relative to itself (calibrate to your voice for better labels)"}
+        label = (f"uncertain (perhaps {result['emotion']}, {result['confidence']:.0%}): this clip is out of the "
+                 "model's depth" if result["uncertain"] else f"{result['emotion']} ({result['confidence']:.0%})")
+        headline = (f"## {label}\n"
+                    f"{result['duration']:.1f} s, {len(result['starts'])} window(s)"
+                    f"{heard.get(result['normalised_by'], '')}")
         return headline, result["probabilities"], timeline_figure(result, analyser.classes)
+
+    def on_calibrate(path: str | None):
+        stats, message = analyser.calibrate(path)
+        return stats, message
 
     with gr.Blocks(title="Speech emotion recognition", analytics_enabled=False,
                    delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as page:
         gr.Markdown("# Speech emotion recognition\nUpload a clip (WAV, FLAC, OGG) or record one; "
                     "the model trained by this project's pipeline labels it with one of "
                     f"{len(analyser.classes)} emotions.")
+        calibration = gr.State(None)  # per visitor: one person's voice is not another's
+        with gr.Accordion("Calibrate to my voice (optional, first)", open=analyser.by_speaker):
+            gr.Markdown("Record 5-10 seconds of yourself speaking calmly (neutral); the model then hears "
+                        "your clips relative to your own voice and microphone.")
+            voice = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your neutral voice",
+                             elem_id="voice")
+            calibrate = gr.Button("Use as my voice", elem_id="calibrate")
+            calibrated = gr.Markdown(elem_id="calibrated")
+        calibrate.click(on_calibrate, inputs=voice, outputs=[calibration, calibrated])
         audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech", elem_id="audio")
         button = gr.Button("Analyse", variant="primary", elem_id="analyse")
         headline = gr.Markdown(elem_id="headline")
         probabilities = gr.Label(num_top_classes=len(analyser.classes), label="Probabilities",
                                  elem_id="probabilities")
         timeline = gr.Plot(label="Emotion over time (clips longer than one window)", elem_id="timeline")
-        button.click(on_submit, inputs=audio, outputs=[headline, probabilities, timeline])
+        button.click(on_submit, inputs=[audio, calibration], outputs=[headline, probabilities, timeline])
     return page
 
 

@@ -311,6 +311,7 @@ class Settings:
     precision: str = "float32"  # of the model's arithmetic: float32 | bfloat16 | auto (models.autocast_dtype)
     max_duration_s: float = 14400.0  # longer files are refused from their header (bounds the work per file)
     min_sample_rate: int = 4000  # files below this rate are refused (a 1 Hz header makes thousands of windows)
+    uncertain_below: float = 0.5  # a file label less confident than this is flagged uncertain (ser.calibration)
 
 
 # What a header may claim before it is believed. Sample rates above 768 kHz or more than 64

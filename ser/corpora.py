@@ -203,15 +203,32 @@ def is_test_speaker(speaker: str, test_speakers: list[Any]) -> bool:
                for t in test_speakers)
 
 
+SPLITS = ("train", "calibration", "test")
+
+
+def split_of(speaker: str, test_speakers: list[Any], calibration_speakers: list[Any]) -> str:
+    """test for test_speakers, calibration for calibration_speakers (held out from training
+    to calibrate the model's probabilities), else train."""
+    if is_test_speaker(speaker, test_speakers):
+        return "test"
+    return "calibration" if is_test_speaker(speaker, calibration_speakers) else "train"
+
+
 def collect_corpus(name: str, kind: str, root: Path, test_speakers: list[Any],
-                   labels: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan one corpus: (clips, rejects). `kind` names how its files are labelled (KINDS);
-    a manifest kind reads `root` as the manifest file. Every speaker is in one split: `test`
-    for test_speakers, else `train`. Files left out (no audio extension, a name the kind
+    a manifest kind reads `root` as the manifest file. Every speaker is in one split (split_of).
+    Files left out (no audio extension, a name the kind
     does not parse, a second copy of a clip, a label that maps to no class, unreadable
     audio) are rejects with the reason, never dropped silently."""
+    both = [c for c in calibration_speakers or [] if is_test_speaker(str(c), test_speakers)]
+    if both:
+        raise UserError(f"metadata.corpora.{name}: speaker(s) {both} are in test_speakers and "
+                        "calibration_speakers; a speaker is in one split only")
+    calibration = calibration_speakers or []
     if kind == "manifest":
-        return collect_manifest(name, root, test_speakers, labels)
+        return collect_manifest(name, root, test_speakers, labels, calibration)
     mapping, parse = label_map(kind, labels), PARSERS.get(kind)
     rows, rejects, seen = [], [], {}
     candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
@@ -236,7 +253,7 @@ def collect_corpus(name: str, kind: str, root: Path, test_speakers: list[Any],
             rejects.append({"path": str(path), "reason": reason})
             continue
         seen[identity] = path
-        split = "test" if is_test_speaker(fields["speaker"], test_speakers) else "train"
+        split = split_of(fields["speaker"], test_speakers, calibration)
         rows.append({**fields, "path": str(path), "corpus": name, "speaker": f"{name}:{fields['speaker']}",
                      "emotion": mapping[fields["label"]], **facts, "split": split})
     return _table(rows), pd.DataFrame(rejects, columns=["path", "reason"])
@@ -271,7 +288,8 @@ def read_manifest(manifest: Path) -> pd.DataFrame:
 
 
 def collect_manifest(name: str, manifest: Path, test_speakers: list[Any],
-                     labels: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clips listed in a manifest (paths relative to its folder, or absolute). A problem of
     the manifest itself (unknown emotion, missing file, a path twice, a speaker in two
     splits, a bad split) stops with one message naming the row; unreadable audio and labels
@@ -292,9 +310,9 @@ def collect_manifest(name: str, manifest: Path, test_speakers: list[Any],
         if path.resolve() in first_row:
             raise UserError(f"{where}: the same file as row {first_row[path.resolve()]}")
         first_row[path.resolve()] = i + 1
-        split = item.get("split", "").strip() or ("test" if is_test_speaker(speaker, test_speakers) else "train")
-        if split not in ("train", "test"):
-            raise UserError(f"{where}: split {split!r} is not train or test")
+        split = item.get("split", "").strip() or split_of(speaker, test_speakers, calibration_speakers or [])
+        if split not in SPLITS:
+            raise UserError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
         if speaker_split.setdefault(speaker, (split, i + 1))[0] != split:
             other_split, other_row = speaker_split[speaker]
             raise UserError(f"{where}: speaker {speaker!r} is in split {split} here and in {other_split} "
@@ -324,7 +342,7 @@ def collect_corpora(raw_dir: Path, corpora: dict[str, dict[str, Any]]) -> tuple[
     one table of clips, one of rejects."""
     clips, rejects = [], []
     for name, c in corpora.items():
-        unknown = sorted(set(c) - {"kind", "test_speakers", "labels", "manifest"})
+        unknown = sorted(set(c) - {"kind", "test_speakers", "calibration_speakers", "labels", "manifest"})
         if unknown or "kind" not in c:
             raise UserError(f"metadata.corpora.{name}: give kind (one of {', '.join(KINDS)}) and test_speakers; "
                             f"unknown keys {unknown}")
@@ -332,7 +350,8 @@ def collect_corpora(raw_dir: Path, corpora: dict[str, dict[str, Any]]) -> tuple[
         if not root.is_dir():
             raise UserError(f"metadata.corpora.{name}: no folder {root}; name its archive in download.archives")
         source = root / c["manifest"] if c["kind"] == "manifest" else root
-        found, left_out = collect_corpus(name, c["kind"], source, c.get("test_speakers") or [], c.get("labels"))
+        found, left_out = collect_corpus(name, c["kind"], source, c.get("test_speakers") or [], c.get("labels"),
+                                         c.get("calibration_speakers") or [])
         clips.append(found)
         rejects.append(left_out)
     return pd.concat(clips, ignore_index=True), pd.concat(rejects, ignore_index=True)

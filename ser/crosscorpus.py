@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from ser import features as feature_store
+from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
 from ser.training import fit_ensemble, input_statistics, load_clips, load_raw, sampling_weights, train_classes
@@ -37,25 +38,33 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
 
 def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, corpora: list[str],
                   device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on every corpus but `left_out` (all their speakers), score on all of `left_out`."""
+    """Train on every corpus but `left_out` (all their speakers but the calibration split's,
+    which calibrate its probabilities), score on all of `left_out`."""
     classes = train_classes(recipe["classes"])
-    norm = recipe.get("normalisation", "clip")
-    # every clip of a corpus, both splits; by speaker normalisation each speaker's own clips
-    x, y, train_clips = load_raw(*data, classes, corpora=[c for c in corpora if c != left_out])
+    norm, others = recipe.get("normalisation", "clip"), [c for c in corpora if c != left_out]
+    # by speaker normalisation each speaker relative to its own clips
+    x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
     x_test, y_test, test_clips = load_clips(*data, classes, corpora=[left_out], normalisation=norm)
     start = time.perf_counter()
     model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
                             label=f"without {left_out} ", stats=input_statistics(x, train_clips, norm),
                             weights=sampling_weights(train_clips, recipe.get("balance", "none")))
-    probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
+    x_cal, y_cal, _ = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
+    temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
+    probs = (infer(model, x_test, recipe["batch_size"], device) / temperature).softmax(dim=1).numpy()
     scores, cm, names, scored = score_shared(probs, y_test.numpy(), classes, set(y.tolist()))
-    predicted = [names[i] for i in probs[scored][:, [classes.index(n) for n in names]].argmax(1)]
+    shared = probs[scored][:, [classes.index(n) for n in names]]
+    shared /= shared.sum(axis=1, keepdims=True)  # the model's probabilities among the shared classes
+    predicted = [names[i] for i in shared.argmax(1)]
+    local_y = np.array([names.index(classes[c]) for c in y_test.numpy()[scored]])
     share = pd.Series(predicted).value_counts(normalize=True)
     row = {"left_out": left_out, "trained_on": " ".join(c for c in corpora if c != left_out),
            "test_clips": int(scored.sum()), "not_scored": int((~scored).sum()), "classes": " ".join(names),
            "accuracy": round(scores["accuracy"], 5),
            "uar": round(scores["uar"], 5), "macro_f1": round(scores["macro_f1"], 5),
            "most_predicted": f"{share.index[0]} {share.iloc[0]:.0%}",
+           "temperature": round(temperature, 5), "ece": round(expected_calibration_error(shared, local_y), 5),
+           "uncertain_share": round(float((shared.max(axis=1) < UNCERTAIN_BELOW).mean()), 5),
            "train_minutes": round((time.perf_counter() - start) / 60, 2)}
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
                                 "actual": test_clips["emotion"][scored], "predicted": predicted})
@@ -77,6 +86,7 @@ def leave_one_corpus_out(data: tuple[str, str], recipe: dict[str, Any]
     summary = {"corpora": corpora, "uar_min": round(float(table["uar"].min()), 5),
                "uar_mean": round(float(table["uar"].mean()), 5),
                "per_corpus": {r.left_out: {"accuracy": r.accuracy, "uar": r.uar, "macro_f1": r.macro_f1,
-                                           "test_clips": r.test_clips, "most_predicted": r.most_predicted}
+                                           "test_clips": r.test_clips, "most_predicted": r.most_predicted,
+                                           "ece": r.ece, "uncertain_share": r.uncertain_share}
                               for r in table.itertuples()}}
     return table, summary, pd.concat(predictions, ignore_index=True)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 # (2-3 s to import) loads while they work. Settings and prepare live in ser.audio so
 # that the workers never import torch either.
 from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
+from ser.calibration import UNCERTAIN_BELOW
 from ser.grouping import SpeakerStatistics, speaker_keys
 from ser.modelfile import read_model_info
 from ser.util import UserError, atomic_path, pick_device
@@ -56,7 +57,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The command line's defaults (the DVC stage passes params.yaml's `predict` section instead).
 DEFAULTS = Settings(batch_size=64, n_jobs=-1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
-                    max_queued_windows=4096, precision="auto", max_duration_s=14400.0, min_sample_rate=4000)
+                    max_queued_windows=4096, precision="auto", max_duration_s=14400.0, min_sample_rate=4000,
+                    uncertain_below=UNCERTAIN_BELOW)
 DEFAULT_MODEL = "data/model/model.pt"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
@@ -262,6 +264,7 @@ NORMALISED_BY = {
     "file": "each file normalised as one speaker (--speakers file)",
     "folder": "each folder's files normalised as one speaker (--speakers folder)",
     "manifest": "files normalised by the speakers of the manifest (--speakers)",
+    "calibration": "normalised by the statistics of the speaker's calibration recording",
 }
 Statistics = dict[str, tuple[np.ndarray, np.ndarray]]  # speaker group -> (mean, std) per mel band
 
@@ -291,29 +294,63 @@ def normalised_by(meta: dict[str, Any], speakers: str) -> str:
     return {"none": "window", "file": "file", "folder": "folder"}.get(speakers, "manifest")
 
 
+def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
+                  speakers: str, calibration: tuple[np.ndarray, np.ndarray] | None
+                  ) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
+    """(what the input is normalised by, each path's speaker group, each group's statistics,
+    the stream the model's pass reads): a grouping's statistics come from a first pass over
+    `stream`, and a second stream then starts for the model."""
+    fp = meta["feature_params"]
+    used, statistics = normalised_by(meta, speakers), {}
+    if calibration is not None and used != "clip":
+        used, statistics = "calibration", {"calibration": calibration}
+        keys: list[str] | None = ["calibration"] * len(paths)
+    else:
+        keys = speaker_keys(paths, speakers) if used not in ("clip", "window") else None
+    key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
+    results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
+    if keys is not None and used != "calibration":
+        statistics = gather_statistics(paths, keys, results, fp)
+        results = FeatureStream(paths, LogMel(fp), s)  # the second pass
+    return used, key_of, statistics, results
+
+
+def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.ndarray, np.ndarray] | None]
+                ) -> "torch.Tensor":
+    """The pieces' windows as one batch, normalised as `used` says: by nothing (a clip model
+    does it itself), each window by itself, or each piece by its group's `stats`."""
+    import torch
+
+    from ser.models import speaker_normalise
+
+    x = torch.from_numpy(np.concatenate([r["features"] for r in pieces]))
+    if used == "window":
+        return speaker_normalise(x, np.arange(len(x)))
+    if used == "clip":
+        return x
+    mean, std = (np.concatenate([np.repeat(st[i][None], len(r["features"]), 0) for r, st in zip(pieces, stats)])
+                 for i in (0, 1))
+    return (x - torch.from_numpy(mean)[:, :, None]) / torch.from_numpy(std)[:, :, None]
+
+
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
-               statistics: Statistics | None = None) -> tuple[Table, Table]:
+               calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model as
     they arrive, a long file's pieces included; a file's label averages its windows'
     probabilities, so only a bounded number of windows is ever held in memory.
     A speaker-normalised model hears each file relative to its speaker group (`speakers`,
-    ser.grouping), whose statistics are gathered in a first pass unless given (`statistics`,
-    e.g. the page's calibration); with none, each window by its own."""
+    ser.grouping), whose statistics are gathered in a first pass; or relative to one
+    speaker's `calibration` statistics (the page's "calibrate to my voice"); with neither,
+    each window relative to its own."""
     import torch
 
-    from ser.models import infer, speaker_normalise
+    from ser.models import infer
 
-    classes, fp = meta["classes"], meta["feature_params"]
-    used = normalised_by(meta, speakers)
-    keys = speaker_keys(paths, speakers) if used not in ("clip", "window") else None
-    key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
+    classes = meta["classes"]
+    used, key_of, statistics, results = speaker_setup(paths, meta, s, stream, speakers, calibration)
     prob_columns = [f"prob_{c}" for c in classes]
-    results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
-    if keys is not None and statistics is None:
-        statistics = gather_statistics(paths, keys, results, fp)
-        results = FeatureStream(paths, LogMel(fp), s)  # the second pass
     rows: list[dict[str, Any]] = []
     sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
     counts: list[int] = []
@@ -321,13 +358,7 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
-        x = torch.from_numpy(np.concatenate([r["features"] for _, r in pending]))
-        if used == "window":
-            x = speaker_normalise(x, np.arange(len(x)))
-        elif used != "clip":  # each file by its speaker group's statistics
-            mean, std = (np.concatenate([np.repeat(statistics[key_of[r["path"]]][i][None], len(r["features"]), 0)
-                                         for _, r in pending]) for i in (0, 1))
-            x = (x - torch.from_numpy(mean)[:, :, None]) / torch.from_numpy(std)[:, :, None]
+        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"])) for _, r in pending])
         probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
         for row_index, r in pending:
@@ -373,19 +404,19 @@ def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list
             mean = total / count  # file label: average over its windows
             best = int(mean.argmax())
             row.update(status="ok", emotion=classes[best], confidence=float(mean[best]),
-                       **dict(zip(prob_columns, mean.tolist())))
+                       uncertain=bool(mean[best] < s.uncertain_below), **dict(zip(prob_columns, mean.tolist())))
     failed = {row["path"] for row in rows if row["error"]}  # e.g. a read error in a later piece
     segments = [seg for seg in segments if seg["path"] not in failed]
-    return (Table(["path", "status", "error", "emotion", "confidence", *prob_columns, "duration_s",
+    return (Table(["path", "status", "error", "emotion", "confidence", "uncertain", *prob_columns, "duration_s",
                    "normalised_by", "speaker_group"], rows),
             Table(["path", "start_s", "end_s", "emotion", "confidence", *prob_columns], segments))
 
 
 def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                 device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
-                statistics: Statistics | None = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+                calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """label_rows as DataFrames (one row per file, one row per window)."""
-    files, segments = label_rows(paths, model, meta, s, device, stream, speakers, statistics)
+    files, segments = label_rows(paths, model, meta, s, device, stream, speakers, calibration)
     return files.to_frame(), segments.to_frame()
 
 
@@ -490,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hop-s", type=float, default=d.hop_s)
     parser.add_argument("--max-duration-s", type=float, default=d.max_duration_s,
                         help="longer files get an error row, judged from their header (default %(default)s)")
+    parser.add_argument("--uncertain-below", type=float, default=d.uncertain_below,
+                        help="a file label less confident than this is flagged uncertain (default %(default)s: "
+                        "with the model's calibrated probabilities, more likely wrong than right)")
     parser.add_argument("--speakers", default="none", metavar="none|file|folder|MANIFEST",
                         help="which files share a speaker, for a speaker-normalised model: none (each window "
                         "by itself), file (one speaker per file), folder (one per sub-folder), or a .csv/.parquet "
@@ -499,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
-                                   hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s)
+                                   hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
+                                   uncertain_below=args.uncertain_below)
     if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
     return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers)

@@ -157,6 +157,18 @@ class Ensemble(nn.Module):
         return probs.clamp_min(1e-12).log()
 
 
+class TemperatureScaled(nn.Module):
+    """A model whose logits are divided by a fitted temperature (ser.calibration): the same
+    labels, probabilities that match how often it is right on held-out speakers."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() / self.temperature
+
+
 def build_model(arch: dict[str, Any], n_mels: int, n_classes: int) -> EmotionCNN:
     """The model of `arch` (channels, batch_norm, block_dropout, head_dropout, head_hidden).
     Settings of retired architectures are accepted at the one value this model has."""
@@ -197,9 +209,9 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message says which file and why."""
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
-                    ) -> tuple[EmotionCNN | Ensemble, dict[str, Any]]:
-    """Load a model (or ensemble) saved by save_checkpoint, in eval mode, plus its metadata."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model (or ensemble) saved by save_checkpoint, in eval mode, plus its metadata;
+    with the file's temperature (extra.temperature) applied to its logits."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no model file (train one with `dvc repro train`)")
@@ -224,6 +236,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"
         raise ModelFileError(
             f"{path}: weights do not match the file's class list ({len(checkpoint.get('classes', []))} "
             f"classes) or feature params ({detail})") from None
+    if checkpoint["extra"].get("temperature"):  # probabilities calibrated on held-out speakers
+        model = TemperatureScaled(model, checkpoint["extra"]["temperature"])
     model.to(device).eval()
     meta = {k: checkpoint[k] for k in ("arch", "classes", "extra")}
     meta["feature_params"] = fp

@@ -18,7 +18,8 @@ from ser import features as feature_store
 from ser.corpora import resolve_classes
 from ser.audio import FeatureParams
 from ser.augment import RoomAugment
-from ser.models import Ensemble, autocast_dtype, build_model, speaker_statistics
+from ser.calibration import expected_calibration_error, fit_temperature
+from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
 
 
@@ -39,18 +40,18 @@ def apply_statistics(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] |
     return x if stats is None else (x - stats[0][:, :, None]) / stats[1][:, :, None]
 
 
-def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
+def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split: str | list[str] | None = None,
              actors: list[int] | None = None, corpora: list[str] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
-    """Features (as the features stage wrote them) and class indices of the clips of one split
-    (or of the given actors, or of the given corpora), restricted to `classes`."""
+    """Features (as the features stage wrote them) and class indices of the clips of a split
+    or splits (and/or of the given actors, of the given corpora), restricted to `classes`."""
     array, index, _ = feature_store.load(features_dir)
     clips = pd.read_parquet(metadata_path)
     if index["path"].tolist() != clips["path"].tolist():
         raise UserError(f"{features_dir} does not match {metadata_path}; rerun the features stage")
     keep = clips["emotion"].isin(classes)
     if split is not None:
-        keep &= clips["split"] == split
+        keep &= clips["split"].isin([split] if isinstance(split, str) else split)
     if actors is not None:
         keep &= clips["actor"].isin(actors)
     if corpora is not None:
@@ -61,7 +62,7 @@ def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split
     return x, y, clips.iloc[rows].reset_index(drop=True)
 
 
-def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | None = None,
+def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | list[str] | None = None,
                actors: list[int] | None = None, corpora: list[str] | None = None,
                normalisation: str = "clip") -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
     """load_raw's clips as the model of `normalisation` takes them (input_statistics)."""
@@ -151,21 +152,25 @@ def room_augment(r: dict[str, Any], fp: FeatureParams) -> RoomAugment | None:
         raise UserError(str(e)) from None
 
 
+def in_a_room(room: RoomAugment, raw: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None,
+              batch: torch.Tensor) -> torch.Tensor:
+    """The batch's clips as heard in other rooms and microphones, then normalised as usual
+    (by the speaker's statistics of the clean clips: the room is the mismatch to learn)."""
+    return apply_statistics(room(raw[batch]), None if stats is None else (stats[0][batch], stats[1][batch]))
+
+
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
         stats: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model on (x_train, y_train) for r["epochs"] epochs of the one-cycle schedule
-    and keep the last epoch; return it in eval mode with its per-epoch history. x_train is
-    the features as written (fp), `stats` what the model takes them relative to
-    (input_statistics). An epoch is every clip once in random order, or as many clips drawn
-    by `weights` (sampling_weights).
-    Seeds itself from r["seed"]: the same recipe and data give the same weights on one CPU."""
+    """Train one model on (x_train: features as written, fp; `stats`: what the model takes
+    them relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and
+    keep the last; return it in eval mode with its per-epoch history. An epoch is every clip
+    once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
+    r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
-    raw, x_train = x_train, apply_statistics(x_train, stats)
-    room = room_augment(r, fp)
-    # Mixed precision: float16 on CUDA (with loss scaling); bfloat16 on CPUs with native
-    # bfloat16 units when r["precision"] is auto or bfloat16 (2x faster steps); else float32.
+    raw, x_train, room = x_train, apply_statistics(x_train, stats), room_augment(r, fp)
+    # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
     amp_dtype = autocast_dtype(device, r["precision"])
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
     model = build_model(model_arch(r), fp.n_mels, n_classes)
@@ -175,7 +180,6 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     # BatchNorm statistics are recalibrated at the end on a fixed sample of clean clips
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(r["seed"]))
     calibration = x_train[sample[: r["bn_calibration_clips"]]]
-
     batch_size = r["batch_size"]
     steps_per_epoch = int(np.ceil(len(x_train) / batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
@@ -191,11 +195,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            if room is None:
-                xb = augment(x_train[batch])
-            else:  # another room and microphone first, then the speaker's statistics as usual
-                xb = augment(apply_statistics(room(raw[batch]), None if stats is None else
-                                              (stats[0][batch], stats[1][batch])))
+            xb = augment(x_train[batch] if room is None else in_a_room(room, raw, stats, batch))
             if device.type == "cuda":  # pinned host memory lets the copy overlap GPU work
                 xb = xb.pin_memory()
             xb, yb = xb.to(device, non_blocking=True), y_train[batch].to(device, non_blocking=True)
@@ -254,5 +254,24 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"),
               "train_speakers": sorted(clips["speaker"].unique()),
               "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
-              "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2)}
+              "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2),
+              **calibrate(model, r, features_dir, metadata_path, classes, device)}
     return model, history, record
+
+
+def calibrate(model: torch.nn.Module, r: dict[str, Any], features_dir: str, metadata_path: str,
+              classes: list[str], device: torch.device) -> dict[str, Any]:
+    """The temperature that calibrates `model` on the calibration split (speakers it never
+    trained on), with the split's ECE and NLL before and after; {} when the split is empty."""
+    x, y, clips = load_clips(features_dir, metadata_path, classes, split="calibration",
+                             normalisation=r.get("normalisation", "clip"))
+    if len(x) == 0:
+        return {}
+    logits = infer(model, x, r["batch_size"], device, r["precision"])
+    t = fit_temperature(logits, y)
+    ece = {name: expected_calibration_error((logits / k).softmax(dim=1).numpy(), y.numpy())
+           for name, k in (("before", 1.0), ("after", t))}
+    return {"temperature": round(t, 5), "calibration_speakers": sorted(clips["speaker"].unique()),
+            "calibration": {"clips": len(x), "ece_before": round(ece["before"], 5), "ece_after": round(ece["after"], 5),
+                            "nll_before": round(float(F.cross_entropy(logits, y)), 5),
+                            "nll_after": round(float(F.cross_entropy(logits / t, y)), 5)}}

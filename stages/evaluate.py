@@ -1,19 +1,25 @@
-"""Stage evaluate: score the trained model on the test actors only (never seen in training):
-metrics JSON, confusion-matrix data for `dvc plots`, and a PNG.
+"""Stage evaluate: score the trained model on the test speakers only (never seen in training):
+metrics JSON (per corpus, and how well calibrated), confusion-matrix and reliability data for
+`dvc plots`, and a PNG.
 
     python stages/evaluate.py --model data/model/model.pt --features data/features \
         --metadata data/metadata.parquet --metrics metrics/eval.json \
-        --predictions reports/test_predictions.csv --confusion reports/confusion_matrix.png
+        --predictions reports/test_predictions.csv --confusion reports/confusion_matrix.png \
+        --reliability reports/reliability.csv
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from typing import Any
+
+import numpy as np
 import pandas as pd
 import torch.nn.functional as F
 import yaml
 
+from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, reliability
 from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
 from ser.models import infer, load_checkpoint
 from ser.training import load_clips
@@ -32,9 +38,20 @@ def per_corpus(frame: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, f
     return result
 
 
+def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | None) -> dict[str, Any]:
+    """How far the (calibrated) probabilities are to be trusted on the test speakers: ECE,
+    and the share and accuracy of the clips flagged uncertain (confidence < UNCERTAIN_BELOW)."""
+    uncertain = probs.max(axis=1) < UNCERTAIN_BELOW
+    correct = probs.argmax(axis=1) == y
+    return {"temperature": temperature, "test_ece": expected_calibration_error(probs, y),
+            "uncertain_share": float(uncertain.mean()),
+            "accuracy_when_certain": float(correct[~uncertain].mean()) if (~uncertain).any() else None,
+            "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name in ("model", "features", "metadata", "metrics", "predictions", "confusion"):
+    for name in ("model", "features", "metadata", "metrics", "predictions", "confusion", "reliability"):
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args()
     p = yaml.safe_load(Path("params.yaml").read_text())["evaluate"]
@@ -64,8 +81,11 @@ def main() -> None:
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
+        **confidence_figures(logits.softmax(dim=1).numpy(), y.numpy(), meta["extra"].get("temperature")),
     }
     write_json(args.metrics, round_floats(metrics))
+    with atomic_path(args.reliability) as tmp:
+        pd.DataFrame(reliability(logits.softmax(dim=1).numpy(), y.numpy())).to_csv(tmp, index=False)
     with atomic_path(args.predictions) as tmp:
         frame[["path", "corpus", "actual", "predicted"]].to_csv(tmp, index=False)
     title = (f"Test speakers of {', '.join(metrics['per_corpus'])}: accuracy {scores['accuracy']:.1%}, "

@@ -25,7 +25,8 @@ def main() -> int:
     settings = Settings(batch_size=p["batch_size"], n_jobs=p["n_jobs"], min_duration_s=p["min_duration_s"],
                         silence_peak=p["silence_peak"], segment_s=p["segment_s"], hop_s=p["hop_s"],
                         max_queued_windows=p["max_queued_windows"], precision=p["precision"],
-                        max_duration_s=p["max_duration_s"], min_sample_rate=p["min_sample_rate"])
+                        max_duration_s=p["max_duration_s"], min_sample_rate=p["min_sample_rate"],
+                        uncertain_below=p["uncertain_below"])
     code = run_safely([args.input], args.out, args.model, settings, p["device"], args.segments)
     # files that cannot be labelled are rows of the output, not a failed stage
     return 0 if code == EXIT_SOME_FAILED else code

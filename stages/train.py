@@ -37,7 +37,9 @@ def main() -> None:
     summary = {"members": recipe["ensemble_seeds"], "epochs": recipe["epochs"], "device": device.type,
                "train_clips": record["train_clips"], "train_actors": record["train_actors"],
                "train_minutes": record["train_minutes"], "parameters": count_parameters(model),
-               "final_train_accuracy": history[-1]["train_accuracy"]}
+               "final_train_accuracy": history[-1]["train_accuracy"],
+               # probabilities calibrated on the calibration split's speakers (none: not calibrated)
+               "temperature": record.get("temperature"), "calibration": record.get("calibration")}
     write_json(args.metrics, summary)
     print(f"train: {summary['members']} model(s), {summary['train_minutes']:.1f} min on {device.type}")
 

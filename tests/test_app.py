@@ -55,6 +55,51 @@ def test_bad_input_gives_a_readable_message(analyser, tmp_path, make, message):
     assert set(result) == {"error"} and message in result["error"] and "Traceback" not in result["error"]
 
 
+@pytest.fixture
+def speaker_analyser(tmp_path, feature_params):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    save_checkpoint(tmp_path / "spk.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker"})
+    return Analyser(tmp_path / "spk.pt", SETTINGS, max_duration_s=30)
+
+
+def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp_path):
+    from ser.labeller import main
+
+    voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=180)
+    clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=260)
+    stats, message = speaker_analyser.calibrate(voice)
+    assert message.startswith("Calibrated on 8.0 s of your voice") and stats[0].shape == (32,)
+    calibrated = speaker_analyser.analyse(clip, stats)
+    alone = speaker_analyser.analyse(clip)
+    assert calibrated["normalised_by"] == "calibration" and alone["normalised_by"] == "window"
+    assert max(abs(calibrated["probabilities"][c] - alone["probabilities"][c]) for c in EMOTIONS) > 1e-3
+    # calibrating with the clip itself is --speakers file on that clip
+    stats_self, _ = speaker_analyser.calibrate(clip)
+    assert main([str(clip), "-o", str(tmp_path / "f.csv"), "--model", str(tmp_path / "spk.pt"), "--speakers", "file"]) == 0
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "f.csv").iloc[0]
+    by_self = speaker_analyser.analyse(clip, stats_self)["probabilities"]
+    assert [by_self[c] for c in EMOTIONS] == pytest.approx([row[f"prob_{c}"] for c in EMOTIONS], abs=2e-5)
+
+
+def test_calibration_refuses_what_it_cannot_use(speaker_analyser, analyser, tmp_path):
+    stats, message = speaker_analyser.calibrate(None)
+    assert stats is None and "No calibration recording yet" in message
+    sf.write(str(tmp_path / "silent.wav"), np.zeros(32000, dtype=np.int16), 16000)
+    stats, message = speaker_analyser.calibrate(tmp_path / "silent.wav")
+    assert stats is None and message.startswith("Cannot calibrate with this recording: silent")
+    stats, message = analyser.calibrate(write_tone(tmp_path / "v.wav", seconds=3.0))
+    assert stats is None and "needs no calibration" in message
+
+
 def test_no_model_gives_how_to_train(tmp_path, capsys, monkeypatch):
     from ser import app
 

@@ -183,6 +183,20 @@ def test_a_corpus_scan_lists_what_it_leaves_out_and_why(tmp_path):
     assert pq.read_schema(tmp_path / "m.parquet").remove_metadata() == SCHEMA
 
 
+def test_calibration_speakers_get_their_own_split_and_never_overlap_the_test(tmp_path):
+    root = tmp_path / "emodb" / "wav"
+    for name in ("03a01Fa", "09a02Wb", "10b09Wa"):
+        write_tone(root / f"{name}.flac", seconds=0.5)
+    clips, _ = collect_corpus("emodb", "emodb", tmp_path / "emodb", test_speakers=["10"], calibration_speakers=["09"])
+    assert clips["split"].tolist() == ["train", "calibration", "test"]
+    with pytest.raises(UserError, match=r"speaker\(s\) \['10'\] are in test_speakers and calibration_speakers"):
+        collect_corpus("emodb", "emodb", tmp_path / "emodb", test_speakers=["10"], calibration_speakers=["10"])
+    manifest = _manifest(tmp_path, ["a.wav,happy,ann", "b.wav,sad,bob", "c.wav,sad,cy,test"],
+                         header="path,emotion,speaker,split")
+    mine, _ = collect_corpus("mine", "manifest", manifest, [], calibration_speakers=["bob"])
+    assert mine["split"].tolist() == ["train", "calibration", "test"]
+
+
 def test_folders_per_speaker_and_emotion(tmp_path):
     for speaker, emotion in (("ann", "happy"), ("ann", "sad"), ("bob", "happy"), ("bob", "bored")):
         write_tone(tmp_path / "mine" / speaker / emotion / "take1.wav", seconds=0.5)
@@ -223,7 +237,7 @@ def test_a_manifest_of_your_own_recordings(tmp_path):
     (["a.wav,happy,ann,train", "b.wav,sad,ann,test"], "path,emotion,speaker,split",
      "row 2 \\(path 'b.wav'\\): speaker 'ann' is in split test here and in train in row 1"),
     (["a.wav,happy,,train"], "path,emotion,speaker,split", "row 1 \\(path 'a.wav'\\): no speaker"),
-    (["a.wav,happy,ann,val"], "path,emotion,speaker,split", "split 'val' is not train or test"),
+    (["a.wav,happy,ann,val"], "path,emotion,speaker,split", "split 'val' is not one of train, calibration, test"),
 ])
 def test_a_bad_manifest_fails_with_one_message_naming_the_row(tmp_path, rows, header, message):
     manifest = _manifest(tmp_path, rows, header or "path,emotion,speaker")

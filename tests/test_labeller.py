@@ -44,7 +44,7 @@ def test_every_file_gets_one_row_in_path_order_and_exit_code_1(folder, tiny_chec
     frame = pd.read_csv(out)
     names = [p.split("/in/")[1] for p in frame["path"]]
     assert names == sorted(names) and len(names) == 10
-    assert list(frame.columns) == ["path", "status", "error", "emotion", "confidence",
+    assert list(frame.columns) == ["path", "status", "error", "emotion", "confidence", "uncertain",
                                    *[f"prob_{c}" for c in EMOTIONS], "duration_s",
                                    "normalised_by", "speaker_group"]
     by_name = dict(zip(names, frame.itertuples()))
@@ -500,3 +500,20 @@ def test_a_clip_normalised_model_ignores_the_grouping_and_says_so(tmp_path, tiny
     assert (grouped["normalised_by"] == "clip").all()
     _run([tmp_path / "in", "-o", tmp_path / "n.csv", "--model", tiny_checkpoint])
     pd.testing.assert_frame_equal(grouped, pd.read_csv(tmp_path / "n.csv"))
+
+
+def test_labels_below_the_confidence_threshold_are_flagged_uncertain(tmp_path, tiny_checkpoint):
+    for i, freq in enumerate((150, 300, 600)):
+        write_tone(tmp_path / "in" / f"{i}.wav", freq=freq)
+    (tmp_path / "in" / "bad.wav").write_text("not audio")
+    flags = {}
+    for threshold in ("1.0", "0", "0.17"):
+        assert _run([tmp_path / "in", "-o", tmp_path / "o.csv", "--model", tiny_checkpoint,
+                     "--uncertain-below", threshold]) == 1
+        frame = pd.read_csv(tmp_path / "o.csv", keep_default_na=False)
+        flags[threshold] = frame["uncertain"].tolist()
+        ok = frame["status"] == "ok"
+        assert (frame.loc[~ok, "uncertain"] == "").all()  # an error row has no label to doubt
+    assert flags["1.0"] == ["True"] * 3 + [""] and flags["0"] == ["False"] * 3 + [""]
+    confidence = pd.read_csv(tmp_path / "o.csv")["confidence"].tolist()[:3]
+    assert flags["0.17"][:3] == [str(c < 0.17) for c in confidence] and len(set(flags["0.17"][:3])) == 2

@@ -76,7 +76,8 @@ def project(tmp_path_factory):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["download"]["archives"] = {"ravdess": {"url": str(work / "slice.zip"), "md5": md5},
                                       "mine": {"url": str(_own_recordings(work / "mine.zip")), "md5": None}}
-    params["metadata"]["corpora"] = {"ravdess": {"kind": "ravdess", "test_speakers": [17, 18]},
+    params["metadata"]["corpora"] = {"ravdess": {"kind": "ravdess", "test_speakers": [17, 18],
+                                                 "calibration_speakers": [14]},
                                      "mine": {"kind": "manifest", "manifest": "labels.csv", "test_speakers": ["bo"],
                                               "labels": {"bored": None}}}
     params["train"].update(epochs=2)
@@ -106,7 +107,7 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     clips = pd.read_parquet(repo / "data/metadata.parquet")
     ravdess, mine = clips[clips["corpus"] == "ravdess"], clips[clips["corpus"] == "mine"]
     assert len(ravdess) == 360 and set(ravdess["actor"]) == {1, 2, 13, 14, 17, 18}
-    assert ravdess.groupby("split")["actor"].nunique().to_dict() == {"test": 2, "train": 4}
+    assert ravdess.groupby("split")["actor"].nunique().to_dict() == {"calibration": 1, "test": 2, "train": 3}
     # the manifest corpus: 18 clips (bored maps to no class: listed in the rejects), "bo" held out
     assert len(mine) == 18 and mine.groupby("split")["speaker"].unique().to_dict() == {
         "test": ["mine:bo"], "train": ["mine:al"]}
@@ -115,7 +116,10 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     train = json.loads((repo / "metrics/train.json").read_text())
     members = params_of(repo)["train"]["ensemble_seeds"]  # the default's seed ensemble
     assert train["members"] == members and train["epochs"] == 2 and train["device"] == "cpu"
-    assert train["train_actors"] == [1, 2, 13, 14] and train["train_clips"] == 240 + 9
+    assert train["train_actors"] == [1, 2, 13] and train["train_clips"] == 180 + 9
+    # probabilities calibrated on actor 14, whom the model never trained on
+    assert train["temperature"] > 0 and train["calibration"]["clips"] == 60
+    assert train["calibration"]["nll_after"] <= train["calibration"]["nll_before"]
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert ev["test_actors"] == [17, 18] and ev["test_clips"] == 120 + 9
     assert {c: v["clips"] for c, v in ev["per_corpus"].items()} == {"ravdess": 120, "mine": 9}
@@ -124,11 +128,15 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     assert set(ev["accuracy_by_sex"]) == {"male", "female"}
     assert set(ev["accuracy_by_intensity"]) == {"normal", "strong"}
     assert len(ev["per_class"]) == 8
+    assert ev["temperature"] == train["temperature"] and 0 <= ev["test_ece"] <= 1 and 0 <= ev["uncertain_share"] <= 1
+    reliability = pd.read_csv(repo / "reports/reliability.csv")
+    assert reliability["clips"].sum() == 129 and reliability["accuracy"].between(0, 1).all()
     assert (repo / "reports/confusion_matrix.png").stat().st_size > 10_000
     history = pd.read_csv(repo / "reports/train_history.csv")
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")  # the labeller: every audio file extracted
     assert len(predictions) == 360 + 24 and (predictions["status"] == "ok").all()
+    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == "window").all()
 
 
 def test_status_clean_and_second_repro_does_nothing(project):

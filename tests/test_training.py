@@ -161,3 +161,22 @@ def test_room_settings_that_are_missing_are_named(tmp_path, feature_params):
     broken = train_params(epochs=1, augment={**train_params()["augment"], "room": {"p": 0.5}})
     with pytest.raises(UserError, match="train.augment.room needs rt60_s"):
         train(broken, *data, CPU)
+
+
+def test_the_temperature_is_fitted_on_the_calibration_speakers_only(tmp_path, feature_params, monkeypatch):
+    import pandas as pd
+
+    features, metadata = _data(tmp_path, feature_params)
+    clips = pd.read_parquet(metadata)
+    clips.loc[clips["actor"] == 5, "split"] = "calibration"
+    clips.to_parquet(metadata)
+    seen = []
+    fit_temperature = train_module.fit_temperature
+    monkeypatch.setattr(train_module, "fit_temperature", lambda logits, y: seen.append(len(y)) or fit_temperature(logits, y))
+    model, _, record = train(train_params(), features, metadata, CPU)
+    assert record["train_actors"] == [1, 2, 3, 4] and seen == [record["calibration"]["clips"]] == [24]
+    assert record["calibration_speakers"] == ["syn:5"] and record["temperature"] > 0
+    assert record["calibration"]["nll_after"] <= record["calibration"]["nll_before"]
+    (tmp_path / "plain").mkdir()
+    _, _, plain = train(train_params(epochs=1), *_data(tmp_path / "plain", feature_params), CPU)
+    assert "temperature" not in plain  # no calibration split: probabilities as trained
