@@ -264,7 +264,7 @@ def _wait_for_label(driver, timeout=60) -> str:
 
     def headline(d):
         text = d.find_element(By.ID, "headline").text.strip()
-        return text if any(text.startswith(e) for e in EMOTIONS) else False
+        return text if any(text.startswith(e) for e in EMOTIONS + ["uncertain (perhaps "]) else False
 
     return WebDriverWait(driver, timeout).until(headline)
 

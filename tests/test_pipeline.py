@@ -136,7 +136,7 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")  # the labeller: every audio file extracted
     assert len(predictions) == 360 + 24 and (predictions["status"] == "ok").all()
-    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == "window").all()
+    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == "clip").all()
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
