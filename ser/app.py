@@ -64,16 +64,17 @@ class Analyser:
             return None, "This model normalises every clip by itself; it needs no calibration."
         if not path:
             return None, "No calibration recording yet: record a few seconds of yourself speaking calmly."
-        path = Path(path)
-        files, _ = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"))
-        problem = self.too_long(path) or (files["error"].iloc[0].replace(f"{path}: ", "", 1)
-                                          if files["status"].iloc[0] != "ok" else None)
+        path, fp = Path(path), self.meta["feature_params"]
+        problem = self.too_long(path)
+        # decoded once, by the labeller's own workers' code; a page recording is short (too_long)
+        pieces = [] if problem else list(FeatureStream([path], LogMel(fp), self.settings))
+        problem = problem or next((p["error"].replace(f"{path}: ", "", 1) for p in pieces if p["error"]), None)
+        if not problem and all(p["features"] is None for p in pieces):
+            problem = f"silent (peak below {self.settings.silence_peak})"
         if problem:
             return None, f"Cannot calibrate with this recording: {problem}"
-        stats = gather_statistics([path], ["you"], FeatureStream([path], LogMel(self.meta["feature_params"]), self.settings),
-                                  self.meta["feature_params"])["you"]
-        return stats, (f"Calibrated on {files['duration_s'].iloc[0]:.1f} s of your voice: "
-                       "clips are now heard relative to it.")
+        stats = gather_statistics([path], ["you"], pieces, fp)["you"]
+        return stats, f"Calibrated on {pieces[0]['duration']:.1f} s of your voice: clips are now heard relative to it."
 
     def analyse(self, path: str | Path | None, calibration: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> dict[str, Any]:

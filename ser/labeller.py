@@ -29,7 +29,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import threadpoolctl
@@ -274,8 +274,10 @@ def floor_db(fp: FeatureParams) -> float:
     return -fp.top_db if fp.top_db is not None else 10 * math.log10(fp.amin)
 
 
-def gather_statistics(paths: list[Path], keys: list[str], stream: FeatureStream, fp: FeatureParams) -> Statistics:
-    """Each speaker group's statistics over its files' windows (the first of two passes)."""
+def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
+                      fp: FeatureParams) -> Statistics:
+    """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
+    e.g. a FeatureStream: the first of two passes)."""
     key_of = {str(p): k for p, k in zip(paths, keys)}
     running = SpeakerStatistics(fp.n_mels, floor_db(fp))
     with tqdm(total=len(paths), desc="speaker statistics", unit="file") as progress:
