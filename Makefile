@@ -22,12 +22,11 @@ setup: $(STAMP)
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || git init -q
 	@[ -d .dvc ] || dvc init -q
 
-# `make repro` runs the main pipeline as params.yaml says (default: RAVDESS's official download).
+# `make repro` runs the main pipeline as params.yaml says (default: each corpus's official download).
 # Local archives instead, recorded by DVC as an experiment with download.archives set (params.yaml
-# is updated): `make repro ARCHIVE=ravdess.zip ARCHIVE_MD5=<md5>`, plus TESS_ARCHIVE/TESS_MD5 and
-# EMODB_ARCHIVE/EMODB_MD5 to train on those corpora too; `make repro SHARED=../shared/data` for
+# is updated): `make repro ARCHIVE=ravdess.zip ARCHIVE_MD5=<md5>`, TESS_ARCHIVE/TESS_MD5,
+# EMODB_ARCHIVE/EMODB_MD5 (any of the three), or `make repro SHARED=../shared/data` for
 # all three of the team's copies (their names and checksums are in each folder's README).
-comma := ,
 ifdef SHARED
 ARCHIVE ?= $(SHARED)/ravdess/Audio_Speech_Actors_01-20_16k.zip
 ARCHIVE_MD5 ?= 7bfc8ce0a296524349459162de8dadbb
@@ -37,10 +36,8 @@ EMODB_ARCHIVE ?= $(SHARED)/emodb/EmoDB_2s_flac.zip
 EMODB_MD5 ?= 11b0f023b3dd1e74ee69d6160b0225be
 endif
 LOCAL_ARCHIVES := $(if $(ARCHIVE),-S 'download.archives.ravdess.url=$(ARCHIVE)' -S 'download.archives.ravdess.md5=$(ARCHIVE_MD5)') \
-  $(if $(TESS_ARCHIVE),-S '+download.archives.tess={url: $(TESS_ARCHIVE)$(comma) md5: $(TESS_MD5)}' \
-    -S '+metadata.corpora.tess={kind: tess$(comma) test_speakers: [YAF]}') \
-  $(if $(EMODB_ARCHIVE),-S '+download.archives.emodb={url: $(EMODB_ARCHIVE)$(comma) md5: $(EMODB_MD5)}' \
-    -S "+metadata.corpora.emodb={kind: emodb$(comma) test_speakers: ['03'$(comma) '08']}")
+  $(if $(TESS_ARCHIVE),-S 'download.archives.tess.url=$(TESS_ARCHIVE)' -S 'download.archives.tess.md5=$(TESS_MD5)') \
+  $(if $(EMODB_ARCHIVE),-S 'download.archives.emodb.url=$(EMODB_ARCHIVE)' -S 'download.archives.emodb.md5=$(EMODB_MD5)')
 
 repro: setup
 ifneq ($(strip $(LOCAL_ARCHIVES)),)
