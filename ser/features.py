@@ -24,9 +24,17 @@ ARRAY_NAME, INDEX_NAME, PARAMS_NAME = "logmel.npy", "index.parquet", "feature_pa
 CLIPS_PER_TASK = 32
 
 
-def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int,
-                     desc: str = "features") -> Iterator[np.ndarray]:
-    """Features for `paths`, in order, computed by n_jobs worker processes."""
+def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features",
+                     cluster: str | None = None) -> Iterator[np.ndarray]:
+    """Features for `paths`, in order, computed by n_jobs worker processes, or by the
+    workers of the Dask scheduler at `cluster` (ser.cluster: the same code, the same bytes)."""
+    if cluster:
+        from ser.cluster import compute_on_cluster, connect
+
+        with connect(cluster) as client:
+            yield from tqdm(compute_on_cluster(client, paths, fp, CLIPS_PER_TASK), total=len(paths),
+                            desc=f"{desc} (cluster)", unit="clip")
+        return
     extractor = LogMel(fp)
     jobs: Iterable = (delayed(extractor.from_file)(path) for path in paths)
     results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
@@ -57,7 +65,7 @@ def _file_md5(path: str) -> str:
 
 
 def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
-          cache_dir: Path | None = None) -> tuple[float, int]:
+          cache_dir: Path | None = None, cluster: str | None = None) -> tuple[float, int]:
     """Write the feature directory for `paths`; return (clips per second, clips computed).
     With cache_dir, each clip's features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
@@ -75,7 +83,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
         for i in sorted(set(range(len(paths))) - set(missing)):
             array[i] = np.load(store / f"{digests[i]}.npy")
         try:
-            for i, feature in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs)):
+            for i, feature in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs,
+                                                                cluster=cluster)):
                 array[i] = feature
                 if store is not None:
                     store.mkdir(parents=True, exist_ok=True)

@@ -297,18 +297,19 @@ def normalised_by(meta: dict[str, Any], speakers: str) -> str:
 
 
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
-                  speakers: str, calibration: tuple[np.ndarray, np.ndarray] | None
-                  ) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
+                  speakers: str, calibration: tuple[np.ndarray, np.ndarray] | None,
+                  groups: list[str] | None = None) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
     the stream the model's pass reads): a grouping's statistics come from a first pass over
-    `stream`, and a second stream then starts for the model."""
+    `stream`, and a second stream then starts for the model. `groups`: each path's speaker
+    group already read from `speakers` (a cluster worker gets them, not the manifest)."""
     fp = meta["feature_params"]
     used, statistics = normalised_by(meta, speakers), {}
     if calibration is not None and used != "clip":
         used, statistics = "calibration", {"calibration": calibration}
         keys: list[str] | None = ["calibration"] * len(paths)
     else:
-        keys = speaker_keys(paths, speakers) if used not in ("clip", "window") else None
+        keys = None if used in ("clip", "window") else groups if groups is not None else speaker_keys(paths, speakers)
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
     results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
     if keys is not None and used != "calibration":
@@ -337,7 +338,8 @@ def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.nd
 
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
-               calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Table, Table]:
+               calibration: tuple[np.ndarray, np.ndarray] | None = None, groups: list[str] | None = None
+               ) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model as
     they arrive, a long file's pieces included; a file's label averages its windows'
@@ -351,7 +353,7 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     from ser.models import infer
 
     classes = meta["classes"]
-    used, key_of, statistics, results = speaker_setup(paths, meta, s, stream, speakers, calibration)
+    used, key_of, statistics, results = speaker_setup(paths, meta, s, stream, speakers, calibration, groups)
     prob_columns = [f"prob_{c}" for c in classes]
     rows: list[dict[str, Any]] = []
     sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
@@ -409,9 +411,18 @@ def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list
                        uncertain=bool(mean[best] < s.uncertain_below), **dict(zip(prob_columns, mean.tolist())))
     failed = {row["path"] for row in rows if row["error"]}  # e.g. a read error in a later piece
     segments = [seg for seg in segments if seg["path"] not in failed]
-    return (Table(["path", "status", "error", "emotion", "confidence", "uncertain", *prob_columns, "duration_s",
-                   "normalised_by", "speaker_group"], rows),
-            Table(["path", "start_s", "end_s", "emotion", "confidence", *prob_columns], segments))
+    return file_table(classes, rows), segment_table(classes, segments)
+
+
+def file_table(classes: list[str], rows: list[dict[str, Any]]) -> Table:
+    """The labeller's output columns: one row per file."""
+    return Table(["path", "status", "error", "emotion", "confidence", "uncertain", *[f"prob_{c}" for c in classes],
+                  "duration_s", "normalised_by", "speaker_group"], rows)
+
+
+def segment_table(classes: list[str], rows: list[dict[str, Any]]) -> Table:
+    """The --segments columns: one row per window."""
+    return Table(["path", "start_s", "end_s", "emotion", "confidence", *[f"prob_{c}" for c in classes]], rows)
 
 
 def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
@@ -468,14 +479,16 @@ def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> 
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-        segments_out: str | None = None, speakers: str = "none") -> int:
+        segments_out: str | None = None, speakers: str = "none", cluster: str | None = None) -> int:
     _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
     for output in [out] + ([segments_out] if segments_out else []):
         check_output(output, inputs, model_path)
     if segments_out and Path(segments_out).resolve() == Path(out).resolve():
         raise UserError(f"--segments {segments_out}: is the same file as -o; give another name")
     paths = collect_inputs(inputs)
-    speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
+    groups = speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
+    if cluster:
+        return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     stream = FeatureStream(paths, LogMel(info["feature_params"]), settings) if info else None
@@ -496,12 +509,35 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         raise
     if stream is not None:
         stream.close()
+    return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
+
+
+def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Settings, device_name: str,
+                   segments_out: str | None, speakers: str, groups: list[str] | None, address: str) -> int:
+    """run() with the labelling on the Dask cluster at `address` (ser.cluster); the model is
+    checked here first, so a bad file is the same clear error as in the local run."""
+    from ser.cluster import connect, label_on_cluster
+    from ser.models import ModelFileError, load_checkpoint
+
+    try:
+        _, meta = load_checkpoint(model_path, pick_device("cpu"))
+    except ModelFileError as e:
+        raise UserError(str(e)) from None
+    with connect(address) as client, tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
+        files, segments = label_on_cluster(client, paths, model_path, meta["classes"], settings, speakers, groups,
+                                           device_name, on_shard=lambda done, total: progress.update(
+                                               round(len(paths) * done / total) - progress.n))
+    return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
+
+
+def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str) -> int:
+    """Write the labels (and segments), report, and return the exit code."""
     write_table(files, out)
     if segments_out:
         write_table(segments, segments_out)
     errors = [row["error"] for row in files.rows if row["status"] == "error"]
     print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
-    print(f"predict: {NORMALISED_BY[normalised_by(meta, speakers)]} (column normalised_by)")
+    print(f"predict: {NORMALISED_BY[used]} (column normalised_by)")
     for error in errors:
         print(f"  error: {error}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK
@@ -530,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which files share a speaker, for a speaker-normalised model: none (each window "
                         "by itself), file (one speaker per file), folder (one per sub-folder), or a .csv/.parquet "
                         "with path and speaker columns (default: %(default)s)")
+    parser.add_argument("--cluster", metavar="tcp://HOST:PORT", help="label on this Dask scheduler's workers "
+                        "(they read the audio at the same paths; the model is sent to them)")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default=d.precision, choices=["float32", "bfloat16", "auto"],
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
@@ -539,14 +577,15 @@ def main(argv: list[str] | None = None) -> int:
                                    uncertain_below=args.uncertain_below)
     if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
-    return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers)
+    return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers,
+                      args.cluster)
 
 
 def run_safely(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-               segments_out: str | None = None, speakers: str = "none") -> int:
+               segments_out: str | None = None, speakers: str = "none", cluster: str | None = None) -> int:
     """run(), with every way of ending as its documented exit code and one clear message."""
     try:
-        return run(inputs, out, model_path, settings, device_name, segments_out, speakers)
+        return run(inputs, out, model_path, settings, device_name, segments_out, speakers, cluster)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

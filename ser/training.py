@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.transforms as T
 
+from ser import ddp
 from ser import features as feature_store
 from ser.corpora import resolve_classes
 from ser.audio import FeatureParams
@@ -159,6 +160,15 @@ def in_a_room(room: RoomAugment, raw: torch.Tensor, stats: tuple[torch.Tensor, t
     return apply_statistics(room(raw[batch]), None if stats is None else (stats[0][batch], stats[1][batch]))
 
 
+def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
+    """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r["lr"], pct_start=r["warmup_fraction"],
+                                                    total_steps=total_steps)
+    return optimizer, scheduler, torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+
+
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
         stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -176,22 +186,21 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     model = build_model(model_arch(r), fp.n_mels, n_classes)
     model.set_normalization(mean, std)
     model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
+    trained = ddp.wrap(model, device)  # under torchrun: gradients averaged over the processes (ser.ddp)
     augment = Augment(r["augment"], mean, std)
     # BatchNorm statistics are recalibrated at the end on a fixed sample of clean clips
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(r["seed"]))
     calibration = x_train[sample[: r["bn_calibration_clips"]]]
+    ddp.seed_augmentation(r["seed"])  # each process its own masks; the epoch order stays shared
     batch_size = r["batch_size"]
-    steps_per_epoch = int(np.ceil(len(x_train) / batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r["lr"], pct_start=r["warmup_fraction"],
-                                                    total_steps=r["epochs"] * steps_per_epoch)
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    steps_per_epoch = int(np.ceil(len(ddp.my_share(torch.arange(len(x_train)))) / batch_size))
+    optimizer, scheduler, scaler = one_cycle(model, r, r["epochs"] * steps_per_epoch, amp_dtype)
     generator = torch.Generator().manual_seed(r["seed"])
     history: list[dict[str, float]] = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
-        order = (torch.randperm(len(x_train), generator=generator) if weights is None else
-                 torch.multinomial(weights, len(x_train), replacement=True, generator=generator))
+        order = ddp.my_share(torch.randperm(len(x_train), generator=generator) if weights is None else
+                             torch.multinomial(weights, len(x_train), replacement=True, generator=generator))
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
@@ -201,7 +210,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             xb, yb = xb.to(device, non_blocking=True), y_train[batch].to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                logits = model(xb)
+                logits = trained(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -210,11 +219,13 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             scheduler.step()
             total_loss += loss.item() * len(batch)
             correct += (logits.argmax(1) == yb).sum().item()
-        history.append({"epoch": epoch, "train_loss": round(total_loss / len(x_train), 5),
-                        "train_accuracy": round(correct / len(x_train), 5),
+        total_loss, correct, seen = ddp.sum_over_ranks(total_loss, correct, len(order))
+        history.append({"epoch": epoch, "train_loss": round(total_loss / seen, 5),
+                        "train_accuracy": round(correct / seen, 5),
                         "lr": float(f"{scheduler.get_last_lr()[0]:.6g}")})
-        print(f"{label}epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f} "
-              f"acc {history[-1]['train_accuracy']:.3f}", flush=True)
+        if ddp.is_main():
+            print(f"{label}epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f} "
+                  f"acc {history[-1]['train_accuracy']:.3f}", flush=True)
     # training normalises by batch statistics, so only the kept epoch needs them (once)
     calibrate_batch_norm(model, calibration, batch_size, device)
     return model.eval(), history

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ser import ddp
 from ser.features import load
 from ser.models import count_parameters, save_checkpoint
 from ser.training import model_arch, train
@@ -28,8 +29,11 @@ def main() -> None:
         parser.add_argument(f"--{name}", required=True, help=help_text)
     args = parser.parse_args()
     recipe = yaml.safe_load(Path("params.yaml").read_text())["train"]
-    device = pick_device(recipe["device"])
+    device = ddp.start(pick_device(recipe["device"]))  # under torchrun: one process of several (ser.ddp)
     model, history, record = train(recipe, args.features, args.metadata, device)
+    if not ddp.is_main():  # the processes hold the same model; rank 0 alone writes it
+        ddp.stop()
+        return
     fp = load(args.features)[2]
     save_checkpoint(args.model, model, model_arch(recipe), record["classes"], fp, extra=record)
     with atomic_path(args.history) as tmp:
@@ -41,7 +45,9 @@ def main() -> None:
                # probabilities calibrated on the calibration split's speakers (none: not calibrated)
                "temperature": record.get("temperature"), "calibration": record.get("calibration")}
     write_json(args.metrics, summary)
-    print(f"train: {summary['members']} model(s), {summary['train_minutes']:.1f} min on {device.type}")
+    print(f"train: {summary['members']} model(s), {summary['train_minutes']:.1f} min on {device.type}"
+          f"{f' x {ddp.world()[1]} processes' if ddp.world()[1] > 1 else ''} -> {args.model}")
+    ddp.stop()
 
 
 if __name__ == "__main__":
