@@ -84,10 +84,16 @@ def _init_worker(extractor: LogMel, settings: Settings) -> None:
     # workers); a worker interrupted mid-task left the pool waiting on it for ever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    # One BLAS thread per worker: OpenBLAS's default (all cores) in every worker made the
-    # mel products spin against each other and halved throughput on 2 cores.
-    _blas_limit = threadpoolctl.threadpool_limits(1)
+    _blas_limit = one_core_worker()
+
+
+def one_core_worker() -> threadpoolctl.threadpool_limits:
+    """Tune this process as one of several feature workers (also a cluster worker's): one
+    BLAS thread (OpenBLAS's default, all cores, in every worker made the mel products spin
+    against each other and halved throughput on 2 cores), and freed memory kept for reuse.
+    Keep the returned limiter: it holds the BLAS limit."""
     _keep_freed_memory()
+    return threadpoolctl.threadpool_limits(1)
 
 
 def _die_with_parent() -> None:
@@ -514,19 +520,27 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
 
 def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Settings, device_name: str,
                    segments_out: str | None, speakers: str, groups: list[str] | None, address: str) -> int:
-    """run() with the labelling on the Dask cluster at `address` (ser.cluster); the model is
-    checked here first, so a bad file is the same clear error as in the local run."""
+    """run() with the labelling on the Dask cluster at `address` (ser.cluster). The model file
+    is read here without torch (2-3 s to import; the workers load the weights), and a file
+    that will not load is the local run's clear error."""
     from ser.cluster import connect, label_on_cluster
-    from ser.models import ModelFileError, load_checkpoint
 
+    info = read_model_info(model_path)
     try:
-        _, meta = load_checkpoint(model_path, pick_device("cpu"))
-    except ModelFileError as e:
-        raise UserError(str(e)) from None
-    with connect(address) as client, tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
-        files, segments = label_on_cluster(client, paths, model_path, meta["classes"], settings, speakers, groups,
-                                           device_name, on_shard=lambda done, total: progress.update(
-                                               round(len(paths) * done / total) - progress.n))
+        if info is None:  # the checked load says why
+            from ser.models import load_checkpoint
+
+            load_checkpoint(model_path, pick_device("cpu"))
+            raise UserError(f"{model_path}: not a model file")
+        meta = {"classes": info["classes"], "extra": {"normalisation": info["normalisation"]}}
+        with connect(address) as client, tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
+            files, segments = label_on_cluster(client, paths, model_path, info["classes"], settings, speakers, groups,
+                                               device_name, on_shard=lambda done, total: progress.update(
+                                                   round(len(paths) * done / total) - progress.n))
+    except Exception as e:
+        if type(e).__name__ == "ModelFileError":  # raised on a worker too; ser.models imports torch
+            raise UserError(str(e)) from None
+        raise
     return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
 
 

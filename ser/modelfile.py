@@ -39,7 +39,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_model_info(path: str | Path) -> dict[str, Any] | None:
-    """{"classes", "feature_params"} of a model file written by stages.models.save_checkpoint,
+    """{"classes", "feature_params", "normalisation"} of a model file written by stages.models.save_checkpoint,
     or None when it cannot be read this way (stages.models.load_checkpoint then says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -47,6 +47,7 @@ def read_model_info(path: str | Path) -> dict[str, Any] | None:
             with archive.open(name) as f:
                 checkpoint = _MetadataUnpickler(f).load()
         return {"classes": list(checkpoint["classes"]),
-                "feature_params": FeatureParams.from_dict(checkpoint["feature_params"])}
+                "feature_params": FeatureParams.from_dict(checkpoint["feature_params"]),
+                "normalisation": dict(checkpoint.get("extra") or {}).get("normalisation", "clip")}
     except Exception:  # any problem: fall back to the full, checked load
         return None

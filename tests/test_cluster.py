@@ -174,3 +174,11 @@ def test_the_features_store_built_on_the_cluster_is_the_local_one(cluster, recor
     _, computed = build(paths, feature_params, tmp_path / "remote", n_jobs=1, cluster=cluster.scheduler_address)
     assert computed == len(paths)
     assert (tmp_path / "local" / ARRAY_NAME).read_bytes() == (tmp_path / "remote" / ARRAY_NAME).read_bytes()
+
+
+def test_a_bad_model_file_is_the_local_runs_clear_error(cluster, recordings, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    assert main([str(recordings), "-o", str(tmp_path / "o.csv"), "--model", str(bad), "--cluster",
+                 cluster.scheduler_address]) == 2
+    assert f"{bad}: not a loadable model file" in capsys.readouterr().err

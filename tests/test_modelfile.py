@@ -8,7 +8,8 @@ from ser.modelfile import read_model_info
 def test_reads_what_the_full_load_reads(tiny_checkpoint):
     info = read_model_info(tiny_checkpoint)
     _, meta = load_checkpoint(tiny_checkpoint)
-    assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"]}
+    assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"],
+                    "normalisation": meta["extra"].get("normalisation", "clip")}
 
 
 def test_returns_none_for_files_that_are_not_model_files(tmp_path):
