@@ -136,7 +136,9 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")  # the labeller: every audio file extracted
     assert len(predictions) == 360 + 24 and (predictions["status"] == "ok").all()
-    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == "clip").all()
+    # the predict stage groups nobody: a speaker-normalised default hears each window by itself
+    used = {"speaker": "window", "clip": "clip"}[params_of(repo)["train"]["normalisation"]]
+    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == used).all()
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
@@ -188,3 +190,60 @@ def test_train_param_experiment_reruns_only_downstream_and_diffs(project):
     plots = json.loads(_run(dvc + ["plots", "diff", "--json"], repo, env))["data"]
     assert {"Loss", "Accuracy (training clips)", "Confusion (test actors)"} <= set(plots)
     assert set(plots["Loss"][0]["revisions"]) == {"workspace", "HEAD"}
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A real S3-compatible object store (moto's server, its own process) on 127.0.0.1, with a bucket."""
+    import socket
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    credentials = {"AWS_ACCESS_KEY_ID": "team", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="team", aws_secret_access_key="secret",
+                     region_name="us-east-1").create_bucket(Bucket="ser-team")
+        yield endpoint, credentials
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_colleague_pulls_the_model_from_the_team_remote_and_labels_without_training(project, s3_server, tmp_path):
+    """README's team set-up: `dvc remote add` an S3 bucket, `dvc push`; a fresh clone's
+    `dvc pull train` fetches the model (checked by hash), which labels a folder at once."""
+    from conftest import write_tone
+
+    repo, env, dvc, _ = project
+    endpoint, credentials = s3_server
+    env = {**env, **credentials}
+    _run(dvc + ["remote", "add", "-d", "team", "s3://ser-team/cache"], repo, env)
+    _run(dvc + ["remote", "modify", "team", "endpointurl", endpoint], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "trained, with the team remote"], repo, env)
+    assert "pushed" in _run(dvc + ["push"], repo, env)
+    colleague = tmp_path / "colleague"
+    _run(["git", "clone", "-q", str(repo), str(colleague)], tmp_path, env)
+    assert not (colleague / "data").exists()
+    _run(dvc + ["pull", "train"], colleague, env)  # the model (and the features it was trained on)
+    model = "data/model/model.pt"
+    assert hashlib.md5((colleague / model).read_bytes()).hexdigest() == hashlib.md5((repo / model).read_bytes()).hexdigest()
+    write_tone(tmp_path / "calls" / "a.wav", seconds=2.0)
+    write_tone(tmp_path / "calls" / "b.wav", seconds=3.0, freq=330)
+    _run([sys.executable, "-m", "ser", "label", str(tmp_path / "calls"), "-o", str(tmp_path / "labels.csv"),
+          "--model", str(colleague / model)], colleague, env)
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    assert len(labels) == 2 and (labels["status"] == "ok").all()
