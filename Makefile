@@ -70,6 +70,7 @@ app: setup
 bench: setup
 	python bench/bench_features.py
 	python bench/bench_predict.py
+	python bench/bench_cluster.py
 	python bench/bench_repro.py
 	python -m bench.bench_hostile
 

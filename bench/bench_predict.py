@@ -4,7 +4,7 @@ naive: per file, load the model, compute the features, run the model on that one
        (what single-file predict scripts do);
 ours:  `ser label` on the whole folder, process start included (default params,
        then --precision float32: their labels are compared, and scored on the test actors).
-Needs a trained model (make repro) at predict.model."""
+Needs a trained model (make repro) at data/model/model.pt."""
 from __future__ import annotations
 
 import json
@@ -64,7 +64,7 @@ def test_actor_accuracy(frame: pd.DataFrame, test_actors: list[int]) -> float:
 
 def main() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    model_path = ROOT / params["predict"]["model"]
+    model_path = ROOT / "data/model/model.pt"  # the train stage's output (dvc.yaml)
     if not model_path.is_file():
         sys.exit(f"bench_predict: no model at {model_path}; run `make repro` first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +86,7 @@ def main() -> None:
         many_rows = len(pd.read_csv(tmp / "many.csv"))
         many_rss = peak_child_rss_mb()
     median = seconds[len(seconds) // 2]
-    test_actors = params["metadata"]["test_actors"]
+    test_actors = params["metadata"]["corpora"]["ravdess"]["test_speakers"]
     result = {"files": len(paths), "batch_seconds_runs": [round(s, 2) for s in seconds],
               "batch_files_per_s": round(len(paths) / median, 1),
               "naive_files_per_s": round(naive_rate, 1),
