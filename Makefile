@@ -50,9 +50,14 @@ endif
 cv: setup
 	dvc repro cv/dvc.yaml
 
-# Leave-one-corpus-out evaluation of the train recipe (loco/dvc.yaml): needs two corpora or more.
+# Leave-one-corpus-out evaluation of the train recipe (loco/dvc.yaml): needs two corpora or more;
+# with local archives as for repro (`make loco SHARED=../shared/data`), as a DVC experiment.
 loco: setup
+ifneq ($(strip $(LOCAL_ARCHIVES)),)
+	dvc exp run loco/dvc.yaml $(LOCAL_ARCHIVES)
+else
 	dvc repro loco/dvc.yaml
+endif
 
 # The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
 browser:
