@@ -18,7 +18,6 @@ from ser import ddp
 from ser import features as feature_store
 from ser.corpora import resolve_classes
 from ser.audio import FeatureParams
-from ser.augment import RoomAugment
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
@@ -142,24 +141,6 @@ def sampling_weights(clips: pd.DataFrame, balance: str) -> torch.Tensor | None:
     return torch.tensor((1.0 / clips["corpus"].map(clips["corpus"].value_counts())).to_numpy(), dtype=torch.double)
 
 
-def room_augment(r: dict[str, Any], fp: FeatureParams) -> RoomAugment | None:
-    """The simulated rooms and microphones of train.augment.room (None when off)."""
-    room = r["augment"].get("room")
-    if not room or not room.get("p"):
-        return None  # off: no random number is drawn, so recipes without it train as before
-    try:
-        return RoomAugment(room, fp)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def in_a_room(room: RoomAugment, raw: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None,
-              batch: torch.Tensor) -> torch.Tensor:
-    """The batch's clips as heard in other rooms and microphones, then normalised as usual
-    (by the speaker's statistics of the clean clips: the room is the mismatch to learn)."""
-    return apply_statistics(room(raw[batch]), None if stats is None else (stats[0][batch], stats[1][batch]))
-
-
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
     """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
@@ -179,7 +160,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
     r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
-    raw, x_train, room = x_train, apply_statistics(x_train, stats), room_augment(r, fp)
+    x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
     amp_dtype = autocast_dtype(device, r["precision"])
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
@@ -204,7 +185,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            xb = augment(x_train[batch] if room is None else in_a_room(room, raw, stats, batch))
+            xb = augment(x_train[batch])
             if device.type == "cuda":  # pinned host memory lets the copy overlap GPU work
                 xb = xb.pin_memory()
             xb, yb = xb.to(device, non_blocking=True), y_train[batch].to(device, non_blocking=True)

@@ -129,40 +129,6 @@ def test_a_speaker_normalised_recipe_trains_and_its_model_skips_the_clip_mean(tm
         load_clips(*data, record["classes"], split="test", normalisation="corpus")
 
 
-ROOM = {"p": 0.5, "rt60_s": [0.2, 0.8], "eq_db": 8, "snr_db": [5, 35], "lowpass_hz": [3400, 8000]}
-
-
-def test_room_augmentation_off_trains_exactly_as_without_it(tmp_path, feature_params):
-    data = _data(tmp_path, feature_params)
-    plain = train_params(epochs=2)
-    off = train_params(epochs=2, augment={**plain["augment"], "room": {**ROOM, "p": 0.0}})
-    a, b = train(plain, *data, CPU)[0], train(off, *data, CPU)[0]
-    for v, w in zip(a.state_dict().values(), b.state_dict().values()):
-        torch.testing.assert_close(v, w, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("normalisation", ["clip", "speaker"])
-def test_a_recipe_with_simulated_rooms_learns_and_differs(tmp_path, feature_params, monkeypatch, normalisation):
-    data = _data(tmp_path, feature_params)
-    plain = train_params(normalisation=normalisation)
-    rooms = train_params(normalisation=normalisation, augment={**plain["augment"], "room": ROOM})
-    heard = []
-    room_augment = train_module.room_augment
-    monkeypatch.setattr(train_module, "room_augment", lambda r, fp: heard.append(fp) or room_augment(r, fp))
-    model, history, record = train(rooms, *data, CPU)
-    assert heard == [feature_params]  # the room is built for the features as they were written
-    x, y, _ = load_clips(*data, record["classes"], split="test", normalisation=normalisation)
-    assert (model(x).argmax(1) == y).float().mean() >= 0.9
-    assert history != train(plain, *data, CPU)[1]
-
-
-def test_room_settings_that_are_missing_are_named(tmp_path, feature_params):
-    data = _data(tmp_path, feature_params)
-    broken = train_params(epochs=1, augment={**train_params()["augment"], "room": {"p": 0.5}})
-    with pytest.raises(UserError, match="train.augment.room needs rt60_s"):
-        train(broken, *data, CPU)
-
-
 def test_the_temperature_is_fitted_on_the_calibration_speakers_only(tmp_path, feature_params, monkeypatch):
     import pandas as pd
 
