@@ -73,7 +73,7 @@ class Analyser:
             problem = f"silent (peak below {self.settings.silence_peak})"
         if problem:
             return None, f"Cannot calibrate with this recording: {problem}"
-        stats = gather_statistics([path], ["you"], pieces, fp)["you"]
+        stats = gather_statistics([path], ["you"], pieces, fp, min_windows=1)["you"]  # a reference, however short
         return stats, f"Calibrated on {pieces[0]['duration']:.1f} s of your voice: clips are now heard relative to it."
 
     def analyse(self, path: str | Path | None, calibration: tuple[np.ndarray, np.ndarray] | None = None

@@ -19,7 +19,8 @@ from ser import features as feature_store
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.training import fit_ensemble, input_statistics, load_clips, load_raw, sampling_weights, train_classes
+from ser.training import (GROUPINGS, apply_statistics, fit_ensemble, grouped_statistics, input_statistics, load_clips,
+                          load_raw, population_statistics, sampling_weights, train_classes)
 from ser.util import UserError, pick_device
 
 
@@ -36,38 +37,70 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
     return scores_from_confusion(cm, names), cm, names, scored
 
 
-def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, corpora: list[str],
-                  device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on every corpus but `left_out` (all their speakers but the calibration split's,
-    which calibrate its probabilities), score on all of `left_out`."""
-    classes = train_classes(recipe["classes"])
-    norm, others = recipe.get("normalisation", "clip"), [c for c in corpora if c != left_out]
-    # by speaker normalisation each speaker relative to its own clips
-    x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
-    x_test, y_test, test_clips = load_clips(*data, classes, corpora=[left_out], normalisation=norm)
-    start = time.perf_counter()
-    model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
-                            label=f"without {left_out} ", stats=input_statistics(x, train_clips, norm),
-                            weights=sampling_weights(train_clips, recipe.get("balance", "none")))
-    x_cal, y_cal, _ = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
-    temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
-    probs = (infer(model, x_test, recipe["batch_size"], device) / temperature).softmax(dim=1).numpy()
-    scores, cm, names, scored = score_shared(probs, y_test.numpy(), classes, set(y.tolist()))
+NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "train_minutes")  # in the table only
+
+
+def balanced_share(cm: np.ndarray) -> np.ndarray:
+    """Each class's share of the predictions on a balanced set: the rows of the confusion
+    matrix (actual classes) as rates, averaged. A model that collapses onto one class shows it
+    here whatever the corpus's class counts."""
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    return rates[cm.sum(axis=1) > 0].mean(axis=0)
+
+
+def left_out_scores(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]
+                    ) -> tuple[dict[str, Any], list[str], np.ndarray]:
+    """Scores of calibrated probabilities on the shared classes (score_shared): accuracy, UAR,
+    macro F1, the most predicted class (as predicted, and on a balanced set), ECE, the share
+    flagged uncertain; with the predicted labels and which clips were scored."""
+    scores, cm, names, scored = score_shared(probs, y, classes, trained)
     shared = probs[scored][:, [classes.index(n) for n in names]]
     shared /= shared.sum(axis=1, keepdims=True)  # the model's probabilities among the shared classes
     predicted = [names[i] for i in shared.argmax(1)]
-    local_y = np.array([names.index(classes[c]) for c in y_test.numpy()[scored]])
-    share = pd.Series(predicted).value_counts(normalize=True)
-    row = {"left_out": left_out, "trained_on": " ".join(c for c in corpora if c != left_out),
-           "test_clips": int(scored.sum()), "not_scored": int((~scored).sum()), "classes": " ".join(names),
-           "accuracy": round(scores["accuracy"], 5),
-           "uar": round(scores["uar"], 5), "macro_f1": round(scores["macro_f1"], 5),
-           "most_predicted": f"{share.index[0]} {share.iloc[0]:.0%}",
-           "temperature": round(temperature, 5), "ece": round(expected_calibration_error(shared, local_y), 5),
-           "uncertain_share": round(float((shared.max(axis=1) < UNCERTAIN_BELOW).mean()), 5),
-           "train_minutes": round((time.perf_counter() - start) / 60, 2)}
+    local_y = np.array([names.index(classes[c]) for c in y[scored]])
+    share, balanced = pd.Series(predicted).value_counts(normalize=True), balanced_share(cm)
+    return ({"classes": " ".join(names), "accuracy": round(scores["accuracy"], 5), "uar": round(scores["uar"], 5),
+             "macro_f1": round(scores["macro_f1"], 5), "most_predicted": f"{share.index[0]} {share.iloc[0]:.0%}",
+             "most_predicted_balanced": f"{names[int(balanced.argmax())]} {balanced.max():.0%}",
+             "ece": round(expected_calibration_error(shared, local_y), 5),
+             "uncertain_share": round(float((shared.max(axis=1) < UNCERTAIN_BELOW).mean()), 5)},
+            predicted, scored)
+
+
+def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, corpora: list[str],
+                  device: torch.device) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Train on every corpus but `left_out` (all their speakers but the calibration split's,
+    which calibrate its probabilities), score on all of `left_out`. A speaker-normalised model
+    is scored with its clips grouped by speaker, and as the labeller would hear them with less
+    to go on (ser.training.GROUPINGS): `<grouping>_uar` and `<grouping>_most_predicted_balanced`."""
+    classes = train_classes(recipe["classes"])
+    norm, others = recipe.get("normalisation", "clip"), [c for c in corpora if c != left_out]
+    x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
+    x_test, y_test, test_clips = load_raw(*data, classes, corpora=[left_out])
+    start, stats = time.perf_counter(), input_statistics(x, train_clips, norm)
+    model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
+                            label=f"without {left_out} ", stats=stats,
+                            weights=sampling_weights(train_clips, recipe.get("balance", "none")))
+    x_cal, y_cal, _ = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
+    temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
+    minutes = round((time.perf_counter() - start) / 60, 2)
+    groupings = GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
+    population = population_statistics(stats, train_clips) if norm == "speaker" else None
+    row = {"left_out": left_out, "trained_on": " ".join(others), "temperature": round(temperature, 5)}
+    for grouping in groupings:
+        inputs = x_test if norm == "clip" else apply_statistics(
+            x_test, grouped_statistics(x_test, test_clips, grouping, population))
+        probs = (infer(model, inputs, recipe["batch_size"], device) / temperature).softmax(dim=1).numpy()
+        scores, predicted, scored = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
+        if grouping == "speaker":  # the headline figures: each speaker relative to their own clips
+            row.update(test_clips=int(scored.sum()), not_scored=int((~scored).sum()), **scores)
+            kept = predicted
+        else:
+            row.update({f"{grouping}_uar": scores["uar"],
+                        f"{grouping}_most_predicted_balanced": scores["most_predicted_balanced"]})
+    row["train_minutes"] = minutes
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
-                                "actual": test_clips["emotion"][scored], "predicted": predicted})
+                                "actual": test_clips["emotion"][scored], "predicted": kept})
     print(f"left out {left_out}: accuracy {row['accuracy']:.3f}, UAR {row['uar']:.3f}, "
           f"most predicted {row['most_predicted']}", flush=True)
     return row, predictions
@@ -85,8 +118,6 @@ def leave_one_corpus_out(data: tuple[str, str], recipe: dict[str, Any]
     table = pd.DataFrame(rows)
     summary = {"corpora": corpora, "uar_min": round(float(table["uar"].min()), 5),
                "uar_mean": round(float(table["uar"].mean()), 5),
-               "per_corpus": {r.left_out: {"accuracy": r.accuracy, "uar": r.uar, "macro_f1": r.macro_f1,
-                                           "test_clips": r.test_clips, "most_predicted": r.most_predicted,
-                                           "ece": r.ece, "uncertain_share": r.uncertain_share}
-                              for r in table.itertuples()}}
+               "per_corpus": {row["left_out"]: {k: v for k, v in row.items() if k not in NOT_METRICS}
+                              for row in rows}}
     return table, summary, pd.concat(predictions, ignore_index=True)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 # that the workers never import torch either.
 from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
-from ser.grouping import SpeakerStatistics, speaker_keys
+from ser.grouping import MIN_GROUP_WINDOWS, SpeakerStatistics, speaker_keys
 from ser.modelfile import read_model_info
 from ser.util import UserError, atomic_path, pick_device
 
@@ -58,7 +58,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The command line's defaults (the DVC stage passes params.yaml's `predict` section instead).
 DEFAULTS = Settings(batch_size=64, n_jobs=-1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=4096, precision="auto", max_duration_s=14400.0, min_sample_rate=4000,
-                    uncertain_below=UNCERTAIN_BELOW)
+                    uncertain_below=UNCERTAIN_BELOW, min_group_windows=MIN_GROUP_WINDOWS)
 DEFAULT_MODEL = "data/model/model.pt"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
@@ -266,7 +266,11 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 NORMALISED_BY = {
     "clip": "each clip normalised by itself (a clip-normalised model; --speakers is not needed)",
     "window": "a speaker-normalised model with no speaker grouping: each window normalised by its own "
-              "statistics (say who is who with --speakers for better labels)",
+              "statistics (an old model file without population statistics; say who is who with --speakers)",
+    "population": "no group of --min-group-windows windows or more: normalised by the average training speaker (say who is "
+                  "who with --speakers for better labels)",
+    "all": "all files normalised as one group (--speakers all, the default; a group of fewer than "
+           "--min-group-windows windows by the average training speaker)",
     "file": "each file normalised as one speaker (--speakers file)",
     "folder": "each folder's files normalised as one speaker (--speakers folder)",
     "manifest": "files normalised by the speakers of the manifest (--speakers)",
@@ -281,7 +285,7 @@ def floor_db(fp: FeatureParams) -> float:
 
 
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
-                      fp: FeatureParams) -> Statistics:
+                      fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS) -> Statistics:
     """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
     e.g. a FeatureStream: the first of two passes)."""
     key_of = {str(p): k for p, k in zip(paths, keys)}
@@ -291,15 +295,25 @@ def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[
             progress.update(int(piece["first"]))
             if piece["features"] is not None:
                 running.add(key_of[piece["path"]], piece["features"])
-    return running.finish()
+    return running.finish(min_windows)
 
 
 def normalised_by(meta: dict[str, Any], speakers: str) -> str:
     """What the model's input was standardised by: clip (a clip-normalised model: each clip
-    itself), window (a speaker model with no grouping) or the grouping (file, folder, manifest)."""
+    itself), population (a speaker model with no grouping: the average training speaker;
+    window for an old model file without those statistics) or the grouping (all, file, folder,
+    manifest); a group too small for statistics of its own is heard as population (per row)."""
     if meta["extra"].get("normalisation") != "speaker":
         return "clip"
-    return {"none": "window", "file": "file", "folder": "folder"}.get(speakers, "manifest")
+    if speakers == "none":
+        return "population" if "population" in meta["extra"] else "window"
+    return speakers if speakers in ("all", "file", "folder") else "manifest"
+
+
+def population_of(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The average training speaker's (mean, std) per band from the model file, if it has them."""
+    population = meta["extra"].get("population")
+    return None if population is None else tuple(np.asarray(v, dtype=np.float32) for v in population)
 
 
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
@@ -315,31 +329,44 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
         used, statistics = "calibration", {"calibration": calibration}
         keys: list[str] | None = ["calibration"] * len(paths)
     else:
-        keys = None if used in ("clip", "window") else groups if groups is not None else speaker_keys(paths, speakers)
+        keys = None if used in ("clip", "window", "population") else (
+            groups if groups is not None else speaker_keys(paths, speakers))
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
     results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
     if keys is not None and used != "calibration":
-        statistics = gather_statistics(paths, keys, results, fp)
+        statistics = gather_statistics(paths, keys, results, fp, s.min_group_windows)
         results = FeatureStream(paths, LogMel(fp), s)  # the second pass
+    population = population_of(meta)
+    if population is not None and used not in ("clip", "calibration"):
+        statistics["population"] = population  # groups too small for their own: the average speaker
     return used, key_of, statistics, results
 
 
 def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.ndarray, np.ndarray] | None]
                 ) -> "torch.Tensor":
     """The pieces' windows as one batch, normalised as `used` says: by nothing (a clip model
-    does it itself), each window by itself, or each piece by its group's `stats`."""
+    does it itself), or each piece by its `stats` (its group's, or the average training
+    speaker's); a piece with none (an old model file) has each window by itself."""
     import torch
 
     from ser.models import speaker_normalise
 
-    x = torch.from_numpy(np.concatenate([r["features"] for r in pieces]))
-    if used == "window":
-        return speaker_normalise(x, np.arange(len(x)))
     if used == "clip":
-        return x
-    mean, std = (np.concatenate([np.repeat(st[i][None], len(r["features"]), 0) for r, st in zip(pieces, stats)])
-                 for i in (0, 1))
-    return (x - torch.from_numpy(mean)[:, :, None]) / torch.from_numpy(std)[:, :, None]
+        return torch.from_numpy(np.concatenate([r["features"] for r in pieces]))
+    parts = []
+    for r, st in zip(pieces, stats):
+        x = torch.from_numpy(r["features"])
+        parts.append(speaker_normalise(x, np.arange(len(x))) if st is None else
+                     (x - torch.from_numpy(st[0])[:, None]) / torch.from_numpy(st[1])[:, None])
+    return torch.cat(parts)
+
+
+def heard_as(used: str, key: str | None, statistics: Statistics) -> str:
+    """What one file was normalised by: the run's `used`, or for a group too small for
+    statistics of its own the average training speaker (population; window for an old model)."""
+    if used in ("clip", "window", "calibration") or key in statistics:
+        return used
+    return "population" if "population" in statistics else "window"
 
 
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
@@ -368,7 +395,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
-        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"])) for _, r in pending])
+        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"]), statistics.get("population"))
+                                                        for _, r in pending])
         probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
         for row_index, r in pending:
@@ -388,7 +416,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
                 rows.append({"path": piece["path"], "status": "error", "error": "", "emotion": None,
                              "confidence": math.nan, **{c: math.nan for c in prob_columns},
                              "duration_s": math.nan if piece["duration"] is None else piece["duration"],
-                             "normalised_by": used, "speaker_group": key_of.get(piece["path"], "")})
+                             "normalised_by": heard_as(used, key_of.get(piece["path"]), statistics),
+                             "speaker_group": key_of.get(piece["path"], "")})
                 sums.append(np.zeros(len(classes)))
                 counts.append(0)
                 progress.update(1)
@@ -485,13 +514,17 @@ def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> 
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-        segments_out: str | None = None, speakers: str = "none", cluster: str | None = None) -> int:
+        segments_out: str | None = None, speakers: str = "all", cluster: str | None = None) -> int:
     _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
     for output in [out] + ([segments_out] if segments_out else []):
         check_output(output, inputs, model_path)
     if segments_out and Path(segments_out).resolve() == Path(out).resolve():
         raise UserError(f"--segments {segments_out}: is the same file as -o; give another name")
     paths = collect_inputs(inputs)
+    if cluster and speakers == "all":  # one group would be one shard: no grouping on a cluster by default
+        print("predict: on a cluster every file is heard relative to the average training speaker "
+              "(--speakers all would make one shard of everything; --speakers folder or a manifest group)")
+        speakers = "none"
     groups = speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
     if cluster:
         return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster)
@@ -576,10 +609,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uncertain-below", type=float, default=d.uncertain_below,
                         help="a file label less confident than this is flagged uncertain (default %(default)s: "
                         "with the model's calibrated probabilities, more likely wrong than right)")
-    parser.add_argument("--speakers", default="none", metavar="none|file|folder|MANIFEST",
-                        help="which files share a speaker, for a speaker-normalised model: none (each window "
-                        "by itself), file (one speaker per file), folder (one per sub-folder), or a .csv/.parquet "
-                        "with path and speaker columns (default: %(default)s)")
+    parser.add_argument("--speakers", default="all", metavar="all|none|file|folder|MANIFEST",
+                        help="which files share a speaker, for a speaker-normalised model: all (every file of the "
+                        "run as one group), none (the average training speaker), file (one speaker per file), "
+                        "folder (one per sub-folder), or a .csv/.parquet with path and speaker columns; a group "
+                        "too small (--min-group-windows) is heard relative to the average training speaker "
+                        "(default: %(default)s)")
+    parser.add_argument("--min-group-windows", type=int, default=d.min_group_windows,
+                        help="a speaker group with fewer windows is heard relative to the average training speaker "
+                        "(default %(default)s)")
     parser.add_argument("--cluster", metavar="tcp://HOST:PORT", help="label on this Dask scheduler's workers "
                         "(they read the audio at the same paths; the model is sent to them)")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
@@ -588,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
-                                   uncertain_below=args.uncertain_below)
+                                   uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows)
     if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
     return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers,
@@ -596,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_safely(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-               segments_out: str | None = None, speakers: str = "none", cluster: str | None = None) -> int:
+               segments_out: str | None = None, speakers: str = "all", cluster: str | None = None) -> int:
     """run(), with every way of ending as its documented exit code and one clear message."""
     try:
         return run(inputs, out, model_path, settings, device_name, segments_out, speakers, cluster)

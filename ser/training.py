@@ -36,6 +36,37 @@ def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
     return speaker_statistics(x, clips["speaker"].to_numpy()) if normalisation == "speaker" and len(x) else None
 
 
+# How a speaker-normalised model's clips can be grouped at labelling time: by speaker (the
+# labeller's --speakers folder or manifest), the whole corpus as one group (a flat folder of one
+# source under --speakers folder), each clip alone (--speakers none), or none of them: the
+# training speakers' average statistics (population).
+GROUPINGS = ("speaker", "corpus", "clip", "population")
+
+
+def grouped_statistics(x: torch.Tensor, clips: pd.DataFrame, grouping: str,
+                       population: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per clip (mean, std) per mel bin of the clips' `grouping` (GROUPINGS); population: the
+    given (mean, std) per bin for every clip (population_statistics of the training clips)."""
+    if grouping == "population":
+        if population is None:
+            raise ValueError("grouping population needs the training speakers' statistics")
+        return population[0].expand(len(x), -1), population[1].expand(len(x), -1)
+    keys = {"speaker": clips["speaker"].to_numpy(), "corpus": clips["corpus"].to_numpy(),
+            "clip": np.arange(len(clips))}.get(grouping)
+    if keys is None:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}")
+    return speaker_statistics(x, keys)
+
+
+def population_statistics(stats: tuple[torch.Tensor, torch.Tensor], clips: pd.DataFrame
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The average speaker's (mean, std) per bin: each training speaker's statistics (from
+    input_statistics, one row per clip) averaged with every speaker weighing the same."""
+    first = ~clips["speaker"].duplicated().to_numpy()
+    return stats[0][first].mean(dim=0), stats[1][first].mean(dim=0)
+
+
 def apply_statistics(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     return x if stats is None else (x - stats[0][:, :, None]) / stats[1][:, :, None]
 
@@ -239,11 +270,12 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     x, y, clips = load_raw(features_dir, metadata_path, classes, split="train")
     if len(x) == 0:
         raise UserError(f"train: no training clips in {metadata_path}; check metadata.test_actors")
-    start = time.perf_counter()
+    start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=sampling_weights(clips, r.get("balance", "none")),
-                                  stats=input_statistics(x, clips, r.get("normalisation", "clip")))
-    record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"),
+                                  weights=sampling_weights(clips, r.get("balance", "none")), stats=stats)
+    # the average training speaker: what the labeller can normalise by when it knows no speaker
+    population = {} if stats is None else {"population": [t.tolist() for t in population_statistics(stats, clips)]}
+    record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"), **population,
               "train_speakers": sorted(clips["speaker"].unique()),
               "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
               "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2),

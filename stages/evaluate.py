@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn.functional as F
 import yaml
 
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, reliability
 from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
 from ser.models import infer, load_checkpoint
-from ser.training import load_clips
+from ser.crosscorpus import balanced_share
+from ser.training import GROUPINGS, apply_statistics, grouped_statistics, load_clips, load_raw
 from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
 
 
@@ -47,6 +49,26 @@ def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | No
             "uncertain_share": float(uncertain.mean()),
             "accuracy_when_certain": float(correct[~uncertain].mean()) if (~uncertain).any() else None,
             "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
+
+
+def by_grouping(model, meta: dict[str, Any], data: tuple[str, str], batch_size: int, device) -> dict[str, Any]:
+    """A speaker-normalised model's test figures when the labeller knows less than who is who:
+    each corpus's test clips as one group (a flat folder), each clip alone, the average training
+    speaker (population): accuracy, UAR and the most predicted class on a balanced set."""
+    classes, extra = meta["classes"], meta["extra"]
+    if extra.get("normalisation") != "speaker":
+        return {}
+    x, y, clips = load_raw(*data, classes, split="test")
+    population = tuple(map(torch.tensor, extra["population"])) if "population" in extra else None
+    result = {}
+    for grouping in GROUPINGS[1:] if population is not None else GROUPINGS[1:3]:
+        stats = grouped_statistics(x, clips, grouping, population)
+        predicted = infer(model, apply_statistics(x, stats), batch_size, device).argmax(1).numpy()
+        cm = confusion_matrix(y.numpy(), predicted, len(classes))
+        scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
+        result[grouping] = {"accuracy": scores["accuracy"], "uar": scores["uar"],
+                            "most_predicted_balanced": f"{classes[int(share.argmax())]} {share.max():.0%}"}
+    return result
 
 
 def main() -> None:
@@ -82,6 +104,7 @@ def main() -> None:
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
         **confidence_figures(logits.softmax(dim=1).numpy(), y.numpy(), meta["extra"].get("temperature")),
+        "by_grouping": by_grouping(model, meta, (args.features, args.metadata), p["batch_size"], device),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:

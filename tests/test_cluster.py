@@ -1,5 +1,6 @@
 """Cluster labelling and features against a real Dask cluster on 127.0.0.1 (a scheduler and
 two worker processes over TCP, started and stopped by the tests)."""
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -46,13 +47,13 @@ def recordings(tmp_path):
     return d
 
 
-def _local(paths, model_path, speakers="none", groups=None):
+def _local(paths, model_path, speakers="none", groups=None, settings=None):
     import torch
 
     from ser.models import load_checkpoint
 
     model, meta = load_checkpoint(model_path, torch.device("cpu"))
-    return label_rows(paths, model, meta, SETTINGS, torch.device("cpu"), None, speakers, groups=groups)
+    return label_rows(paths, model, meta, settings or SETTINGS, torch.device("cpu"), None, speakers, groups=groups)
 
 
 def _same(cluster_table, local_table):
@@ -104,9 +105,10 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
                     extra={"normalisation": "speaker"})
     paths = collect_inputs([str(recordings)])
     groups = speaker_keys(paths, "folder")
+    settings = dataclasses.replace(SETTINGS, min_group_windows=1)  # these folders hold a few windows each
     with distributed.Client(cluster) as client:
-        files, _ = label_on_cluster(client, paths, model, EMOTIONS, SETTINGS, "folder", groups, files_per_shard=4)
-    _same(files, _local(paths, model, "folder", groups)[0])
+        files, _ = label_on_cluster(client, paths, model, EMOTIONS, settings, "folder", groups, files_per_shard=4)
+    _same(files, _local(paths, model, "folder", groups, settings)[0])
     assert set(files.to_frame()["normalised_by"]) == {"folder"}
 
 

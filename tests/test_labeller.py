@@ -367,7 +367,8 @@ def test_workers_die_with_a_killed_labeller(many_files, tiny_checkpoint, tmp_pat
     assert not (tmp_path / "labels.csv").exists()
 
 
-def test_a_speaker_normalised_model_labels_each_window_by_its_own_statistics(tmp_path, feature_params, capsys):
+def test_an_old_speaker_model_without_population_statistics_labels_each_window_by_itself(tmp_path, feature_params,
+                                                                                           capsys):
     from conftest import TINY_ARCH
     from ser.models import build_model, save_checkpoint
 
@@ -375,12 +376,67 @@ def test_a_speaker_normalised_model_labels_each_window_by_its_own_statistics(tmp
     save_checkpoint(tmp_path / "spk.pt", model, {**TINY_ARCH, "utterance_norm": False}, EMOTIONS, feature_params,
                     extra={"normalisation": "speaker"})
     quiet, loud = write_tone(tmp_path / "in" / "quiet.wav", amplitude=0.05), write_tone(tmp_path / "in" / "loud.wav")
-    assert _run([tmp_path / "in", "-o", tmp_path / "o.csv", "--model", tmp_path / "spk.pt"]) == 0
+    assert _run([tmp_path / "in", "-o", tmp_path / "o.csv", "--model", tmp_path / "spk.pt", "--speakers", "none"]) == 0
     assert "each window normalised by its own statistics" in capsys.readouterr().out
     frame = pd.read_csv(tmp_path / "o.csv")
     assert (frame["normalised_by"] == "window").all() and frame["speaker_group"].isna().all()
     probs = frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
     np.testing.assert_allclose(probs[0], probs[1], atol=2e-3)  # the same tone at another gain: the same label
+    # by default (all files one group) a group this small falls back the same way, file by file
+    assert _run([tmp_path / "in", "-o", tmp_path / "d.csv", "--model", tmp_path / "spk.pt"]) == 0
+    assert (pd.read_csv(tmp_path / "d.csv")["normalised_by"] == "window").all()
+
+
+def _population_model(tmp_path, feature_params):
+    """A speaker model whose file has the average training speaker's statistics."""
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(2)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    rng = np.random.default_rng(0)
+    population = [(-40 + 5 * rng.standard_normal(feature_params.n_mels)).tolist(),
+                  (8 + rng.random(feature_params.n_mels)).tolist()]
+    save_checkpoint(tmp_path / "pop.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker", "population": population})
+    return tmp_path / "pop.pt", population
+
+
+def test_by_default_all_files_are_one_group_and_a_small_group_is_heard_as_the_average_speaker(
+        tmp_path, feature_params, two_speakers, capsys):
+    import torch
+
+    from ser.audio import prepare
+    from ser.models import infer, load_checkpoint
+
+    model_path, (mean, std) = _population_model(tmp_path, feature_params)
+    files = sorted(two_speakers[0] + two_speakers[1])
+    # 7 windows in all: fewer than 10, so every file relative to the model's average speaker
+    float32 = ["--precision", "float32"]  # as the hand computation
+    assert _run([tmp_path / "in", "-o", tmp_path / "small.csv", "--model", model_path, *float32]) == 0
+    assert "by the average training speaker" in capsys.readouterr().out
+    small = pd.read_csv(tmp_path / "small.csv")
+    assert (small["normalised_by"] == "population").all() and (small["speaker_group"] == "all").all()
+    model, _ = load_checkpoint(model_path, torch.device("cpu"))
+    for row, path in zip(small.itertuples(), files):
+        x = torch.from_numpy(prepare(Path(path), LogMel(feature_params), SETTINGS)["features"])
+        x = (x - torch.tensor(mean)[:, None]) / torch.tensor(std)[:, None]
+        expected = infer(model, x, 16, torch.device("cpu")).softmax(1).numpy().mean(0)
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected, atol=2e-4)
+    # --speakers none: the same, whatever the group sizes
+    assert _run([tmp_path / "in", "-o", tmp_path / "none.csv", "--model", model_path, "--speakers", "none", *float32]) == 0
+    assert pd.read_csv(tmp_path / "none.csv")[[f"prob_{c}" for c in EMOTIONS]].equals(
+        small[[f"prob_{c}" for c in EMOTIONS]])
+    # groups allowed down to one window: all files' windows are one speaker's statistics
+    assert _run([tmp_path / "in", "-o", tmp_path / "all.csv", "--model", model_path, "--min-group-windows", "1",
+                 *float32]) == 0
+    grouped = pd.read_csv(tmp_path / "all.csv")
+    assert (grouped["normalised_by"] == "all").all()
+    expected = _expected([files], model_path, feature_params)
+    for row in grouped.itertuples():
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
 
 
 def test_a_crash_is_exit_3_with_the_traceback_and_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch, capsys):
@@ -444,7 +500,8 @@ def two_speakers(tmp_path):
 def test_speakers_by_folder_normalise_each_file_by_its_folders_statistics(tmp_path, feature_params, two_speakers, capsys):
     model = _speaker_model(tmp_path, feature_params)
     out = tmp_path / "o.csv"
-    assert _run([tmp_path / "in", "-o", out, "--model", model, "--speakers", "folder", "--jobs", "1"]) == 0
+    assert _run([tmp_path / "in", "-o", out, "--model", model, "--speakers", "folder", "--jobs", "1",
+                 "--min-group-windows", "1"]) == 0
     assert "each folder's files normalised as one speaker" in capsys.readouterr().out
     frame = pd.read_csv(out)
     assert (frame["normalised_by"] == "folder").all()
@@ -452,14 +509,15 @@ def test_speakers_by_folder_normalise_each_file_by_its_folders_statistics(tmp_pa
     expected = _expected(two_speakers, model, feature_params)
     for row in frame.itertuples():
         np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
-    _run([tmp_path / "in", "-o", tmp_path / "w.csv", "--model", model, "--jobs", "1"])
+    _run([tmp_path / "in", "-o", tmp_path / "w.csv", "--model", model, "--jobs", "1", "--speakers", "none"])
     by_window = pd.read_csv(tmp_path / "w.csv")[[f"prob_{c}" for c in EMOTIONS]].to_numpy()
     assert np.abs(by_window - frame[[f"prob_{c}" for c in EMOTIONS]].to_numpy()).max() > 1e-3  # grouping matters
 
 
 def test_speakers_by_file_and_by_manifest(tmp_path, feature_params, two_speakers):
     model = _speaker_model(tmp_path, feature_params)
-    assert _run([tmp_path / "in", "-o", tmp_path / "f.csv", "--model", model, "--speakers", "file", "--jobs", "2"]) == 0
+    assert _run([tmp_path / "in", "-o", tmp_path / "f.csv", "--model", model, "--speakers", "file", "--jobs", "2",
+                 "--min-group-windows", "1"]) == 0
     frame = pd.read_csv(tmp_path / "f.csv")
     expected = _expected([[f] for f in two_speakers[0] + two_speakers[1]], model, feature_params)
     for row in frame.itertuples():
@@ -470,7 +528,8 @@ def test_speakers_by_file_and_by_manifest(tmp_path, feature_params, two_speakers
     a, b = two_speakers
     manifest.write_text("path,speaker\n" + "".join(f"{p.relative_to(manifest.parent)},{s}\n" for p, s in
                                                     [(a[0], "x"), (a[1], "y"), (b[0], "y"), (b[1], "y")]))
-    assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", manifest]) == 0
+    assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", manifest,
+                 "--min-group-windows", "1"]) == 0
     frame = pd.read_csv(tmp_path / "m.csv")
     assert frame["speaker_group"].tolist() == ["x", "y", "y", "y"] and (frame["normalised_by"] == "manifest").all()
     expected = _expected([[a[0]], [a[1], b[0], b[1]]], model, feature_params)
@@ -490,7 +549,7 @@ def test_a_bad_speaker_manifest_stops_before_any_work_naming_the_problem(tmp_pat
     code = _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", tmp_path / "in" / "who.csv"])
     assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
     assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model, "--speakers", "speaker"]) == 2
-    assert "give none, file, folder or a .csv/.parquet manifest" in capsys.readouterr().err
+    assert "give all, none, file, folder or a .csv/.parquet manifest" in capsys.readouterr().err
 
 
 def test_a_clip_normalised_model_ignores_the_grouping_and_says_so(tmp_path, tiny_checkpoint, two_speakers, capsys):
