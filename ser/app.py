@@ -130,7 +130,8 @@ def build_page(analyser: Analyser):
         if "error" in result:
             return f"**{result['error']}**", None, None
         heard = {"calibration": ", relative to your calibrated voice",
-                 "window": ", relative to itself (calibrate to your voice for better labels)"}
+                 "window": ", relative to itself (calibrate to your voice for better labels)",
+                 "population": ", relative to the average training voice (calibrate to your voice for better labels)"}
         label = (f"uncertain (perhaps {result['emotion']}, {result['confidence']:.0%}): this clip is out of the "
                  "model's depth" if result["uncertain"] else f"{result['emotion']} ({result['confidence']:.0%})")
         headline = (f"## {label}\n"

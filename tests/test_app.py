@@ -92,6 +92,26 @@ def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp
     assert [by_self[c] for c in EMOTIONS] == pytest.approx([row[f"prob_{c}"] for c in EMOTIONS], abs=2e-5)
 
 
+def test_an_uncalibrated_clip_is_heard_relative_to_the_average_training_voice(tmp_path, feature_params):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    population = [[-40.0] * feature_params.n_mels, [10.0] * feature_params.n_mels]
+    save_checkpoint(tmp_path / "pop.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker", "population": population})
+    analyser = Analyser(tmp_path / "pop.pt", SETTINGS, max_duration_s=30)
+    clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=260)
+    alone = analyser.analyse(clip)
+    assert alone["normalised_by"] == "population"
+    voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=180)
+    stats, _ = analyser.calibrate(voice)  # a short reference still calibrates (no group minimum)
+    assert analyser.analyse(clip, stats)["normalised_by"] == "calibration"
+
+
 def test_calibration_refuses_what_it_cannot_use(speaker_analyser, analyser, tmp_path):
     stats, message = speaker_analyser.calibrate(None)
     assert stats is None and "No calibration recording yet" in message

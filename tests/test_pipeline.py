@@ -136,9 +136,12 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")  # the labeller: every audio file extracted
     assert len(predictions) == 360 + 24 and (predictions["status"] == "ok").all()
-    # the predict stage groups nobody: a speaker-normalised default hears each window by itself
-    used = {"speaker": "window", "clip": "clip"}[params_of(repo)["train"]["normalisation"]]
-    assert predictions["uncertain"].isin([True, False]).all() and (predictions["normalised_by"] == used).all()
+    # the predict stage (predict.speakers: all) hears every file relative to all of them: one group
+    speaker_model = params_of(repo)["train"]["normalisation"] == "speaker"
+    assert predictions["uncertain"].isin([True, False]).all()
+    assert (predictions["normalised_by"] == ("all" if speaker_model else "clip")).all()
+    # and evaluate says what a speaker model does when it knows less of who is who
+    assert set(ev["by_grouping"]) == ({"corpus", "clip", "population"} if speaker_model else set())
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
