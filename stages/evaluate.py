@@ -24,7 +24,7 @@ from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, reliabi
 from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
 from ser.models import infer, load_checkpoint
 from ser.crosscorpus import balanced_share
-from ser.training import GROUPINGS, apply_statistics, grouped_statistics, load_clips, load_raw
+from ser.training import apply_statistics, grouped_statistics, input_statistics, load_raw
 from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
 
 
@@ -51,17 +51,18 @@ def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | No
             "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
 
 
-def by_grouping(model, meta: dict[str, Any], data: tuple[str, str], batch_size: int, device) -> dict[str, Any]:
+def by_grouping(model, meta: dict[str, Any], raw: tuple, batch_size: int, device) -> dict[str, Any]:
     """A speaker-normalised model's test figures when the labeller knows less than who is who:
     each corpus's test clips as one group (a flat folder), each clip alone, the average training
-    speaker (population): accuracy, UAR and the most predicted class on a balanced set."""
+    speaker (population, when the model file has it): accuracy, UAR and the most predicted class
+    on a balanced set. `raw`: the test clips' (features as written, class indices, clips)."""
     classes, extra = meta["classes"], meta["extra"]
     if extra.get("normalisation") != "speaker":
         return {}
-    x, y, clips = load_raw(*data, classes, split="test")
+    x, y, clips = raw
     population = tuple(map(torch.tensor, extra["population"])) if "population" in extra else None
     result = {}
-    for grouping in GROUPINGS[1:] if population is not None else GROUPINGS[1:3]:
+    for grouping in ("corpus", "clip") + (("population",) if population is not None else ()):
         stats = grouped_statistics(x, clips, grouping, population)
         predicted = infer(model, apply_statistics(x, stats), batch_size, device).argmax(1).numpy()
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
@@ -80,11 +81,11 @@ def main() -> None:
     device = pick_device(p["device"])
     model, meta = load_checkpoint(args.model, device)
     classes = meta["classes"]
-    # a speaker-normalised model hears each test speaker relative to that speaker's own clips
-    x, y, clips = load_clips(args.features, args.metadata, classes, split="test",
-                             normalisation=meta["extra"].get("normalisation", "clip"))
-    if len(x) == 0:
+    raw, y, clips = load_raw(args.features, args.metadata, classes, split="test")
+    if len(raw) == 0:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
+    # a speaker-normalised model hears each test speaker relative to that speaker's own clips
+    x = apply_statistics(raw, input_statistics(raw, clips, meta["extra"].get("normalisation", "clip")))
     logits = infer(model, x, p["batch_size"], device)
     predicted = logits.argmax(1).numpy()
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
@@ -104,7 +105,7 @@ def main() -> None:
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
         **confidence_figures(logits.softmax(dim=1).numpy(), y.numpy(), meta["extra"].get("temperature")),
-        "by_grouping": by_grouping(model, meta, (args.features, args.metadata), p["batch_size"], device),
+        "by_grouping": by_grouping(model, meta, (raw, y, clips), p["batch_size"], device),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:
