@@ -19,8 +19,8 @@ from ser import features as feature_store
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.training import (GROUPINGS, apply_statistics, fit_ensemble, grouped_statistics, input_statistics, load_clips,
-                          load_raw, population_statistics, sampling_weights, train_classes)
+from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, grouped_statistics, input_statistics,
+                          load_clips, load_raw, population_statistics, sampling_weights, train_classes)
 from ser.util import UserError, pick_device
 
 
@@ -72,7 +72,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     """Train on every corpus but `left_out` (all their speakers but the calibration split's,
     which calibrate its probabilities), score on all of `left_out`. A speaker-normalised model
     is scored with its clips grouped by speaker, and as the labeller would hear them with less
-    to go on (ser.training.GROUPINGS): `<grouping>_uar` and `<grouping>_most_predicted_balanced`."""
+    to go on (ser.training.SCORED_GROUPINGS): `<grouping>_uar` and `<grouping>_most_predicted_balanced`."""
     classes = train_classes(recipe["classes"])
     norm, others = recipe.get("normalisation", "clip"), [c for c in corpora if c != left_out]
     x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
@@ -84,7 +84,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     x_cal, y_cal, _ = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
     temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
     minutes = round((time.perf_counter() - start) / 60, 2)
-    groupings = GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
+    groupings = SCORED_GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
     population = population_statistics(stats, train_clips) if norm == "speaker" else None
     row = {"left_out": left_out, "trained_on": " ".join(others), "temperature": round(temperature, 5)}
     for grouping in groupings:
@@ -94,13 +94,14 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
         scores, predicted, scored = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
         if grouping == "speaker":  # the headline figures: each speaker relative to their own clips
             row.update(test_clips=int(scored.sum()), not_scored=int((~scored).sum()), **scores)
-            kept = predicted
+            kept, kept_probs = predicted, probs[scored]
         else:
             row.update({f"{grouping}_uar": scores["uar"],
                         f"{grouping}_most_predicted_balanced": scores["most_predicted_balanced"]})
     row["train_minutes"] = minutes
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
-                                "actual": test_clips["emotion"][scored], "predicted": kept})
+                                "actual": test_clips["emotion"][scored], "predicted": kept,
+                                **{f"prob_{c}": kept_probs[:, i].round(5) for i, c in enumerate(classes)}})
     print(f"left out {left_out}: accuracy {row['accuracy']:.3f}, UAR {row['uar']:.3f}, "
           f"most predicted {row['most_predicted']}", flush=True)
     return row, predictions

@@ -41,7 +41,7 @@ from tqdm import tqdm
 # that the workers never import torch either.
 from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
-from ser.grouping import MIN_GROUP_WINDOWS, SpeakerStatistics, speaker_keys
+from ser.grouping import MAX_GROUP_FILES, MIN_GROUP_WINDOWS, SpeakerStatistics, speaker_keys, statistics_sample
 from ser.modelfile import read_model_info
 from ser.util import UserError, atomic_path, pick_device
 
@@ -58,7 +58,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The command line's defaults (the DVC stage passes params.yaml's `predict` section instead).
 DEFAULTS = Settings(batch_size=64, n_jobs=-1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=4096, precision="auto", max_duration_s=14400.0, min_sample_rate=4000,
-                    uncertain_below=UNCERTAIN_BELOW, min_group_windows=MIN_GROUP_WINDOWS)
+                    uncertain_below=UNCERTAIN_BELOW, min_group_windows=MIN_GROUP_WINDOWS,
+                    max_group_files=MAX_GROUP_FILES)
 DEFAULT_MODEL = "data/model/model.pt"
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
@@ -276,7 +277,9 @@ NORMALISED_BY = {
     "manifest": "files normalised by the speakers of the manifest (--speakers)",
     "calibration": "normalised by the statistics of the speaker's calibration recording",
 }
-Statistics = dict[str, tuple[np.ndarray, np.ndarray]]  # speaker group -> (mean, std) per mel band
+# speaker group -> (mean, std) per mel band; the key None (no group's name can be None):
+# the average training speaker, for files in no group or in one too small for statistics
+Statistics = dict[str | None, tuple[np.ndarray, np.ndarray]]
 
 
 def floor_db(fp: FeatureParams) -> float:
@@ -287,7 +290,7 @@ def floor_db(fp: FeatureParams) -> float:
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
                       fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS) -> Statistics:
     """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
-    e.g. a FeatureStream: the first of two passes)."""
+    e.g. a FeatureStream: the first of two passes; `keys`: each path's group)."""
     key_of = {str(p): k for p, k in zip(paths, keys)}
     running = SpeakerStatistics(fp.n_mels, floor_db(fp))
     with tqdm(total=len(paths), desc="speaker statistics", unit="file") as progress:
@@ -316,13 +319,24 @@ def population_of(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return None if population is None else tuple(np.asarray(v, dtype=np.float32) for v in population)
 
 
+def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str, groups: list[str] | None,
+                     s: Settings) -> list[Path]:
+    """The files the labeller reads first: a speaker model's grouped run reads a sample of
+    each group's files for the statistics (grouping.statistics_sample), then every file."""
+    if normalisation == "speaker" and groups is not None:
+        return statistics_sample(paths, groups, s.max_group_files)
+    return paths
+
+
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
                   speakers: str, calibration: tuple[np.ndarray, np.ndarray] | None,
                   groups: list[str] | None = None) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
     the stream the model's pass reads): a grouping's statistics come from a first pass over
-    `stream`, and a second stream then starts for the model. `groups`: each path's speaker
-    group already read from `speakers` (a cluster worker gets them, not the manifest)."""
+    a sample of each group's files, and a stream over every file then serves the model.
+    `stream`: started by the caller over first_pass_paths() (or over `paths`: it then
+    serves the model's pass). `groups`: each path's speaker group already read from
+    `speakers` (a cluster worker gets them, not the manifest)."""
     fp = meta["feature_params"]
     used, statistics = normalised_by(meta, speakers), {}
     if calibration is not None and used != "clip":
@@ -332,13 +346,16 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
         keys = None if used in ("clip", "window", "population") else (
             groups if groups is not None else speaker_keys(paths, speakers))
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
-    results = stream if stream is not None else FeatureStream(paths, LogMel(fp), s)
+    results = stream
     if keys is not None and used != "calibration":
-        statistics = gather_statistics(paths, keys, results, fp, s.min_group_windows)
-        results = FeatureStream(paths, LogMel(fp), s)  # the second pass
+        sample = statistics_sample(paths, keys, s.max_group_files)
+        first = stream if stream is not None and stream.paths == sample else FeatureStream(sample, LogMel(fp), s)
+        statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, fp, s.min_group_windows)
+        results = None if first is stream else stream  # a stream over every file serves the second pass
+    results = results if results is not None else FeatureStream(paths, LogMel(fp), s)
     population = population_of(meta)
     if population is not None and used not in ("clip", "calibration"):
-        statistics["population"] = population  # groups too small for their own: the average speaker
+        statistics[None] = population  # no group, or one too small for its own: the average speaker
     return used, key_of, statistics, results
 
 
@@ -364,9 +381,9 @@ def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.nd
 def heard_as(used: str, key: str | None, statistics: Statistics) -> str:
     """What one file was normalised by: the run's `used`, or for a group too small for
     statistics of its own the average training speaker (population; window for an old model)."""
-    if used in ("clip", "window", "calibration") or key in statistics:
+    if used in ("clip", "window", "calibration") or (key is not None and key in statistics):
         return used
-    return "population" if "population" in statistics else "window"
+    return "population" if None in statistics else "window"
 
 
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
@@ -395,7 +412,7 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
-        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"]), statistics.get("population"))
+        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"]), statistics.get(None))
                                                         for _, r in pending])
         probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
         offset = 0
@@ -530,7 +547,8 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
-    stream = FeatureStream(paths, LogMel(info["feature_params"]), settings) if info else None
+    stream = FeatureStream(first_pass_paths(paths, info["normalisation"], speakers, groups, settings),
+                           LogMel(info["feature_params"]), settings) if info else None
     try:
         from ser.models import ModelFileError, load_checkpoint
 
@@ -618,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-group-windows", type=int, default=d.min_group_windows,
                         help="a speaker group with fewer windows is heard relative to the average training speaker "
                         "(default %(default)s)")
+    parser.add_argument("--max-group-files", type=int, default=d.max_group_files,
+                        help="a group's statistics come from a seeded sample of at most this many of its files "
+                        "(default %(default)s)")
     parser.add_argument("--cluster", metavar="tcp://HOST:PORT", help="label on this Dask scheduler's workers "
                         "(they read the audio at the same paths; the model is sent to them)")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
@@ -626,9 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
-                                   uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows)
-    if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s) <= 0:
-        parser.error("--segment-s, --hop-s, --batch-size and --max-duration-s must be positive")
+                                   uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows,
+                                   max_group_files=args.max_group_files)
+    if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s,
+           settings.max_group_files) <= 0:
+        parser.error("--segment-s, --hop-s, --batch-size, --max-duration-s and --max-group-files must be positive")
     return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers,
                       args.cluster)
 

@@ -36,17 +36,17 @@ def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
     return speaker_statistics(x, clips["speaker"].to_numpy()) if normalisation == "speaker" and len(x) else None
 
 
-# How a speaker-normalised model's clips can be grouped at labelling time: by speaker (the
-# labeller's --speakers folder or manifest), the whole corpus as one group (a flat folder of one
-# source under --speakers folder), each clip alone (--speakers none), or none of them: the
-# training speakers' average statistics (population).
-GROUPINGS = ("speaker", "corpus", "clip", "population")
+# How a speaker-normalised model's clips can be grouped at labelling time, as evaluation scores
+# them: by speaker (the labeller's --speakers folder or manifest), the whole corpus as one group
+# (a flat folder of one source: --speakers all), each clip alone (an old model file without the
+# training speakers' statistics), or the training speakers' average (population: --speakers none).
+SCORED_GROUPINGS = ("speaker", "corpus", "clip", "population")
 
 
 def grouped_statistics(x: torch.Tensor, clips: pd.DataFrame, grouping: str,
                        population: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per clip (mean, std) per mel bin of the clips' `grouping` (GROUPINGS); population: the
+    """Per clip (mean, std) per mel bin of the clips' `grouping` (SCORED_GROUPINGS); population: the
     given (mean, std) per bin for every clip (population_statistics of the training clips)."""
     if grouping == "population":
         if population is None:
@@ -55,7 +55,7 @@ def grouped_statistics(x: torch.Tensor, clips: pd.DataFrame, grouping: str,
     keys = {"speaker": clips["speaker"].to_numpy(), "corpus": clips["corpus"].to_numpy(),
             "clip": np.arange(len(clips))}.get(grouping)
     if keys is None:
-        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}")
+        raise ValueError(f"grouping must be one of {', '.join(SCORED_GROUPINGS)}, not {grouping!r}")
     return speaker_statistics(x, keys)
 
 

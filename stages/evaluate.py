@@ -87,10 +87,11 @@ def main() -> None:
     # a speaker-normalised model hears each test speaker relative to that speaker's own clips
     x = apply_statistics(raw, input_statistics(raw, clips, meta["extra"].get("normalisation", "clip")))
     logits = infer(model, x, p["batch_size"], device)
-    predicted = logits.argmax(1).numpy()
+    probs, predicted = logits.softmax(dim=1).numpy(), logits.argmax(1).numpy()
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
     frame = clips[["path", "corpus", "speaker", "sex", "intensity"]].assign(
-        actual=[classes[i] for i in y.numpy()], predicted=[classes[i] for i in predicted])
+        actual=[classes[i] for i in y.numpy()], predicted=[classes[i] for i in predicted],
+        **{f"prob_{c}": probs[:, i].round(5) for i, c in enumerate(classes)})
     scores = scores_from_confusion(cm, classes)
     metrics = {
         "test_accuracy": scores["accuracy"],
@@ -104,14 +105,14 @@ def main() -> None:
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
-        **confidence_figures(logits.softmax(dim=1).numpy(), y.numpy(), meta["extra"].get("temperature")),
+        **confidence_figures(probs, y.numpy(), meta["extra"].get("temperature")),
         "by_grouping": by_grouping(model, meta, (raw, y, clips), p["batch_size"], device),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:
-        pd.DataFrame(reliability(logits.softmax(dim=1).numpy(), y.numpy())).to_csv(tmp, index=False)
-    with atomic_path(args.predictions) as tmp:
-        frame[["path", "corpus", "actual", "predicted"]].to_csv(tmp, index=False)
+        pd.DataFrame(reliability(probs, y.numpy())).to_csv(tmp, index=False)
+    with atomic_path(args.predictions) as tmp:  # calibrated probabilities too: e.g. to score a fusion
+        frame[["path", "corpus", "actual", "predicted"] + [f"prob_{c}" for c in classes]].to_csv(tmp, index=False)
     title = (f"Test speakers of {', '.join(metrics['per_corpus'])}: accuracy {scores['accuracy']:.1%}, "
              f"UAR {scores['uar']:.1%}")
     plot_confusion(cm, classes, title, args.confusion)

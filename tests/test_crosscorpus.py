@@ -28,6 +28,10 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
     assert sorted(predictions["path"]) == sorted(clips["path"])
     per_corpus = (predictions["actual"] == predictions["predicted"]).groupby(predictions["corpus"]).mean()
     assert per_corpus.round(5).tolist() == table["accuracy"].tolist()
+    probs = predictions.filter(like="prob_")  # calibrated, every class the model has: e.g. to score a fusion
+    assert list(probs.columns) == [f"prob_{c}" for c in table["classes"][0].split()]  # the model's classes
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    assert (probs.idxmax(axis=1).str[5:] == predictions["predicted"]).all()  # both corpora have every class
     # scored as the labeller hears them with less to go on: a flat folder, each clip alone, no one
     for grouping in ("corpus", "clip", "population"):
         assert table[f"{grouping}_uar"].between(0, 1).all()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ser.grouping import SpeakerStatistics, speaker_keys
+from ser.grouping import SpeakerStatistics, speaker_keys, statistics_sample
 from ser.models import speaker_statistics
 from ser.util import UserError
 
@@ -45,3 +45,15 @@ def test_speaker_keys(tmp_path):
     (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00garbage\x00")
     with pytest.raises(UserError, match="bad.csv"):
         speaker_keys(paths, str(tmp_path / "bad.csv"))
+
+
+def test_a_groups_statistics_come_from_a_seeded_sample_of_at_most_max_files():
+    paths = [f"{i:03d}.wav" for i in range(200)]
+    keys = ["big"] * 150 + ["small"] * 40 + ["one"] * 10
+    keys = [keys[(7 * i) % 200] for i in range(200)]  # groups interleaved
+    sample = statistics_sample(paths, keys, max_files=30)
+    chosen = [keys[paths.index(p)] for p in sample]
+    assert chosen.count("big") == 30 and chosen.count("small") == 30 and chosen.count("one") == 10
+    assert sample == sorted(sample)  # in the order of the paths
+    assert sample == statistics_sample(paths, keys, max_files=30)  # the same files every run
+    assert statistics_sample(paths, keys, max_files=150) == paths

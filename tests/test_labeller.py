@@ -9,6 +9,7 @@ import pytest
 from bench.hostile import as_in_a_terminal, descendants, gone
 from conftest import write_tone
 from ser.corpora import EMOTIONS
+from ser.grouping import statistics_sample
 from ser.audio import LogMel, window_bounds
 from ser.labeller import FILES_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare, write_table
 
@@ -535,6 +536,35 @@ def test_speakers_by_file_and_by_manifest(tmp_path, feature_params, two_speakers
     expected = _expected([[a[0]], [a[1], b[0], b[1]]], model, feature_params)
     for row in frame.itertuples():
         np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
+
+
+def test_a_speaker_named_population_is_its_own_group_and_a_big_group_is_sampled(tmp_path, feature_params,
+                                                                                  two_speakers):
+    model_path, _ = _population_model(tmp_path, feature_params)
+    a, b = two_speakers
+    manifest = tmp_path / "in" / "who.csv"  # a name the average training speaker once had in the labeller
+    manifest.write_text("path,speaker\n" + "".join(f"{p.relative_to(manifest.parent)},population\n" for p in a + b))
+    float32 = ["--precision", "float32", "--min-group-windows", "1"]
+    assert _run([tmp_path / "in", "-o", tmp_path / "m.csv", "--model", model_path, "--speakers", manifest,
+                 *float32]) == 0
+    frame = pd.read_csv(tmp_path / "m.csv")
+    assert (frame["normalised_by"] == "manifest").all() and (frame["speaker_group"] == "population").all()
+    expected = _expected([a + b], model_path, feature_params)
+    for row in frame.itertuples():
+        np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in EMOTIONS], expected[row.path], atol=2e-4)
+    # at most 2 files of the group give its statistics: the seeded sample's, for every file
+    assert _run([tmp_path / "in", "-o", tmp_path / "s.csv", "--model", model_path, "--speakers", manifest,
+                 "--max-group-files", "2", *float32]) == 0
+    sample = statistics_sample(sorted(a + b), ["population"] * 4, 2)
+    assert len(sample) == 2
+    expected = _expected([sample], model_path, feature_params)  # each sampled file's own probabilities
+    sampled = pd.read_csv(tmp_path / "s.csv").set_index("path")
+    for path in sample:
+        np.testing.assert_allclose([sampled.loc[str(path), f"prob_{c}"] for c in EMOTIONS], expected[str(path)],
+                                   atol=2e-4)
+    assert not np.allclose(sampled[[f"prob_{c}" for c in EMOTIONS]].to_numpy(),
+                           frame.set_index("path").loc[sampled.index, [f"prob_{c}" for c in EMOTIONS]].to_numpy(),
+                           atol=1e-3)  # other statistics than all four files': the sample was used
 
 
 @pytest.mark.parametrize("manifest_text,message", [

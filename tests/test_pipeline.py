@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -132,6 +133,10 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     reliability = pd.read_csv(repo / "reports/reliability.csv")
     assert reliability["clips"].sum() == 129 and reliability["accuracy"].between(0, 1).all()
     assert (repo / "reports/confusion_matrix.png").stat().st_size > 10_000
+    tested = pd.read_csv(repo / "reports/test_predictions.csv")  # each test clip, its calibrated probabilities
+    probs = tested.filter(like="prob_")
+    assert len(tested) == 129 and probs.shape[1] == 8 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    assert (probs.idxmax(axis=1).str[5:] == tested["predicted"]).all()
     history = pd.read_csv(repo / "reports/train_history.csv")
     assert history.groupby("member")["epoch"].apply(list).tolist() == [[1, 2]] * members
     predictions = pd.read_csv(repo / "data/predictions.csv")  # the labeller: every audio file extracted
