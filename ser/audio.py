@@ -313,7 +313,7 @@ class Settings:
     min_sample_rate: int = 4000  # files below this rate are refused (a 1 Hz header makes thousands of windows)
     uncertain_below: float = 0.5  # a file label less confident than this is flagged uncertain (ser.calibration)
     min_group_windows: int = 10  # a speaker group with fewer windows is heard as the average speaker (ser.grouping)
-    max_group_files: int = 50  # a group's statistics come from at most this many of its files (ser.grouping)
+    max_group_files: int = 200  # a group's statistics come from at most this many of its files (ser.grouping)
 
 
 # What a header may claim before it is believed. Sample rates above 768 kHz or more than 64

@@ -14,6 +14,7 @@ and each shard's rows are taken once, from its one result, so none is lost or do
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -133,19 +134,32 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
     return file_table(classes, rows), segment_table(classes, segments)
 
 
-def compute_on_cluster(client: "Client", paths: list[str], fp: FeatureParams,
-                       clips_per_task: int) -> Iterator[np.ndarray]:
+def compute_on_cluster(client: "Client", paths: list[str], fp: FeatureParams, clips_per_task: int,
+                       tasks_ahead: int | None = None) -> Iterator[np.ndarray]:
     """Features of `paths`, in order, computed by the cluster's workers (LogMel.from_file,
-    the local run's code, so the same bytes)."""
+    the local run's code, so the same bytes). At most `tasks_ahead` tasks (default: two per
+    worker thread) are submitted and not yet read, so the workers never hold more than those
+    tasks' features, however many clips there are."""
     extractor = LogMel(fp)
-    chunks = [paths[i : i + clips_per_task] for i in range(0, len(paths), clips_per_task)]
-    futures = [client.submit(_features_of, extractor, chunk, pure=False) for chunk in chunks]
+    chunks = iter([paths[i : i + clips_per_task] for i in range(0, len(paths), clips_per_task)])
+    ahead = tasks_ahead or max(2, 2 * sum(client.nthreads().values()))
+    pending: deque = deque()
+
+    def submit_next() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append(client.submit(_features_of, extractor, chunk, pure=False))
+
+    for _ in range(ahead):
+        submit_next()
     try:
-        for future in futures:  # in order; later chunks are computed meanwhile
+        while pending:  # in order; the next tasks are computed meanwhile
+            future = pending.popleft()
+            submit_next()
             yield from future.result()
             future.release()
     finally:
-        client.cancel(futures)
+        client.cancel(list(pending))
 
 
 def _features_of(extractor: LogMel, paths: list[str]) -> list[np.ndarray]:

@@ -30,9 +30,11 @@ GROUPINGS = ("all", "none", "file", "folder")
 # Measured on the calibration speakers (never trained on): random groups of one speaker's clips,
 # normalised by themselves or by the average training speaker, cross over at about 10 clips.
 MIN_GROUP_WINDOWS = 10
-# The first pass reads at most this many files of a group (a seeded sample): on the calibration
-# speakers 30 clips already gave the accuracy of all of them, and a big folder is not read twice.
-MAX_GROUP_FILES = 50
+# The first pass reads at most this many files of a group (a seeded sample), so a big folder is
+# not read twice. Measured (no labels needed): a flat folder of the 2,622 training clips, labelled
+# with statistics from k random clips, agrees with all clips' statistics on 97.0% of the files at
+# k = 50, 97.7% at 100 and 98.5% at 200 (mean of 4 draws).
+MAX_GROUP_FILES = 200
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 

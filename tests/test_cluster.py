@@ -165,6 +165,15 @@ def test_features_on_the_cluster_are_the_local_bytes(cluster, recordings, featur
     assert len(remote) == len(local) == len(paths)
     for a, b in zip(remote, local):
         assert a.tobytes() == b.tobytes()
+    # a sliding window of tasks: never more than tasks_ahead submitted and unread
+    with distributed.Client(cluster) as client:
+        submitted, submit = [], client.submit
+        client.submit = lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1]
+        stream = compute_on_cluster(client, paths, feature_params, clips_per_task=1, tasks_ahead=2)
+        read = [next(stream)]
+        assert len(submitted) == 3  # two ahead, then one more as the first was taken
+        read += list(stream)
+        assert len(submitted) == len(paths) and [a.tobytes() for a in read] == [b.tobytes() for b in local]
     assert LogMel(feature_params).from_file(paths[0]).tobytes() == remote[0].tobytes()
 
 
