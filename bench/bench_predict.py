@@ -4,7 +4,8 @@ naive: per file, load the model, compute the features, run the model on that one
        (what single-file predict scripts do);
 ours:  `ser label` on the whole folder, process start included (default params,
        then --precision float32: their labels are compared, and scored on the test actors;
-       then --speakers none, one pass instead of the default grouping's two: what grouping costs).
+       then --speakers none, one pass instead of the default grouping's two (a first over a sample
+       of each group's files, grouping.MAX_GROUP_FILES, then every file): what grouping costs).
 Needs a trained model (make repro) at data/model/model.pt."""
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def main() -> None:
               "naive_files_per_s": round(naive_rate, 1),
               "speedup": round(len(paths) / median / naive_rate, 1),
               "float32_files_per_s": round(len(paths) / float32_seconds, 1),
-              # the default groups all files (statistics in a first pass over them, for a speaker model)
+              # the default groups all files (statistics in a first pass over a sample, for a speaker model)
               "ungrouped_files_per_s": round(len(paths) / ungrouped[len(ungrouped) // 2], 1),
               "labels_same_as_float32": round(float((auto["emotion"] == full["emotion"]).mean()), 4),
               "test_actor_accuracy_default": round(test_actor_accuracy(auto, test_actors), 4),
