@@ -1,7 +1,7 @@
 """Benchmark batch labelling against the naive loop, in one run, on the mirror clips.
 
-naive: per file, load the model, compute the features, run the model on that one clip
-       (what single-file predict scripts do);
+naive: per file, load the model, compute the features (log-Mel and functionals), run the model
+       (and the linear model fused with it) on that one clip (what single-file predict scripts do);
 ours:  `ser label` on the whole folder, process start included (default params,
        then --precision float32: their labels are compared, and scored on the test actors;
        then --speakers none, one pass instead of the default grouping's two (a first over a sample
@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 from ser.audio import LogMel, find_audio_files
 from ser.corpora import parse_name
+from ser.fusion import LinearHead, fused_log_probs, standardise
 from ser.models import load_checkpoint
 
 MIRROR = ROOT.parent / "shared/data/ravdess/Audio_Speech_Actors_01-20_16k.zip"
@@ -37,9 +38,11 @@ def naive(paths: list[Path], model_path: Path) -> float:
     start = time.perf_counter()
     for path in paths:
         model, meta = load_checkpoint(model_path)
-        x = torch.from_numpy(LogMel(meta["feature_params"]).from_file(path))[None]
+        logmel, functionals = LogMel(meta["feature_params"]).clip_features(path)  # the labeller's work per clip
+        head = LinearHead.from_record(meta["extra"].get("fusion"))
+        z = None if head is None else standardise(functionals[None], *head.population)
         with torch.no_grad():
-            torch.softmax(model(x), dim=1)
+            fused_log_probs(model(torch.from_numpy(logmel)[None]), z, head).exp()
     return len(paths) / (time.perf_counter() - start)
 
 

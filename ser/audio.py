@@ -12,6 +12,8 @@ import numpy as np
 import scipy.fft
 import soundfile as sf
 
+from ser import prosody
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
@@ -71,6 +73,11 @@ class FeatureParams:
     @property
     def n_samples(self) -> int:
         return int(round(self.duration_s * self.sample_rate))
+
+    @property
+    def floor_db(self) -> float:
+        """The lowest value the log-Mel takes (padding and silence sit there)."""
+        return -self.top_db if self.top_db is not None else 10 * math.log10(self.amin)
 
     @property
     def n_frames(self) -> int:
@@ -285,18 +292,32 @@ class LogMel:
 
     def __call__(self, y: np.ndarray) -> np.ndarray:
         """Mono signal at fp.sample_rate -> (n_mels, n_frames) float32 log-Mel in dB."""
+        return self.describe(y, with_functionals=False)[0]
+
+    def describe(self, y: np.ndarray, with_functionals: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(log-Mel, functionals) of a mono signal at fp.sample_rate: the CNN's input and the
+        linear model's (ser.prosody, of the same trimmed and cropped signal)."""
         if self.fp.trim_db is not None:
             y = self.trim(y)
-        y = fix_length(np.asarray(y, dtype=np.float32), self.fp.n_samples)
-        mel = (self.power(y) @ self.filterbank.T).T  # frames-major product: 2x faster
+        y = np.asarray(y, dtype=np.float32)
+        fixed = fix_length(y, self.fp.n_samples)
+        mel = (self.power(fixed) @ self.filterbank.T).T  # frames-major product: 2x faster
         db = 10 * np.log10(np.maximum(mel, self.fp.amin))
         if self.fp.top_db is not None:  # librosa's power_to_db(ref=np.max, top_db=top_db)
             db = np.maximum(db - db.max(), -self.fp.top_db)
-        return np.ascontiguousarray(db, dtype=np.float32)
+        db = np.ascontiguousarray(db, dtype=np.float32)
+        if not with_functionals:
+            return db, None
+        spoken = fixed if len(y) > self.fp.n_samples else y  # the cropped signal without its padding
+        return db, prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db)
 
     def from_file(self, path: str | Path) -> np.ndarray:
-        """Load one file and compute its log-Mel: what features and predict both call."""
+        """Load one file and compute its log-Mel."""
         return self(load_audio(path, self.fp.sample_rate))
+
+    def clip_features(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """Load one file: (log-Mel, functionals), what the features stage stores."""
+        return self.describe(load_audio(path, self.fp.sample_rate))
 
 
 @dataclass(frozen=True)
@@ -350,7 +371,8 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
     `next_window` says where a file cut short by max_windows goes on (else None), `first`
     whether this is the file's first piece. A file with no non-silent window at all is
     reported by the caller, which sees all its pieces. Runs in a worker and never raises."""
-    result: dict[str, Any] = {"path": str(path), "features": None, "starts": [], "ends": [], "duration": None,
+    result: dict[str, Any] = {"path": str(path), "features": None, "functionals": None, "starts": [], "ends": [],
+                              "duration": None,
                               "error": "", "first": first_window == 0, "next_window": None, "windows_read": 0}
     try:
         if path.is_symlink() and not path.exists():
@@ -371,24 +393,26 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
                     if problem:
                         result["error"] = f"{path}: {problem}"
                         return result
-                features = []
+                features, functionals = [], []
                 windows = audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s, first_window, max_windows)
                 for start, end, y in windows:
                     result["windows_read"] += 1
                     if np.abs(y).max() >= s.silence_peak:
-                        features.append(extractor(y))
+                        logmel, described = extractor.describe(y)
+                        features.append(logmel)
+                        functionals.append(described)
                         result["starts"].append(start)
                         result["ends"].append(end)
                 if first_window + result["windows_read"] < count_windows(duration, s.segment_s, s.hop_s):
                     result["next_window"] = first_window + result["windows_read"]
             if features:
-                result["features"] = np.stack(features)
+                result["features"], result["functionals"] = np.stack(features), np.stack(functionals)
     except AudioError as e:
         result["error"] = str(e)
     except Exception as e:  # one bad file must not stop a batch of thousands
         result["error"] = f"{path}: {type(e).__name__}: {e}"
     if result["error"]:
-        result.update(features=None, starts=[], ends=[], next_window=None)
+        result.update(features=None, functionals=None, starts=[], ends=[], next_window=None)
     return result
 
 

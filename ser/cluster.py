@@ -135,8 +135,8 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
 
 
 def compute_on_cluster(client: "Client", paths: list[str], fp: FeatureParams, clips_per_task: int,
-                       tasks_ahead: int | None = None) -> Iterator[np.ndarray]:
-    """Features of `paths`, in order, computed by the cluster's workers (LogMel.from_file,
+                       tasks_ahead: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(log-Mel, functionals) of `paths`, in order, computed by the cluster's workers (LogMel.clip_features,
     the local run's code, so the same bytes). At most `tasks_ahead` tasks (default: two per
     worker thread) are submitted and not yet read, so the workers never hold more than those
     tasks' features, however many clips there are."""
@@ -162,5 +162,5 @@ def compute_on_cluster(client: "Client", paths: list[str], fp: FeatureParams, cl
         client.cancel(list(pending))
 
 
-def _features_of(extractor: LogMel, paths: list[str]) -> list[np.ndarray]:
-    return [extractor.from_file(p) for p in paths]
+def _features_of(extractor: LogMel, paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [extractor.clip_features(p) for p in paths]

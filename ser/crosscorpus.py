@@ -19,8 +19,9 @@ from ser import features as feature_store
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, grouped_statistics, input_statistics,
-                          load_clips, load_raw, population_statistics, sampling_weights, train_classes)
+from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
+                          grouped_statistics, input_statistics, load_clips, load_raw, population_statistics,
+                          sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
 
@@ -37,7 +38,7 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
     return scores_from_confusion(cm, names), cm, names, scored
 
 
-NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "train_minutes")  # in the table only
+NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "fusion_temperature", "train_minutes")  # in the table only
 
 
 def balanced_share(cm: np.ndarray) -> np.ndarray:
@@ -78,19 +79,23 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
     x_test, y_test, test_clips = load_raw(*data, classes, corpora=[left_out])
     start, stats = time.perf_counter(), input_statistics(x, train_clips, norm)
+    weights = sampling_weights(train_clips, recipe.get("balance", "none"))
     model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
-                            label=f"without {left_out} ", stats=stats,
-                            weights=sampling_weights(train_clips, recipe.get("balance", "none")))
-    x_cal, y_cal, _ = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
+                            label=f"without {left_out} ", stats=stats, weights=weights)
+    x_cal, y_cal, cal_clips = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
     temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
+    head = fit_head(recipe, data[0], train_clips, y, len(classes), weights, (y_cal, cal_clips))
+    functionals = feature_store.load_functionals(data[0], test_clips["path"]) if head is not None else None
     minutes = round((time.perf_counter() - start) / 60, 2)
     groupings = SCORED_GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
     population = population_statistics(stats, train_clips) if norm == "speaker" else None
-    row = {"left_out": left_out, "trained_on": " ".join(others), "temperature": round(temperature, 5)}
+    row = {"left_out": left_out, "trained_on": " ".join(others), "temperature": round(temperature, 5),
+           "fusion_temperature": None if head is None else head.temperature}
     for grouping in groupings:
         inputs = x_test if norm == "clip" else apply_statistics(
             x_test, grouped_statistics(x_test, test_clips, grouping, population))
-        probs = (infer(model, inputs, recipe["batch_size"], device) / temperature).softmax(dim=1).numpy()
+        z = grouped_functionals(functionals, test_clips, grouping, head)
+        probs = scored_probs(model, head, inputs, z, recipe["batch_size"], device, temperature).exp().numpy()
         scores, predicted, scored = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
         if grouping == "speaker":  # the headline figures: each speaker relative to their own clips
             row.update(test_clips=int(scored.sum()), not_scored=int((~scored).sum()), **scores)

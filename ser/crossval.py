@@ -23,8 +23,11 @@ from joblib import Parallel, delayed
 from ser import features as feature_store
 from ser.audio import FeatureParams
 from ser.metrics import confusion_matrix, scores_from_confusion
-from ser.models import infer, load_checkpoint
-from ser.training import fit_ensemble, input_statistics, load_clips, load_raw, train_classes
+from ser.features import load_functionals
+from ser.fusion import LinearHead
+from ser.models import load_checkpoint
+from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
+                          scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
 
@@ -57,9 +60,9 @@ def train_stage_model(model_path: str, recipe: dict[str, Any], features_dir: str
 
 def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[list[int]], k: int,
              classes: list[str], fp: FeatureParams, device: torch.device,
-             trained: torch.nn.Module | None = None, threads: int | None = None
+             trained: tuple[torch.nn.Module, LinearHead | None] | None = None, threads: int | None = None
              ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on fold k's training actors (`trained`: the train stage's model, scored instead)
+    """Train on fold k's training actors (`trained`: the train stage's model and linear model, scored instead)
     and score on fold k's actors; return the fold's table row and its test clips'
     predictions (path, fold, actual, predicted, one probability column per class).
     `data`: (features dir, metadata file); `threads`: torch threads for this fold."""
@@ -73,11 +76,15 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[list[int
         x, y, clips = load_raw(*data, classes, actors=train_actors)
         model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"fold {k + 1}/{len(folds)} ",
                                 stats=input_statistics(x, clips, norm))
+        # the linear model fused as the train stage does; no held-out speakers here, so uncalibrated
+        head = fit_head(recipe, data[0], clips, y, len(classes), None, None)
     else:
-        model = trained
+        model, head = trained
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
     minutes = (time.perf_counter() - start) / 60 if trained is None else 0.0
-    probs = infer(model, x_test, recipe["batch_size"], device).softmax(dim=1).numpy()
+    z = None if head is None else grouped_functionals(
+        load_functionals(data[0], test_clips["path"]), test_clips, "speaker", head)
+    probs = scored_probs(model, head, x_test, z, recipe["batch_size"], device).exp().numpy()
     predicted = probs.argmax(1)
     scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)
     print(f"cv fold {k + 1}: test actors {test_actors}: accuracy {scores['accuracy']:.3f}, "
@@ -125,7 +132,8 @@ def cross_validate(data: tuple[str, str], recipe: dict[str, Any], fold_size: int
     reused = [k for k in range(len(folds)) if trained is not None and trained[1].get("train_speakers") == sorted(
         clips.loc[clips["actor"].isin(fold_actors(folds, k)[0]), "speaker"].unique())]
     to_train = [k for k in range(len(folds)) if k not in reused]
-    results = {k: run_fold(data, recipe, folds, k, classes, fp, device, trained[0]) for k in reused}
+    results = {k: run_fold(data, recipe, folds, k, classes, fp, device,
+                           (trained[0], LinearHead.from_record(trained[1].get("fusion")))) for k in reused}
     workers = fold_workers(n_jobs, device, len(to_train))
     if workers == 1:
         results.update({k: run_fold(data, recipe, folds, k, classes, fp, device) for k in to_train})

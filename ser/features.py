@@ -1,9 +1,9 @@
-"""The feature store: the log-Mel of every clip, computed in parallel with joblib.
+"""The feature store: the log-Mel and the functionals of every clip, computed in parallel with joblib.
 
 A feature directory holds one memory-mappable array `logmel.npy` (clips x n_mels x frames,
-float32) whose rows follow the metadata's row order, an index of the paths, and the feature
-params used, so training can store them in the model and labelling can recompute the same
-features."""
+float32) and one `functionals.npy` (clips x ser.prosody.n_functionals, float32) whose rows
+follow the metadata's row order, an index of the paths, and the feature params used, so
+training can store them in the model and labelling can recompute the same features."""
 from __future__ import annotations
 
 import time
@@ -16,17 +16,19 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from ser.audio import AudioError, FeatureParams, LogMel
+from ser.prosody import n_functionals
 from ser.util import UserError, atomic_path, write_json
 
 ARRAY_NAME, INDEX_NAME, PARAMS_NAME = "logmel.npy", "index.parquet", "feature_params.json"
+FUNCTIONALS_NAME = "functionals.npy"
 # Clips per task sent to a worker: a task of ~0.2 s amortises the inter-process overhead
 # that dominated with joblib's automatic batching of a generator.
 CLIPS_PER_TASK = 32
 
 
 def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features",
-                     cluster: str | None = None) -> Iterator[np.ndarray]:
-    """Features for `paths`, in order, computed by n_jobs worker processes, or by the
+                     cluster: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes, or by the
     workers of the Dask scheduler at `cluster` (ser.cluster: the same code, the same bytes)."""
     if cluster:
         from ser.cluster import compute_on_cluster, connect
@@ -36,21 +38,22 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str
                             desc=f"{desc} (cluster)", unit="clip")
         return
     extractor = LogMel(fp)
-    jobs: Iterable = (delayed(extractor.from_file)(path) for path in paths)
+    jobs: Iterable = (delayed(extractor.clip_features)(path) for path in paths)
     results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
     yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
 
 
 def cache_key(fp: FeatureParams) -> str:
     """Names the per-clip cache of these feature params and of the code that computes them
-    (ser/audio.py): a change to either starts a new cache, never reuses stale features."""
+    (ser/audio.py, ser/prosody.py): a change to either starts a new cache, never reuses stale features."""
     import hashlib
     import json
 
-    from ser import audio
+    from ser import audio, prosody
 
     digest = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
-    digest.update(Path(audio.__file__).read_bytes())
+    for module in (audio, prosody):
+        digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -73,28 +76,31 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
     start = time.perf_counter()
     store = None if cache_dir is None else Path(cache_dir) / cache_key(fp)
     digests = [_file_md5(p) for p in paths] if store is not None else [None] * len(paths)
-    missing = [i for i, d in enumerate(digests) if d is None or not (store / f"{d}.npy").is_file()]
+    missing = [i for i, d in enumerate(digests) if d is None or not (store / f"{d}.npz").is_file()]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         array = np.lib.format.open_memmap(
             tmp / ARRAY_NAME, mode="w+", dtype=np.float32,
             shape=(len(paths), fp.n_mels, fp.n_frames),
         )
+        functionals = np.zeros((len(paths), n_functionals(fp.n_mels)), dtype=np.float32)
         for i in sorted(set(range(len(paths))) - set(missing)):
-            array[i] = np.load(store / f"{digests[i]}.npy")
+            with np.load(store / f"{digests[i]}.npz") as cached:
+                array[i], functionals[i] = cached["logmel"], cached["functionals"]
         try:
-            for i, feature in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs,
-                                                                cluster=cluster)):
-                array[i] = feature
+            for i, (logmel, described) in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs,
+                                                                         cluster=cluster)):
+                array[i], functionals[i] = logmel, described
                 if store is not None:
                     store.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(store / f"{digests[i]}.npy") as cached:
+                    with atomic_path(store / f"{digests[i]}.npz") as cached:
                         with open(cached, "wb") as f:
-                            np.save(f, feature)
+                            np.savez(f, logmel=logmel, functionals=described)
         except AudioError as e:
             raise UserError(str(e)) from None
         array.flush()
         del array
+        np.save(tmp / FUNCTIONALS_NAME, functionals)
         pd.DataFrame({"path": paths}).to_parquet(tmp / INDEX_NAME, index=False)
         write_json(tmp / PARAMS_NAME, fp.to_dict())
     return len(paths) / (time.perf_counter() - start), len(missing)
@@ -109,3 +115,15 @@ def load(features_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, FeaturePar
     index = pd.read_parquet(features_dir / INDEX_NAME)
     fp = FeatureParams.from_dict(json.loads((features_dir / PARAMS_NAME).read_text()))
     return array, index, fp
+
+
+def load_functionals(features_dir: str | Path, paths: "pd.Series | list[str]") -> np.ndarray:
+    """The functionals (rows, ser.prosody.n_functionals) of the clips at `paths`, in their order."""
+    features_dir = Path(features_dir)
+    if not (features_dir / FUNCTIONALS_NAME).is_file():
+        raise UserError(f"{features_dir} has no {FUNCTIONALS_NAME}; rerun the features stage")
+    row_of = {p: i for i, p in enumerate(pd.read_parquet(features_dir / INDEX_NAME)["path"])}
+    missing = [p for p in paths if p not in row_of]
+    if missing:
+        raise UserError(f"{features_dir} has no features of {missing[0]}; rerun the features stage")
+    return np.load(features_dir / FUNCTIONALS_NAME)[[row_of[p] for p in paths]]

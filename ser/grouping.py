@@ -36,6 +36,9 @@ MIN_GROUP_WINDOWS = 10
 # k = 50, 97.7% at 100 and 98.5% at 200 (mean of 4 draws).
 MAX_GROUP_FILES = 200
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+# A group's functionals need this many windows for their spread to mean anything (their mean is
+# used from one window on: the page's few seconds of calibration speech).
+MIN_SPREAD_WINDOWS = 5
 
 
 def _read_manifest(manifest: Path) -> dict[Path, str]:
@@ -101,25 +104,35 @@ def statistics_sample(paths: list[Path], keys: list[str], max_files: int = MAX_G
 class SpeakerStatistics:
     """Running per-band sums of each group's sounding frames (frames above the features'
     floor: padding and digital silence are left out; a group with fewer than two sounding
-    frames falls back to all its frames), as ser.models.speaker_statistics computes them."""
+    frames falls back to all its frames), as ser.models.speaker_statistics computes them;
+    and of its windows' functionals (ser.prosody), as ser.fusion.group_statistics does."""
 
     def __init__(self, n_mels: int, floor_db: float) -> None:
         self.n_mels, self.floor_db = n_mels, floor_db
         self.sums: dict[str, np.ndarray] = {}  # key -> (2 kinds: sounding, all) x (count, sum, sumsq) x mels
+        self.functional_sums: dict[str, np.ndarray] = {}  # key -> (count, sum, sumsq) x functionals
         self.windows: dict[str, int] = {}
 
-    def add(self, key: str, features: np.ndarray) -> None:
-        """features: (windows, mels, frames) in dB."""
+    def add(self, key: str, features: np.ndarray, functionals: np.ndarray | None = None) -> None:
+        """features: (windows, mels, frames) in dB; functionals: (windows, functionals)."""
         frames = features.transpose(0, 2, 1).reshape(-1, self.n_mels).astype(np.float64)
         sounding = frames[frames.max(axis=1) > self.floor_db + 1e-3]
         acc = self.sums.setdefault(key, np.zeros((2, 3, self.n_mels)))
         self.windows[key] = self.windows.get(key, 0) + len(features)
         for kind, chosen in enumerate((sounding, frames)):
             acc[kind] += [np.full(self.n_mels, len(chosen)), chosen.sum(axis=0), (chosen ** 2).sum(axis=0)]
+        if functionals is not None:
+            f = functionals.astype(np.float64)
+            self.functional_sums.setdefault(key, np.zeros((3, f.shape[1])))[:] += [
+                np.full(f.shape[1], len(f)), f.sum(axis=0), (f ** 2).sum(axis=0)]
 
     def finish(self, min_windows: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """key -> (mean, std) per band, float32; std unbiased and at least 1e-3; only the groups
-        of at least `min_windows` windows."""
+        """key -> (mean, std) per band, float32, std unbiased and at least 1e-3, followed (when
+        added) by the functionals' (mean, std), float64, std as numpy's and at least
+        ser.fusion.STD_FLOOR (NaN from fewer than MIN_SPREAD_WINDOWS windows, e.g. the page's
+        calibration recording); only the groups of at least `min_windows` windows."""
+        from ser.fusion import STD_FLOOR
+
         result = {}
         for key, acc in self.sums.items():
             if self.windows[key] < min_windows:
@@ -127,5 +140,13 @@ class SpeakerStatistics:
             n, total, squares = acc[0] if acc[0, 0, 0] >= 2 else acc[1]
             mean = total / n
             var = np.maximum(squares - n * mean ** 2, 0) / max(n[0] - 1, 1)
-            result[key] = (mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32))
+            stats = (mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32))
+            if key in self.functional_sums:
+                count, f_total, f_squares = self.functional_sums[key]
+                f_mean = f_total / count
+                f_std = np.maximum(np.sqrt(np.maximum(f_squares / count - f_mean ** 2, 0)), STD_FLOOR)
+                if count[0] < MIN_SPREAD_WINDOWS:  # a spread of one or two windows means nothing:
+                    f_std = np.full_like(f_std, np.nan)  # unknown (the labeller takes the training speakers')
+                stats = (np.concatenate([stats[0], f_mean]), np.concatenate([stats[1], f_std]))
+            result[key] = stats
         return result

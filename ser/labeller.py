@@ -41,6 +41,7 @@ from tqdm import tqdm
 # that the workers never import torch either.
 from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
+from ser.fusion import LinearHead, fused_log_probs, standardise
 from ser.grouping import MAX_GROUP_FILES, MIN_GROUP_WINDOWS, SpeakerStatistics, speaker_keys, statistics_sample
 from ser.modelfile import read_model_info
 from ser.util import UserError, atomic_path, pick_device
@@ -282,22 +283,17 @@ NORMALISED_BY = {
 Statistics = dict[str | None, tuple[np.ndarray, np.ndarray]]
 
 
-def floor_db(fp: FeatureParams) -> float:
-    """The lowest value the features of `fp` take (padding and silence sit there)."""
-    return -fp.top_db if fp.top_db is not None else 10 * math.log10(fp.amin)
-
-
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
                       fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS) -> Statistics:
     """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
     e.g. a FeatureStream: the first of two passes; `keys`: each path's group)."""
     key_of = {str(p): k for p, k in zip(paths, keys)}
-    running = SpeakerStatistics(fp.n_mels, floor_db(fp))
+    running = SpeakerStatistics(fp.n_mels, fp.floor_db)
     with tqdm(total=len(paths), desc="speaker statistics", unit="file") as progress:
         for piece in stream:
             progress.update(int(piece["first"]))
             if piece["features"] is not None:
-                running.add(key_of[piece["path"]], piece["features"])
+                running.add(key_of[piece["path"]], piece["features"], piece.get("functionals"))
     return running.finish(min_windows)
 
 
@@ -314,9 +310,14 @@ def normalised_by(meta: dict[str, Any], speakers: str) -> str:
 
 
 def population_of(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The average training speaker's (mean, std) per band from the model file, if it has them."""
+    """The average training speaker's (mean, std) per band from the model file, if it has them,
+    followed by its functionals' when the file has a linear model (ser.fusion)."""
     population = meta["extra"].get("population")
-    return None if population is None else tuple(np.asarray(v, dtype=np.float32) for v in population)
+    if population is None:
+        return None
+    head = LinearHead.from_record(meta["extra"].get("fusion"))
+    parts = [[np.asarray(v, dtype=np.float32) for v in population]] + ([] if head is None else [head.population])
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(2))
 
 
 def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str, groups: list[str] | None,
@@ -373,9 +374,39 @@ def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.nd
     parts = []
     for r, st in zip(pieces, stats):
         x = torch.from_numpy(r["features"])
-        parts.append(speaker_normalise(x, np.arange(len(x))) if st is None else
-                     (x - torch.from_numpy(st[0])[:, None]) / torch.from_numpy(st[1])[:, None])
+        if st is None:
+            parts.append(speaker_normalise(x, np.arange(len(x))))
+            continue
+        # the statistics' first n_mels values are the bands' (then the functionals')
+        mean, std = (torch.from_numpy(v[: x.shape[1]].astype(np.float32))[:, None] for v in st)
+        parts.append((x - mean) / std)
     return torch.cat(parts)
+
+
+def functional_input(pieces: list[dict[str, Any]], stats: list[tuple[np.ndarray, np.ndarray] | None],
+                     head: LinearHead) -> np.ndarray:
+    """The pieces' windows' functionals standardised by their group's statistics (the values
+    after the bands'; a spread from too few windows, NaN, replaced by the training speakers'), or
+    by the average training speaker's (no group, a clip model)."""
+    parts = []
+    for r, st in zip(pieces, stats):
+        n_mels = r["features"].shape[1]
+        mean, std = (st[0][n_mels:], st[1][n_mels:]) if st is not None and len(st[0]) > n_mels else head.population
+        std = np.where(np.isnan(std), head.population[1], std)  # a spread from too few windows: the training speakers'
+        parts.append(standardise(r["functionals"], mean, std))
+    return np.concatenate(parts)
+
+
+def window_probabilities(model: "torch.nn.Module", head: LinearHead | None, pieces: list[dict[str, Any]], used: str,
+                         stats: list[tuple[np.ndarray, np.ndarray] | None], s: Settings, device: "torch.device"
+                         ) -> np.ndarray:
+    """Class probabilities of the pieces' windows: the CNN's, fused with the linear model's
+    (ser.fusion) when the model file has one, each piece heard relative to its `stats`."""
+    from ser.models import infer
+
+    logits = infer(model, model_input(pieces, used, stats), s.batch_size, device, s.precision)
+    z = None if head is None else functional_input(pieces, stats, head)
+    return fused_log_probs(logits, z, head).exp().numpy()
 
 
 def heard_as(used: str, key: str | None, statistics: Statistics) -> str:
@@ -398,11 +429,7 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     ser.grouping), whose statistics are gathered in a first pass; or relative to one
     speaker's `calibration` statistics (the page's "calibrate to my voice"); with neither,
     each window relative to its own."""
-    import torch
-
-    from ser.models import infer
-
-    classes = meta["classes"]
+    classes, head = meta["classes"], LinearHead.from_record(meta["extra"].get("fusion"))
     used, key_of, statistics, results = speaker_setup(paths, meta, s, stream, speakers, calibration, groups)
     prob_columns = [f"prob_{c}" for c in classes]
     rows: list[dict[str, Any]] = []
@@ -412,9 +439,9 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
-        x = model_input([r for _, r in pending], used, [statistics.get(key_of.get(r["path"]), statistics.get(None))
-                                                        for _, r in pending])
-        probs = torch.softmax(infer(model, x, s.batch_size, device, s.precision), dim=1).numpy()
+        pieces = [r for _, r in pending]
+        stats = [statistics.get(key_of.get(r["path"]), statistics.get(None)) for r in pieces]
+        probs = window_probabilities(model, head, pieces, used, stats, s, device)
         offset = 0
         for row_index, r in pending:
             window_probs = probs[offset : offset + len(r["features"])]

@@ -19,6 +19,7 @@ from ser import features as feature_store
 from ser.corpora import resolve_classes
 from ser.audio import FeatureParams
 from ser.calibration import expected_calibration_error, fit_temperature
+from ser.fusion import LinearHead, fused_log_probs, group_statistics, standardise, train_head
 from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
 
@@ -43,20 +44,62 @@ def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
 SCORED_GROUPINGS = ("speaker", "corpus", "clip", "population")
 
 
+def grouping_keys(clips: pd.DataFrame, grouping: str) -> np.ndarray | None:
+    """Each clip's group under `grouping` (SCORED_GROUPINGS); None for population (no groups)."""
+    if grouping not in SCORED_GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(SCORED_GROUPINGS)}, not {grouping!r}")
+    return {"speaker": clips["speaker"].to_numpy(), "corpus": clips["corpus"].to_numpy(),
+            "clip": np.arange(len(clips))}.get(grouping)
+
+
 def grouped_statistics(x: torch.Tensor, clips: pd.DataFrame, grouping: str,
                        population: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per clip (mean, std) per mel bin of the clips' `grouping` (SCORED_GROUPINGS); population: the
     given (mean, std) per bin for every clip (population_statistics of the training clips)."""
-    if grouping == "population":
+    keys = grouping_keys(clips, grouping)
+    if keys is None:
         if population is None:
             raise ValueError("grouping population needs the training speakers' statistics")
         return population[0].expand(len(x), -1), population[1].expand(len(x), -1)
-    keys = {"speaker": clips["speaker"].to_numpy(), "corpus": clips["corpus"].to_numpy(),
-            "clip": np.arange(len(clips))}.get(grouping)
-    if keys is None:
-        raise ValueError(f"grouping must be one of {', '.join(SCORED_GROUPINGS)}, not {grouping!r}")
     return speaker_statistics(x, keys)
+
+
+def grouped_functionals(f: np.ndarray, clips: pd.DataFrame, grouping: str, head: LinearHead | None
+                        ) -> np.ndarray | None:
+    """The clips' functionals standardised as grouped_statistics groups their log-Mel (population:
+    the head's average training speaker); None without a head (no linear model to feed)."""
+    if head is None:
+        return None
+    keys = grouping_keys(clips, grouping)
+    return standardise(f, *(head.population if keys is None else group_statistics(f, keys)))
+
+
+def scored_probs(model: torch.nn.Module, head: LinearHead | None, x: torch.Tensor, z: np.ndarray | None,
+                 batch_size: int, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
+    """The fused log-probabilities (ser.fusion) of the CNN on input x (its logits divided by
+    `temperature`) and the linear model on standardised functionals z."""
+    return fused_log_probs(infer(model, x, batch_size, device) / temperature, z, head)
+
+
+def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch.Tensor, n_classes: int,
+             weights: torch.Tensor | None, calibration: tuple[torch.Tensor, pd.DataFrame] | None
+             ) -> LinearHead | None:
+    """The linear model of recipe r (train.fusion) on `clips` (labels y, clip weights as the CNN's
+    epochs draw them), calibrated on `calibration` (labels, clips of held-out speakers)."""
+    if not (r.get("fusion") or {}).get("weight"):
+        return None
+    f = feature_store.load_functionals(features_dir, clips["path"])
+    held_out = None
+    if calibration is not None and len(calibration[1]):
+        y_cal, cal_clips = calibration
+        held_out = (feature_store.load_functionals(features_dir, cal_clips["path"]), y_cal.numpy(),
+                    cal_clips["speaker"].to_numpy())
+    try:
+        return train_head(f, y.numpy(), clips["speaker"].to_numpy(), n_classes,
+                          None if weights is None else weights.numpy(), r["fusion"], held_out)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"train.fusion: {e}") from None
 
 
 def population_statistics(stats: tuple[torch.Tensor, torch.Tensor], clips: pd.DataFrame
@@ -271,22 +314,28 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     if len(x) == 0:
         raise UserError(f"train: no training clips in {metadata_path}; check metadata.test_actors")
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
+    weights = sampling_weights(clips, r.get("balance", "none"))
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=sampling_weights(clips, r.get("balance", "none")), stats=stats)
+                                  weights=weights, stats=stats)
+    _, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
+    head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker
     population = {} if stats is None else {"population": [t.tolist() for t in population_statistics(stats, clips)]}
     record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"), **population,
               "train_speakers": sorted(clips["speaker"].unique()),
               "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
               "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2),
-              **calibrate(model, r, features_dir, metadata_path, classes, device)}
+              **calibrate(model, r, features_dir, metadata_path, classes, device, head)}
+    if head is not None:  # the linear model fused with the CNN (ser.fusion): the labeller reads it here
+        record["fusion"] = head.to_record()
     return model, history, record
 
 
 def calibrate(model: torch.nn.Module, r: dict[str, Any], features_dir: str, metadata_path: str,
-              classes: list[str], device: torch.device) -> dict[str, Any]:
+              classes: list[str], device: torch.device, head: LinearHead | None = None) -> dict[str, Any]:
     """The temperature that calibrates `model` on the calibration split (speakers it never
-    trained on), with the split's ECE and NLL before and after; {} when the split is empty."""
+    trained on), with the split's ECE and NLL before and after (and fused with `head`, the
+    linear model); {} when the split is empty."""
     x, y, clips = load_clips(features_dir, metadata_path, classes, split="calibration",
                              normalisation=r.get("normalisation", "clip"))
     if len(x) == 0:
@@ -295,7 +344,13 @@ def calibrate(model: torch.nn.Module, r: dict[str, Any], features_dir: str, meta
     t = fit_temperature(logits, y)
     ece = {name: expected_calibration_error((logits / k).softmax(dim=1).numpy(), y.numpy())
            for name, k in (("before", 1.0), ("after", t))}
+    figures = {"clips": len(x), "ece_before": round(ece["before"], 5), "ece_after": round(ece["after"], 5),
+               "nll_before": round(float(F.cross_entropy(logits, y)), 5),
+               "nll_after": round(float(F.cross_entropy(logits / t, y)), 5)}
+    if head is not None:
+        f = feature_store.load_functionals(features_dir, clips["path"])
+        fused = fused_log_probs(logits / t, grouped_functionals(f, clips, "speaker", head), head)
+        figures.update(fused_ece=round(expected_calibration_error(fused.exp().numpy(), y.numpy()), 5),
+                       fused_nll=round(float(F.nll_loss(fused, y)), 5))
     return {"temperature": round(t, 5), "calibration_speakers": sorted(clips["speaker"].unique()),
-            "calibration": {"clips": len(x), "ece_before": round(ece["before"], 5), "ece_after": round(ece["after"], 5),
-                            "nll_before": round(float(F.cross_entropy(logits, y)), 5),
-                            "nll_after": round(float(F.cross_entropy(logits / t, y)), 5)}}
+            "calibration": figures}

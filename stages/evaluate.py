@@ -22,9 +22,12 @@ import yaml
 
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, reliability
 from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
-from ser.models import infer, load_checkpoint
 from ser.crosscorpus import balanced_share
-from ser.training import apply_statistics, grouped_statistics, input_statistics, load_raw
+from ser.features import load_functionals
+from ser.fusion import LinearHead
+from ser.models import load_checkpoint
+from ser.training import (apply_statistics, grouped_functionals, grouped_statistics, input_statistics, load_raw,
+                          scored_probs)
 from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
 
 
@@ -51,7 +54,8 @@ def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | No
             "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
 
 
-def by_grouping(model, meta: dict[str, Any], raw: tuple, batch_size: int, device) -> dict[str, Any]:
+def by_grouping(model, meta: dict[str, Any], raw: tuple, functionals: np.ndarray, batch_size: int, device
+                ) -> dict[str, Any]:
     """A speaker-normalised model's test figures when the labeller knows less than who is who:
     each corpus's test clips as one group (a flat folder), each clip alone, the average training
     speaker (population, when the model file has it): accuracy, UAR and the most predicted class
@@ -60,11 +64,13 @@ def by_grouping(model, meta: dict[str, Any], raw: tuple, batch_size: int, device
     if extra.get("normalisation") != "speaker":
         return {}
     x, y, clips = raw
+    head = LinearHead.from_record(extra.get("fusion"))
     population = tuple(map(torch.tensor, extra["population"])) if "population" in extra else None
     result = {}
     for grouping in ("corpus", "clip") + (("population",) if population is not None else ()):
         stats = grouped_statistics(x, clips, grouping, population)
-        predicted = infer(model, apply_statistics(x, stats), batch_size, device).argmax(1).numpy()
+        z = grouped_functionals(functionals, clips, grouping, head)
+        predicted = scored_probs(model, head, apply_statistics(x, stats), z, batch_size, device).argmax(1).numpy()
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
         scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
         result[grouping] = {"accuracy": scores["accuracy"], "uar": scores["uar"],
@@ -86,7 +92,11 @@ def main() -> None:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     # a speaker-normalised model hears each test speaker relative to that speaker's own clips
     x = apply_statistics(raw, input_statistics(raw, clips, meta["extra"].get("normalisation", "clip")))
-    logits = infer(model, x, p["batch_size"], device)
+    head, functionals = LinearHead.from_record(meta["extra"].get("fusion")), None
+    if head is not None:  # the linear model on the speakers' standardised functionals, fused (ser.fusion)
+        functionals = load_functionals(args.features, clips["path"])
+    logits = scored_probs(model, head, x, grouped_functionals(functionals, clips, "speaker", head),
+                          p["batch_size"], device)
     probs, predicted = logits.softmax(dim=1).numpy(), logits.argmax(1).numpy()
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
     frame = clips[["path", "corpus", "speaker", "sex", "intensity"]].assign(
@@ -106,7 +116,7 @@ def main() -> None:
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
         **confidence_figures(probs, y.numpy(), meta["extra"].get("temperature")),
-        "by_grouping": by_grouping(model, meta, (raw, y, clips), p["batch_size"], device),
+        "by_grouping": by_grouping(model, meta, (raw, y, clips), functionals, p["batch_size"], device),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:

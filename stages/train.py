@@ -43,7 +43,10 @@ def main() -> None:
                "train_minutes": record["train_minutes"], "parameters": count_parameters(model),
                "final_train_accuracy": history[-1]["train_accuracy"],
                # probabilities calibrated on the calibration split's speakers (none: not calibrated)
-               "temperature": record.get("temperature"), "calibration": record.get("calibration")}
+               "temperature": record.get("temperature"), "calibration": record.get("calibration"),
+               # the linear model on functionals fused with the CNN (none: the CNN alone)
+               "fusion": {k: record["fusion"][k] for k in ("fusion_weight", "temperature")} if "fusion" in record
+               else None}
     write_json(args.metrics, summary)
     print(f"train: {summary['members']} model(s), {summary['train_minutes']:.1f} min on {device.type}"
           f"{f' x {ddp.world()[1]} processes' if ddp.world()[1] > 1 else ''} -> {args.model}")

@@ -12,7 +12,8 @@ import json
 import pandas as pd
 
 from ser.audio import FeatureParams
-from ser.features import ARRAY_NAME, INDEX_NAME, PARAMS_NAME
+from ser.features import ARRAY_NAME, FUNCTIONALS_NAME, INDEX_NAME, PARAMS_NAME
+from ser.prosody import n_functionals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,10 @@ def synthetic_dataset(root, feature_params, per_class=24):
     features = root / "features"
     features.mkdir()
     np.save(features / ARRAY_NAME, np.stack(arrays))
+    # functionals: noise, but the first 32 are higher for angry (what the linear model can learn)
+    functionals = rng.normal(0, 1, (len(rows), n_functionals(feature_params.n_mels))).astype(np.float32)
+    functionals[:, :32] += np.array([[3.0] if r["emotion"] == "angry" else [0.0] for r in rows], dtype=np.float32)
+    np.save(features / FUNCTIONALS_NAME, functionals)
     pd.DataFrame({"path": [r["path"] for r in rows]}).to_parquet(features / INDEX_NAME)
     (features / PARAMS_NAME).write_text(json.dumps(feature_params.to_dict()))
     pd.DataFrame(rows).to_parquet(root / "metadata.parquet")

@@ -17,6 +17,7 @@ from conftest import MIRROR, ROOT, write_tone
 from ser.app import Analyser, timeline_figure
 from ser.corpora import EMOTIONS
 from ser.labeller import Settings
+from ser.prosody import n_functionals
 
 # float32: "auto" is bfloat16 on CPUs with native units, whose rounding depends on the batch
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
@@ -76,7 +77,8 @@ def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp
     voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=180)
     clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=260)
     stats, message = speaker_analyser.calibrate(voice)
-    assert message.startswith("Calibrated on 8.0 s of your voice") and stats[0].shape == (32,)
+    # the bands' statistics, then the functionals' (for a model with a linear model: ser.fusion)
+    assert message.startswith("Calibrated on 8.0 s of your voice") and stats[0].shape == (32 + n_functionals(32),)
     calibrated = speaker_analyser.analyse(clip, stats)
     alone = speaker_analyser.analyse(clip)
     assert calibrated["normalised_by"] == "calibration" and alone["normalised_by"] == "window"

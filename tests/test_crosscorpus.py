@@ -41,6 +41,24 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
     assert summary["per_corpus"]["studio_b"]["most_predicted_balanced"] == table["most_predicted_balanced"][1]
 
 
+def test_a_fusion_recipe_is_scored_fused_and_its_linear_model_never_hears_the_left_out_corpus(
+        tmp_path, feature_params, monkeypatch):
+    from ser import training
+
+    data = _two_corpora(tmp_path, feature_params)
+    seen = []
+    fit_head = training.fit_head
+    monkeypatch.setattr("ser.crosscorpus.fit_head", lambda r, d, clips, *a: seen.append(
+        set(clips["corpus"])) or fit_head(r, d, clips, *a))
+    recipe = train_params(epochs=1, normalisation="speaker", fusion={"weight": 1.0, "c": 0.01})
+    table, _, predictions = leave_one_corpus_out(data, recipe)
+    assert seen == [{"studio_b"}, {"studio_a"}]
+    assert table["fusion_temperature"].notna().all()
+    assert np.allclose(predictions.filter(like="prob_").sum(axis=1), 1, atol=1e-3)
+    # weight 1: the linear model alone, which learns the functionals that are higher for angry (conftest)
+    assert table["uar"].min() >= 0.8
+
+
 def test_a_clip_normalised_model_is_scored_once(tmp_path, feature_params):
     table, summary, _ = leave_one_corpus_out(_two_corpora(tmp_path, feature_params), train_params(epochs=2))
     assert "clip_uar" not in table.columns and "uar" in summary["per_corpus"]["studio_a"]

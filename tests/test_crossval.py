@@ -50,6 +50,24 @@ def test_every_fold_is_tested_on_actors_it_never_trained_on(tmp_path, feature_pa
     assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
 
 
+def test_a_fusion_recipe_fuses_every_fold_with_a_linear_model_of_its_training_actors(tmp_path, feature_params,
+                                                                                     monkeypatch):
+    from ser import crossval, training
+
+    data = _data(tmp_path, feature_params)
+    seen = []
+    monkeypatch.setattr(crossval, "fit_head", lambda r, d, clips, *a: seen.append(
+        sorted(clips["actor"].unique())) or training.fit_head(r, d, clips, *a))
+    fused = train_params(epochs=1, fusion={"weight": 1.0, "c": 0.01})
+    table, _, predictions = _cv(data, fused, fold_size=3)
+    assert seen == [[4, 5, 6], [1, 2, 3]]
+    probs = predictions.filter(like="prob_")
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
+    plain = _cv(data, train_params(epochs=1), fold_size=3)[2].filter(like="prob_")
+    assert (probs - plain).abs().max().max() > 0.01  # weight 1: the linear model's probabilities, not the CNN's
+    assert table["test_accuracy"].min() >= 0.8  # it learns the functionals that are higher for angry (conftest)
+
+
 def test_a_seed_ensemble_fold_scores_the_members_averaged_probabilities(tmp_path, feature_params):
     data = _data(tmp_path, feature_params)
     runs = [_cv(data, train_params(epochs=2, seed=seed))[2] for seed in (3, 4)]

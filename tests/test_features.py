@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import write_tone
 from ser.audio import LogMel
@@ -40,7 +41,7 @@ def test_a_clip_is_computed_once_per_params_and_code_whatever_the_mix(tmp_path, 
 
     import numpy as np
 
-    from ser.features import ARRAY_NAME, build, cache_key
+    from ser.features import ARRAY_NAME, build, cache_key, load_functionals
 
     paths = [str(write_tone(tmp_path / f"c{i}.wav", freq=200 + 40 * i)) for i in range(4)]
     cache = tmp_path / "cache"
@@ -51,6 +52,7 @@ def test_a_clip_is_computed_once_per_params_and_code_whatever_the_mix(tmp_path, 
     assert computed == 1
     build(paths, feature_params, tmp_path / "plain", n_jobs=1)
     np.testing.assert_array_equal(np.load(tmp_path / "mix" / ARRAY_NAME), np.load(tmp_path / "plain" / ARRAY_NAME))
+    np.testing.assert_array_equal(load_functionals(tmp_path / "mix", paths), load_functionals(tmp_path / "plain", paths))
     # other params: another cache, nothing stale reused
     other = dataclasses.replace(feature_params, fmin=40.0)
     assert cache_key(other) != cache_key(feature_params)
@@ -58,3 +60,18 @@ def test_a_clip_is_computed_once_per_params_and_code_whatever_the_mix(tmp_path, 
     # the same audio under another name is the same clip
     (tmp_path / "copy.wav").write_bytes(open(paths[0], "rb").read())
     assert build([str(tmp_path / "copy.wav")], feature_params, tmp_path / "copy", n_jobs=1, cache_dir=cache)[1] == 0
+
+
+def test_the_functionals_of_every_clip_are_stored_in_its_row_and_read_by_path(tmp_path, feature_params):
+    import numpy as np
+
+    from ser.features import build, load_functionals
+    from ser.util import UserError
+
+    paths = [str(write_tone(tmp_path / f"f{i}.wav", freq=120 + 60 * i)) for i in range(3)]
+    build(paths, feature_params, tmp_path / "features", n_jobs=2)
+    stored = load_functionals(tmp_path / "features", [paths[2], paths[0]])
+    np.testing.assert_array_equal(stored[0], LogMel(feature_params).clip_features(paths[2])[1])
+    np.testing.assert_array_equal(stored[1], LogMel(feature_params).clip_features(paths[0])[1])
+    with pytest.raises(UserError, match="no features of"):
+        load_functionals(tmp_path / "features", ["elsewhere.wav"])

@@ -23,6 +23,24 @@ def test_running_statistics_equal_the_speaker_statistics_of_training():
         np.testing.assert_allclose(result[s][1], std[i].numpy(), atol=1e-4)
 
 
+def test_running_functional_statistics_equal_the_fusions_and_need_a_few_windows_for_a_spread():
+    from ser.fusion import group_statistics
+    from ser.grouping import MIN_SPREAD_WINDOWS
+
+    rng = np.random.default_rng(1)
+    f = rng.normal(40, 5, (MIN_SPREAD_WINDOWS + 3, 6))
+    keys = ["big"] * MIN_SPREAD_WINDOWS + ["small"] * 3
+    running = SpeakerStatistics(4, floor_db=-80.0)
+    for i, key in enumerate(keys):
+        running.add(key, rng.normal(-30, 5, (1, 4, 9)), f[i : i + 1])
+    result = running.finish()
+    mean, std = group_statistics(f, keys)
+    np.testing.assert_allclose(result["big"][0][4:], mean[0])  # after the 4 bands' values
+    np.testing.assert_allclose(result["big"][1][4:], std[0])
+    np.testing.assert_allclose(result["small"][0][4:], mean[-1])
+    assert np.isnan(result["small"][1][4:]).all()  # three windows: no spread to trust
+
+
 def test_a_group_of_silence_falls_back_to_all_its_frames():
     running = SpeakerStatistics(3, floor_db=-80.0)
     running.add("quiet", np.full((1, 3, 5), -80.0))

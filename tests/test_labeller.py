@@ -606,3 +606,55 @@ def test_labels_below_the_confidence_threshold_are_flagged_uncertain(tmp_path, t
     assert flags["1.0"] == ["True"] * 3 + [""] and flags["0"] == ["False"] * 3 + [""]
     confidence = pd.read_csv(tmp_path / "o.csv")["confidence"].tolist()[:3]
     assert flags["0.17"][:3] == [str(c < 0.17) for c in confidence] and len(set(flags["0.17"][:3])) == 2
+
+
+def _fused_model(tmp_path, feature_params, pitch_st: float):
+    """A speaker model whose linear model (weight 1: it alone decides) calls a window angry when
+    its mean pitch is above the reference, sad below; the average training speaker's pitch is
+    `pitch_st` semitones, with a spread of 1 in every functional."""
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.fusion import LinearHead
+    from ser.models import build_model, save_checkpoint
+    from ser.prosody import LOGMEL_STATS, PITCH_NAMES, n_functionals
+
+    torch.manual_seed(2)
+    arch, d = {**TINY_ARCH, "utterance_norm": False}, n_functionals(feature_params.n_mels)
+    pitch = len(LOGMEL_STATS) * feature_params.n_mels + PITCH_NAMES.index("pitch_mean")
+    weight = np.zeros((len(EMOTIONS), d))
+    weight[EMOTIONS.index("angry"), pitch], weight[EMOTIONS.index("sad"), pitch] = 3.0, -3.0
+    population_f = np.zeros(d)
+    population_f[pitch] = pitch_st
+    head = LinearHead(weight, np.zeros(len(EMOTIONS)), 1.0, 1.0, (population_f, np.ones(d)))
+    population = [[-40.0] * feature_params.n_mels, [8.0] * feature_params.n_mels]
+    save_checkpoint(tmp_path / "fused.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker", "population": population,
+                                           "fusion": head.to_record()})
+    return tmp_path / "fused.pt", head
+
+
+def test_a_model_with_a_linear_model_hears_the_functionals_relative_to_the_same_groups(tmp_path, feature_params):
+    from ser.fusion import log_softmax, standardise
+
+    semitones = lambda hz: 12 * np.log2(hz / 27.5)  # noqa: E731
+    model, head = _fused_model(tmp_path, feature_params, semitones(250))
+    low = [write_tone(tmp_path / "in" / who / "low.wav", freq=hz) for who, hz in (("deep", 110), ("high", 210))]
+    high = [write_tone(tmp_path / "in" / who / "high.wav", freq=hz) for who, hz in (("deep", 160), ("high", 300))]
+    # no grouping: every window relative to the average training speaker (250 Hz)
+    assert _run([tmp_path / "in", "-o", tmp_path / "none.csv", "--model", model, "--speakers", "none"]) == 0
+    none = pd.read_csv(tmp_path / "none.csv").set_index("path")
+    assert [none.loc[str(p), "emotion"] for p in low + high] == ["sad", "sad", "sad", "angry"]
+    # a folder per speaker: each relative to its own speaker's mean pitch (two windows: the spread is the
+    # training speakers'), so each speaker's higher file is the angry one
+    assert _run([tmp_path / "in", "-o", tmp_path / "f.csv", "--model", model, "--speakers", "folder",
+                 "--min-group-windows", "1"]) == 0
+    grouped = pd.read_csv(tmp_path / "f.csv").set_index("path")
+    assert [grouped.loc[str(p), "emotion"] for p in low + high] == ["sad", "sad", "angry", "angry"]
+    extractor = LogMel(feature_params)
+    for pair in zip(low, high):
+        f = np.concatenate([prepare(Path(p), extractor, SETTINGS)["functionals"] for p in pair])
+        expected = np.exp(log_softmax(head.logits(standardise(f, f.mean(axis=0), head.population[1]))))
+        for p, probs in zip(pair, expected):
+            np.testing.assert_allclose(grouped.loc[str(p), [f"prob_{c}" for c in EMOTIONS]].to_numpy(float), probs,
+                                       atol=2e-5)

@@ -146,3 +146,28 @@ def test_the_temperature_is_fitted_on_the_calibration_speakers_only(tmp_path, fe
     (tmp_path / "plain").mkdir()
     _, _, plain = train(train_params(epochs=1), *_data(tmp_path / "plain", feature_params), CPU)
     assert "temperature" not in plain  # no calibration split: probabilities as trained
+
+
+def test_a_fusion_recipe_trains_a_linear_model_on_the_functionals_and_the_file_keeps_it(tmp_path, feature_params):
+    import numpy as np
+    import pandas as pd
+
+    from ser.features import load_functionals
+    from ser.fusion import LinearHead
+
+    features, metadata = _data(tmp_path, feature_params)
+    clips = pd.read_parquet(metadata)
+    clips.loc[clips["actor"] == 5, "split"] = "calibration"
+    clips.to_parquet(metadata)
+    _, _, record = train(train_params(epochs=1, fusion={"weight": 0.4, "c": 1.0}), features, metadata, CPU)
+    head = LinearHead.from_record(record["fusion"])
+    assert head.fusion_weight == 0.4 and head.temperature != 1.0  # calibrated on actor 5
+    angry, sad = record["classes"].index("angry"), record["classes"].index("sad")
+    assert head.weight[angry, 0] > 0 > head.weight[sad, 0]  # the first functionals are higher for angry (conftest)
+    train_f = load_functionals(features, clips.loc[clips["split"] == "train", "path"])
+    np.testing.assert_allclose(head.population[0][0], train_f[:, 0].mean(), atol=0.3)  # speakers alike here
+    assert {"fused_ece", "fused_nll"} <= set(record["calibration"])
+    _, _, off = train(train_params(epochs=1, fusion={"weight": 0, "c": 1.0}), features, metadata, CPU)
+    assert "fusion" not in off
+    with pytest.raises(UserError, match="train.fusion"):
+        train(train_params(epochs=1, fusion={"weight": 0.4}), features, metadata, CPU)
