@@ -91,3 +91,29 @@ def train_params(**overrides):
          "model": TINY_ARCH}
     p.update(overrides)
     return p
+
+
+def fused_model(tmp_path, feature_params, pitch_st: float):
+    """A speaker model whose linear model (weight 1: it alone decides) calls a window angry when
+    its mean pitch is above the reference, sad below; the average training speaker's pitch is
+    `pitch_st` semitones, with a spread of 1 in every functional."""
+    import torch
+
+    from ser.corpora import EMOTIONS
+    from ser.fusion import LinearHead
+    from ser.models import build_model, save_checkpoint
+    from ser.prosody import LOGMEL_STATS, PITCH_NAMES, n_functionals
+
+    torch.manual_seed(2)
+    arch, d = {**TINY_ARCH, "utterance_norm": False}, n_functionals(feature_params.n_mels)
+    pitch = len(LOGMEL_STATS) * feature_params.n_mels + PITCH_NAMES.index("pitch_mean")
+    weight = np.zeros((len(EMOTIONS), d))
+    weight[EMOTIONS.index("angry"), pitch], weight[EMOTIONS.index("sad"), pitch] = 3.0, -3.0
+    population_f = np.zeros(d)
+    population_f[pitch] = pitch_st
+    head = LinearHead(weight, np.zeros(len(EMOTIONS)), 1.0, 1.0, (population_f, np.ones(d)))
+    population = [[-40.0] * feature_params.n_mels, [8.0] * feature_params.n_mels]
+    save_checkpoint(tmp_path / "fused.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
+                    feature_params, extra={"normalisation": "speaker", "population": population,
+                                           "fusion": head.to_record()})
+    return tmp_path / "fused.pt", head

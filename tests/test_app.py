@@ -94,6 +94,26 @@ def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp
     assert [by_self[c] for c in EMOTIONS] == pytest.approx([row[f"prob_{c}"] for c in EMOTIONS], abs=2e-5)
 
 
+def test_a_fused_model_hears_a_clip_relative_to_the_calibrated_voices_pitch(tmp_path, feature_params):
+    from conftest import fused_model
+    from ser.audio import LogMel, prepare
+    from ser.fusion import log_softmax, standardise
+
+    model, head = fused_model(tmp_path, feature_params, 12 * np.log2(250 / 27.5))
+    analyser = Analyser(model, SETTINGS, max_duration_s=30)
+    deep_voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=110)
+    clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=160)
+    assert analyser.analyse(clip)["emotion"] == "sad"  # below the average training voice's 250 Hz
+    stats, _ = analyser.calibrate(deep_voice)
+    calibrated = analyser.analyse(clip, stats)
+    assert calibrated["emotion"] == "angry"  # above this speaker's own pitch
+    # two windows of calibration speech: their mean, and the training speakers' spread (test_grouping)
+    voice_f = prepare(deep_voice, LogMel(feature_params), SETTINGS)["functionals"]
+    clip_f = prepare(clip, LogMel(feature_params), SETTINGS)["functionals"]
+    expected = np.exp(log_softmax(head.logits(standardise(clip_f, voice_f.mean(axis=0), head.population[1]))))
+    assert [calibrated["probabilities"][c] for c in EMOTIONS] == pytest.approx(expected.mean(axis=0), abs=2e-5)
+
+
 def test_an_uncalibrated_clip_is_heard_relative_to_the_average_training_voice(tmp_path, feature_params):
     import torch
 

@@ -7,7 +7,7 @@ import soundfile as sf
 import pytest
 
 from bench.hostile import as_in_a_terminal, descendants, gone
-from conftest import write_tone
+from conftest import fused_model, write_tone
 from ser.corpora import EMOTIONS
 from ser.grouping import statistics_sample
 from ser.audio import LogMel, window_bounds
@@ -608,37 +608,11 @@ def test_labels_below_the_confidence_threshold_are_flagged_uncertain(tmp_path, t
     assert flags["0.17"][:3] == [str(c < 0.17) for c in confidence] and len(set(flags["0.17"][:3])) == 2
 
 
-def _fused_model(tmp_path, feature_params, pitch_st: float):
-    """A speaker model whose linear model (weight 1: it alone decides) calls a window angry when
-    its mean pitch is above the reference, sad below; the average training speaker's pitch is
-    `pitch_st` semitones, with a spread of 1 in every functional."""
-    import torch
-
-    from conftest import TINY_ARCH
-    from ser.fusion import LinearHead
-    from ser.models import build_model, save_checkpoint
-    from ser.prosody import LOGMEL_STATS, PITCH_NAMES, n_functionals
-
-    torch.manual_seed(2)
-    arch, d = {**TINY_ARCH, "utterance_norm": False}, n_functionals(feature_params.n_mels)
-    pitch = len(LOGMEL_STATS) * feature_params.n_mels + PITCH_NAMES.index("pitch_mean")
-    weight = np.zeros((len(EMOTIONS), d))
-    weight[EMOTIONS.index("angry"), pitch], weight[EMOTIONS.index("sad"), pitch] = 3.0, -3.0
-    population_f = np.zeros(d)
-    population_f[pitch] = pitch_st
-    head = LinearHead(weight, np.zeros(len(EMOTIONS)), 1.0, 1.0, (population_f, np.ones(d)))
-    population = [[-40.0] * feature_params.n_mels, [8.0] * feature_params.n_mels]
-    save_checkpoint(tmp_path / "fused.pt", build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS,
-                    feature_params, extra={"normalisation": "speaker", "population": population,
-                                           "fusion": head.to_record()})
-    return tmp_path / "fused.pt", head
-
-
 def test_a_model_with_a_linear_model_hears_the_functionals_relative_to_the_same_groups(tmp_path, feature_params):
     from ser.fusion import log_softmax, standardise
 
     semitones = lambda hz: 12 * np.log2(hz / 27.5)  # noqa: E731
-    model, head = _fused_model(tmp_path, feature_params, semitones(250))
+    model, head = fused_model(tmp_path, feature_params, semitones(250))
     low = [write_tone(tmp_path / "in" / who / "low.wav", freq=hz) for who, hz in (("deep", 110), ("high", 210))]
     high = [write_tone(tmp_path / "in" / who / "high.wav", freq=hz) for who, hz in (("deep", 160), ("high", 300))]
     # no grouping: every window relative to the average training speaker (250 Hz)
