@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ser.audio import AudioError, LogMel, Settings, audio_info
-from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
+from ser.audio import AudioError, Settings, audio_info
+from ser.grouping import GroupStatistics
+from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, extractor_for, gather_statistics, label_files
+from ser.modelfile import is_fused
 from ser.models import ModelFileError, load_checkpoint
 
 # A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
@@ -57,7 +59,7 @@ class Analyser:
                     "(use `ser label` for longer files).")
         return None
 
-    def calibrate(self, path: str | Path | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    def calibrate(self, path: str | Path | None) -> tuple[GroupStatistics | None, str]:
         """(statistics of the user's voice, message) from a recording of them speaking
         calmly; what a speaker-normalised model then hears every clip relative to."""
         if not self.by_speaker:
@@ -67,7 +69,7 @@ class Analyser:
         path, fp = Path(path), self.meta["feature_params"]
         problem = self.too_long(path)
         # decoded once, by the labeller's own workers' code; a page recording is short (too_long)
-        pieces = [] if problem else list(FeatureStream([path], LogMel(fp), self.settings))
+        pieces = [] if problem else list(FeatureStream([path], extractor_for(fp, is_fused(self.meta["extra"])), self.settings))
         problem = problem or next((p["error"].replace(f"{path}: ", "", 1) for p in pieces if p["error"]), None)
         if not problem and all(p["features"] is None for p in pieces):
             problem = f"silent (peak below {self.settings.silence_peak})"
@@ -76,7 +78,7 @@ class Analyser:
         stats = gather_statistics([path], ["you"], pieces, fp, min_windows=1)["you"]  # a reference, however short
         return stats, f"Calibrated on {pieces[0]['duration']:.1f} s of your voice: clips are now heard relative to it."
 
-    def analyse(self, path: str | Path | None, calibration: tuple[np.ndarray, np.ndarray] | None = None
+    def analyse(self, path: str | Path | None, calibration: GroupStatistics | None = None
                 ) -> dict[str, Any]:
         """{'error': str} or {'emotion', 'confidence', 'probabilities', 'starts', 'ends',
         'window_probs', 'duration', 'normalised_by'}, computed by the batch labeller's own
@@ -125,7 +127,7 @@ def timeline_figure(result: dict[str, Any], classes: list[str]):
 def build_page(analyser: Analyser):
     import gradio as gr
 
-    def on_submit(path: str | None, calibration: tuple[np.ndarray, np.ndarray] | None):
+    def on_submit(path: str | None, calibration: GroupStatistics | None):
         result = analyser.analyse(path, calibration)
         if "error" in result:
             return f"**{result['error']}**", None, None

@@ -247,8 +247,9 @@ class LogMel:
     (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
     computed in NumPy/SciPy without importing librosa (seconds per process)."""
 
-    def __init__(self, fp: FeatureParams) -> None:
+    def __init__(self, fp: FeatureParams, functionals: bool = True) -> None:
         self.fp = fp
+        self.functionals = functionals  # describe() also computes ser.prosody's functionals (a fused model's)
         self.filterbank = mel_filterbank(fp.sample_rate, fp.n_fft, fp.n_mels, fp.fmin, fp.fmax)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(fp.n_fft) / fp.n_fft)).astype(np.float32)
 
@@ -294,9 +295,10 @@ class LogMel:
         """Mono signal at fp.sample_rate -> (n_mels, n_frames) float32 log-Mel in dB."""
         return self.describe(y, with_functionals=False)[0]
 
-    def describe(self, y: np.ndarray, with_functionals: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def describe(self, y: np.ndarray, with_functionals: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(log-Mel, functionals) of a mono signal at fp.sample_rate: the CNN's input and the
-        linear model's (ser.prosody, of the same trimmed and cropped signal)."""
+        linear model's (ser.prosody, of the same trimmed and cropped signal; None when
+        with_functionals, by default self.functionals, is off)."""
         if self.fp.trim_db is not None:
             y = self.trim(y)
         y = np.asarray(y, dtype=np.float32)
@@ -306,7 +308,7 @@ class LogMel:
         if self.fp.top_db is not None:  # librosa's power_to_db(ref=np.max, top_db=top_db)
             db = np.maximum(db - db.max(), -self.fp.top_db)
         db = np.ascontiguousarray(db, dtype=np.float32)
-        if not with_functionals:
+        if not (self.functionals if with_functionals is None else with_functionals):
             return db, None
         spoken = fixed if len(y) > self.fp.n_samples else y  # the cropped signal without its padding
         return db, prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db)
@@ -406,7 +408,8 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
                 if first_window + result["windows_read"] < count_windows(duration, s.segment_s, s.hop_s):
                     result["next_window"] = first_window + result["windows_read"]
             if features:
-                result["features"], result["functionals"] = np.stack(features), np.stack(functionals)
+                result["features"] = np.stack(features)
+                result["functionals"] = np.stack(functionals) if extractor.functionals else None
     except AudioError as e:
         result["error"] = str(e)
     except Exception as e:  # one bad file must not stop a batch of thousands

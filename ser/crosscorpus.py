@@ -17,10 +17,11 @@ import torch
 
 from ser import features as feature_store
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
+from ser.fusion import average_speaker
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
-                          grouped_statistics, input_statistics, load_clips, load_raw, population_statistics,
+                          grouped_statistics, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
@@ -88,7 +89,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     functionals = feature_store.load_functionals(data[0], test_clips["path"]) if head is not None else None
     minutes = round((time.perf_counter() - start) / 60, 2)
     groupings = SCORED_GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
-    population = population_statistics(stats, train_clips) if norm == "speaker" else None
+    population = average_speaker(*stats, train_clips["speaker"]) if norm == "speaker" else None
     row = {"left_out": left_out, "trained_on": " ".join(others), "temperature": round(temperature, 5),
            "fusion_temperature": None if head is None else head.temperature}
     for grouping in groupings:

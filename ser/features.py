@@ -44,17 +44,32 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str
 
 
 def cache_key(fp: FeatureParams) -> str:
-    """Names the per-clip cache of these feature params and of the code that computes them
-    (ser/audio.py, ser/prosody.py): a change to either starts a new cache, never reuses stale features."""
+    """Names the per-clip cache of the code that computes features (ser/audio.py,
+    ser/prosody.py) and of these feature params, `<code>-<params>`: a change to either starts a
+    new cache, never reuses stale features."""
     import hashlib
     import json
 
     from ser import audio, prosody
 
-    digest = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
-    for module in (audio, prosody):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
+    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (audio, prosody)))
+    params = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
+    return f"{code.hexdigest()[:12]}-{params.hexdigest()[:12]}"
+
+
+def prune_cache(cache_dir: Path, key: str) -> list[Path]:
+    """Delete the per-clip caches in cache_dir that other code computed (keys of this code with
+    other params stay: switching params back reuses them); also those of the older one-digest
+    naming. Returns what was deleted. Anything else in cache_dir is left alone."""
+    import re
+    import shutil
+
+    code = key.split("-")[0]
+    stale = [d for d in Path(cache_dir).iterdir() if d.is_dir() and not d.name.startswith(f"{code}-")
+             and re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}|[0-9a-f]{16}", d.name)]
+    for d in stale:
+        shutil.rmtree(d)
+    return stale
 
 
 def _file_md5(path: str) -> str:
@@ -72,7 +87,7 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
     """Write the feature directory for `paths`; return (clips per second, clips computed).
     With cache_dir, each clip's features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
-    not recomputed."""
+    not recomputed; the caches of older code are then deleted (prune_cache)."""
     start = time.perf_counter()
     store = None if cache_dir is None else Path(cache_dir) / cache_key(fp)
     digests = [_file_md5(p) for p in paths] if store is not None else [None] * len(paths)
@@ -103,6 +118,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
         np.save(tmp / FUNCTIONALS_NAME, functionals)
         pd.DataFrame({"path": paths}).to_parquet(tmp / INDEX_NAME, index=False)
         write_json(tmp / PARAMS_NAME, fp.to_dict())
+    if store is not None:  # features of code that has changed can never be read again
+        prune_cache(Path(cache_dir), store.name)
     return len(paths) / (time.perf_counter() - start), len(missing)
 
 

@@ -37,13 +37,14 @@ def standardise(f: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return np.clip((f - mean) / np.maximum(std, STD_FLOOR), -CLIP_Z, CLIP_Z)
 
 
-def population_statistics(f: np.ndarray, keys: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
-    """The average speaker's (mean, std): each speaker's statistics averaged, every speaker
-    weighing the same (for files in no group, or in one too small for statistics of its own)."""
-    keys = np.asarray(keys)
-    _, first = np.unique(keys, return_index=True)
-    mean, std = group_statistics(f, keys)
-    return mean[first].mean(axis=0), std[first].mean(axis=0)
+def average_speaker(mean: Any, std: Any, keys: np.ndarray | list) -> tuple[Any, Any]:
+    """The average speaker's (mean, std) from per-row statistics (NumPy arrays or torch tensors,
+    each row its speaker's, keys: each row's speaker): every speaker's statistics averaged, every
+    speaker weighing the same, not every clip. For files in no group, or in one too small for
+    statistics of its own: the log-Mel bands' (ser.training) and the functionals'."""
+    _, first = np.unique(np.asarray(keys), return_index=True)
+    first = np.sort(first)  # in the order the speakers first appear
+    return mean[first].mean(0), std[first].mean(0)
 
 
 def fit_linear(z: np.ndarray, y: np.ndarray, n_classes: int, weights: np.ndarray | None, c: float
@@ -134,7 +135,7 @@ def train_head(f: np.ndarray, y: np.ndarray, speakers: np.ndarray, n_classes: in
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
         raise ValueError(f"train.fusion.weight must be in [0, 1], not {weight!r}")
     w, b = fit_linear(standardise(f, *group_statistics(f, speakers)), y, n_classes, weights, settings["c"])
-    head = LinearHead(w, b, 1.0, float(weight), population_statistics(f, speakers))
+    head = LinearHead(w, b, 1.0, float(weight), average_speaker(*group_statistics(f, speakers), speakers))
     if calibration is not None and len(calibration[0]):
         import torch
 

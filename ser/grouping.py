@@ -20,6 +20,7 @@ model fell to 31% on the test speakers that way, against 62-63% grouped).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,26 @@ def statistics_sample(paths: list[Path], keys: list[str], max_files: int = MAX_G
     return [paths[i] for i in sorted(chosen)]
 
 
+@dataclass(frozen=True)
+class GroupStatistics:
+    """What one speaker group's windows are heard relative to: the (mean, std) per mel band,
+    and of the windows' functionals when they were gathered (a model with a linear model,
+    ser.fusion), from how many windows."""
+
+    bands: tuple[np.ndarray, np.ndarray]
+    functionals: tuple[np.ndarray, np.ndarray] | None = None
+    windows: int = 0
+
+    def functional_statistics(self, training: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The (mean, std) the group's functionals are standardised by: its own; the spread of
+        `training` (the average training speaker's) when it has fewer than MIN_SPREAD_WINDOWS
+        windows; all of `training` when it has none (e.g. the average speaker itself)."""
+        if self.functionals is None:
+            return training
+        mean, std = self.functionals
+        return mean, std if self.windows >= MIN_SPREAD_WINDOWS else training[1]
+
+
 class SpeakerStatistics:
     """Running per-band sums of each group's sounding frames (frames above the features'
     floor: padding and digital silence are left out; a group with fewer than two sounding
@@ -126,11 +147,10 @@ class SpeakerStatistics:
             self.functional_sums.setdefault(key, np.zeros((3, f.shape[1])))[:] += [
                 np.full(f.shape[1], len(f)), f.sum(axis=0), (f ** 2).sum(axis=0)]
 
-    def finish(self, min_windows: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """key -> (mean, std) per band, float32, std unbiased and at least 1e-3, followed (when
-        added) by the functionals' (mean, std), float64, std as numpy's and at least
-        ser.fusion.STD_FLOOR (NaN from fewer than MIN_SPREAD_WINDOWS windows, e.g. the page's
-        calibration recording); only the groups of at least `min_windows` windows."""
+    def finish(self, min_windows: int = 1) -> dict[str, GroupStatistics]:
+        """key -> the group's statistics, for the groups of at least `min_windows` windows: per
+        band float32, std unbiased and at least 1e-3; of the functionals (when added) float64,
+        std as numpy's and at least ser.fusion.STD_FLOOR."""
         from ser.fusion import STD_FLOOR
 
         result = {}
@@ -140,13 +160,11 @@ class SpeakerStatistics:
             n, total, squares = acc[0] if acc[0, 0, 0] >= 2 else acc[1]
             mean = total / n
             var = np.maximum(squares - n * mean ** 2, 0) / max(n[0] - 1, 1)
-            stats = (mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32))
+            bands = (mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32))
+            functionals = None
             if key in self.functional_sums:
                 count, f_total, f_squares = self.functional_sums[key]
                 f_mean = f_total / count
-                f_std = np.maximum(np.sqrt(np.maximum(f_squares / count - f_mean ** 2, 0)), STD_FLOOR)
-                if count[0] < MIN_SPREAD_WINDOWS:  # a spread of one or two windows means nothing:
-                    f_std = np.full_like(f_std, np.nan)  # unknown (the labeller takes the training speakers')
-                stats = (np.concatenate([stats[0], f_mean]), np.concatenate([stats[1], f_std]))
-            result[key] = stats
+                functionals = (f_mean, np.maximum(np.sqrt(np.maximum(f_squares / count - f_mean ** 2, 0)), STD_FLOOR))
+            result[key] = GroupStatistics(bands, functionals, self.windows[key])
         return result

@@ -42,8 +42,9 @@ from tqdm import tqdm
 from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
 from ser.fusion import LinearHead, fused_log_probs, standardise
-from ser.grouping import MAX_GROUP_FILES, MIN_GROUP_WINDOWS, SpeakerStatistics, speaker_keys, statistics_sample
-from ser.modelfile import read_model_info
+from ser.grouping import (MAX_GROUP_FILES, MIN_GROUP_WINDOWS, GroupStatistics, SpeakerStatistics, speaker_keys,
+                          statistics_sample)
+from ser.modelfile import is_fused, read_model_info
 from ser.util import UserError, atomic_path, pick_device
 
 if TYPE_CHECKING:
@@ -278,9 +279,15 @@ NORMALISED_BY = {
     "manifest": "files normalised by the speakers of the manifest (--speakers)",
     "calibration": "normalised by the statistics of the speaker's calibration recording",
 }
-# speaker group -> (mean, std) per mel band; the key None (no group's name can be None):
-# the average training speaker, for files in no group or in one too small for statistics
-Statistics = dict[str | None, tuple[np.ndarray, np.ndarray]]
+# speaker group -> its statistics; the key None (no group's name can be None): the average
+# training speaker, for files in no group or in one too small for statistics
+Statistics = dict[str | None, GroupStatistics]
+
+
+def extractor_for(fp: FeatureParams, fused: bool) -> LogMel:
+    """The workers' features for a model: the log-Mel, and the functionals only when the model
+    fuses a linear model on them (ser.fusion; an older model file has none: no cost for it)."""
+    return LogMel(fp, functionals=fused)
 
 
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
@@ -309,15 +316,14 @@ def normalised_by(meta: dict[str, Any], speakers: str) -> str:
     return speakers if speakers in ("all", "file", "folder") else "manifest"
 
 
-def population_of(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The average training speaker's (mean, std) per band from the model file, if it has them,
-    followed by its functionals' when the file has a linear model (ser.fusion)."""
+def population_of(meta: dict[str, Any]) -> GroupStatistics | None:
+    """The average training speaker's (mean, std) per band from the model file, if it has them
+    (its functionals' are the linear model's own, LinearHead.population)."""
     population = meta["extra"].get("population")
     if population is None:
         return None
-    head = LinearHead.from_record(meta["extra"].get("fusion"))
-    parts = [[np.asarray(v, dtype=np.float32) for v in population]] + ([] if head is None else [head.population])
-    return tuple(np.concatenate([part[i] for part in parts]) for i in range(2))
+    mean, std = (np.asarray(v, dtype=np.float32) for v in population)
+    return GroupStatistics((mean, std))
 
 
 def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str, groups: list[str] | None,
@@ -330,15 +336,15 @@ def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str
 
 
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
-                  speakers: str, calibration: tuple[np.ndarray, np.ndarray] | None,
+                  speakers: str, calibration: GroupStatistics | None,
                   groups: list[str] | None = None) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
     the stream the model's pass reads): a grouping's statistics come from a first pass over
     a sample of each group's files, and a stream over every file then serves the model.
-    `stream`: started by the caller over first_pass_paths() (or over `paths`: it then
-    serves the model's pass). `groups`: each path's speaker group already read from
+    `stream`: None, or started by the caller over first_pass_paths() (run() does, so the
+    workers start before torch loads). `groups`: each path's speaker group already read from
     `speakers` (a cluster worker gets them, not the manifest)."""
-    fp = meta["feature_params"]
+    extractor = extractor_for(meta["feature_params"], is_fused(meta["extra"]))
     used, statistics = normalised_by(meta, speakers), {}
     if calibration is not None and used != "clip":
         used, statistics = "calibration", {"calibration": calibration}
@@ -347,21 +353,22 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
         keys = None if used in ("clip", "window", "population") else (
             groups if groups is not None else speaker_keys(paths, speakers))
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
-    results = stream
     if keys is not None and used != "calibration":
         sample = statistics_sample(paths, keys, s.max_group_files)
-        first = stream if stream is not None and stream.paths == sample else FeatureStream(sample, LogMel(fp), s)
-        statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, fp, s.min_group_windows)
-        results = None if first is stream else stream  # a stream over every file serves the second pass
-    results = results if results is not None else FeatureStream(paths, LogMel(fp), s)
+        if stream is not None and stream.paths != sample:
+            raise ValueError("the caller's stream must be over first_pass_paths()")
+        first = stream if stream is not None else FeatureStream(sample, extractor, s)
+        statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, extractor.fp,
+                                       s.min_group_windows)
+        stream = None  # read: a stream over every file serves the model's pass
+    results = stream if stream is not None else FeatureStream(paths, extractor, s)
     population = population_of(meta)
     if population is not None and used not in ("clip", "calibration"):
         statistics[None] = population  # no group, or one too small for its own: the average speaker
     return used, key_of, statistics, results
 
 
-def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.ndarray, np.ndarray] | None]
-                ) -> "torch.Tensor":
+def model_input(pieces: list[dict[str, Any]], used: str, stats: list[GroupStatistics | None]) -> "torch.Tensor":
     """The pieces' windows as one batch, normalised as `used` says: by nothing (a clip model
     does it itself), or each piece by its `stats` (its group's, or the average training
     speaker's); a piece with none (an old model file) has each window by itself."""
@@ -377,28 +384,25 @@ def model_input(pieces: list[dict[str, Any]], used: str, stats: list[tuple[np.nd
         if st is None:
             parts.append(speaker_normalise(x, np.arange(len(x))))
             continue
-        # the statistics' first n_mels values are the bands' (then the functionals')
-        mean, std = (torch.from_numpy(v[: x.shape[1]].astype(np.float32))[:, None] for v in st)
+        mean, std = (torch.from_numpy(v.astype(np.float32))[:, None] for v in st.bands)
         parts.append((x - mean) / std)
     return torch.cat(parts)
 
 
-def functional_input(pieces: list[dict[str, Any]], stats: list[tuple[np.ndarray, np.ndarray] | None],
-                     head: LinearHead) -> np.ndarray:
-    """The pieces' windows' functionals standardised by their group's statistics (the values
-    after the bands'; a spread from too few windows, NaN, replaced by the training speakers'), or
-    by the average training speaker's (no group, a clip model)."""
+def functional_input(pieces: list[dict[str, Any]], stats: list[GroupStatistics | None], head: LinearHead
+                     ) -> np.ndarray:
+    """The pieces' windows' functionals standardised by their group's statistics
+    (GroupStatistics.functional_statistics), or by the average training speaker's (no group,
+    a clip model)."""
     parts = []
     for r, st in zip(pieces, stats):
-        n_mels = r["features"].shape[1]
-        mean, std = (st[0][n_mels:], st[1][n_mels:]) if st is not None and len(st[0]) > n_mels else head.population
-        std = np.where(np.isnan(std), head.population[1], std)  # a spread from too few windows: the training speakers'
+        mean, std = head.population if st is None else st.functional_statistics(head.population)
         parts.append(standardise(r["functionals"], mean, std))
     return np.concatenate(parts)
 
 
 def window_probabilities(model: "torch.nn.Module", head: LinearHead | None, pieces: list[dict[str, Any]], used: str,
-                         stats: list[tuple[np.ndarray, np.ndarray] | None], s: Settings, device: "torch.device"
+                         stats: list[GroupStatistics | None], s: Settings, device: "torch.device"
                          ) -> np.ndarray:
     """Class probabilities of the pieces' windows: the CNN's, fused with the linear model's
     (ser.fusion) when the model file has one, each piece heard relative to its `stats`."""
@@ -419,7 +423,7 @@ def heard_as(used: str, key: str | None, statistics: Statistics) -> str:
 
 def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
-               calibration: tuple[np.ndarray, np.ndarray] | None = None, groups: list[str] | None = None
+               calibration: GroupStatistics | None = None, groups: list[str] | None = None
                ) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model as
@@ -506,7 +510,7 @@ def segment_table(classes: list[str], rows: list[dict[str, Any]]) -> Table:
 
 def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any], s: Settings,
                 device: "torch.device", stream: FeatureStream | None = None, speakers: str = "none",
-                calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+                calibration: GroupStatistics | None = None) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """label_rows as DataFrames (one row per file, one row per window)."""
     files, segments = label_rows(paths, model, meta, s, device, stream, speakers, calibration)
     return files.to_frame(), segments.to_frame()
@@ -575,7 +579,7 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     stream = FeatureStream(first_pass_paths(paths, info["normalisation"], speakers, groups, settings),
-                           LogMel(info["feature_params"]), settings) if info else None
+                           extractor_for(info["feature_params"], info["fused"]), settings) if info else None
     try:
         from ser.models import ModelFileError, load_checkpoint
 

@@ -2,7 +2,7 @@
 
 Importing torch takes 2-3 s on our 2-core machines, longer than computing the features of
 a thousand clips. The batch labeller reads the feature params here, starts its feature
-workers, and only then imports torch to load the weights (stages.models.load_checkpoint),
+workers, and only then imports torch to load the weights (ser.models.load_checkpoint),
 so the two overlap.
 """
 from __future__ import annotations
@@ -38,16 +38,23 @@ class _MetadataUnpickler(pickle.Unpickler):
         return None
 
 
+def is_fused(extra: dict[str, Any]) -> bool:
+    """Whether a model file's extra record has a linear model that takes part (ser.fusion)."""
+    return bool((extra.get("fusion") or {}).get("fusion_weight"))
+
+
 def read_model_info(path: str | Path) -> dict[str, Any] | None:
-    """{"classes", "feature_params", "normalisation"} of a model file written by stages.models.save_checkpoint,
-    or None when it cannot be read this way (stages.models.load_checkpoint then says why)."""
+    """{"classes", "feature_params", "normalisation", "fused"} of a model file written by
+    ser.models.save_checkpoint (fused: it has a linear model on functionals, ser.fusion), or None
+    when it cannot be read this way (ser.models.load_checkpoint then says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
             name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
             with archive.open(name) as f:
                 checkpoint = _MetadataUnpickler(f).load()
+        extra = dict(checkpoint.get("extra") or {})
         return {"classes": list(checkpoint["classes"]),
                 "feature_params": FeatureParams.from_dict(checkpoint["feature_params"]),
-                "normalisation": dict(checkpoint.get("extra") or {}).get("normalisation", "clip")}
+                "normalisation": extra.get("normalisation", "clip"), "fused": is_fused(extra)}
     except Exception:  # any problem: fall back to the full, checked load
         return None

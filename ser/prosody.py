@@ -12,6 +12,7 @@ docs/experiments.md (fifth and sixth sessions) has what they are worth.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
 PITCH_RATE = 8000  # Hz: the pitch track's sample rate (the voice's fundamental is far below 4 kHz)
 PITCH_FMIN, PITCH_FMAX = 60.0, 450.0  # search range (Hz)
@@ -40,20 +41,23 @@ def yin(y: np.ndarray, sample_rate: int = PITCH_RATE) -> tuple[np.ndarray, np.nd
     tau_min = int(sample_rate / PITCH_FMAX)
     tau_max = int(np.ceil(sample_rate / PITCH_FMIN))
     span = PITCH_WINDOW + tau_max
-    y = np.asarray(y, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float32)
     if len(y) < span:
         y = np.pad(y, (0, span - len(y)))
     frames = np.lib.stride_tricks.sliding_window_view(y, span)[::PITCH_HOP]
     n_fft = 1 << int(np.ceil(np.log2(span)))  # no wrap-around for lags up to tau_max
-    head = np.fft.rfft(frames[:, :PITCH_WINDOW], n_fft)
-    whole = np.fft.rfft(frames, n_fft)
-    correlation = np.fft.irfft(np.conj(head) * whole, n_fft)[:, : tau_max + 1]
-    energy = np.concatenate([np.zeros((len(frames), 1)), np.cumsum(frames ** 2, axis=1)], axis=1)
-    shifted = energy[:, PITCH_WINDOW : PITCH_WINDOW + tau_max + 1] - energy[:, : tau_max + 1]
+    # float32 FFTs (scipy's pocketfft, as the log-Mel): 30% faster than NumPy's float64, pitch
+    # within 0.001 Hz; the energies are summed in float64, where the differences cancel
+    head = scipy.fft.rfft(frames[:, :PITCH_WINDOW], n_fft, workers=1)
+    whole = scipy.fft.rfft(frames, n_fft, workers=1)
+    correlation = scipy.fft.irfft(np.conj(head) * whole, n_fft, workers=1)[:, : tau_max + 1]
+    energy = np.zeros((len(frames), span + 1))
+    np.cumsum(frames.astype(np.float64) ** 2, axis=1, out=energy[:, 1:])
+    shifted = (energy[:, PITCH_WINDOW : PITCH_WINDOW + tau_max + 1] - energy[:, : tau_max + 1]).astype(np.float32)
     difference = np.maximum(shifted[:, :1] + shifted - 2 * correlation, 0.0)
     cumulative = np.cumsum(difference[:, 1:], axis=1)
     normalised = np.ones_like(difference)
-    normalised[:, 1:] = difference[:, 1:] * np.arange(1, tau_max + 1) / np.maximum(cumulative, 1e-12)
+    normalised[:, 1:] = difference[:, 1:] * np.arange(1, tau_max + 1, dtype=np.float32) / np.maximum(cumulative, 1e-12)
     lags = np.arange(tau_min, tau_max)
     inner = normalised[:, tau_min:tau_max]
     dips = (inner < YIN_THRESHOLD) & (inner <= normalised[:, tau_min + 1 : tau_max + 1]) & (
@@ -61,11 +65,11 @@ def yin(y: np.ndarray, sample_rate: int = PITCH_RATE) -> tuple[np.ndarray, np.nd
     best = np.where(dips.any(axis=1), dips.argmax(axis=1), inner.argmin(axis=1))
     rows = np.arange(len(frames))
     tau = lags[best]
-    left, centre, right = normalised[rows, tau - 1], normalised[rows, tau], normalised[rows, tau + 1]
+    left, centre, right = (normalised[rows, tau + k].astype(np.float64) for k in (-1, 0, 1))
     curve = left - 2 * centre + right
     offset = np.where(np.abs(curve) > 1e-12, 0.5 * (left - right) / np.where(curve == 0, 1, curve), 0.0)
     refined = tau + np.clip(offset, -1, 1)
-    power = (frames[:, :PITCH_WINDOW] ** 2).mean(axis=1)
+    power = energy[:, PITCH_WINDOW] / PITCH_WINDOW  # mean square of each frame's window
     level = 10 * np.log10(np.maximum(power, 1e-12) / max(power.max(), 1e-12))
     return sample_rate / refined, centre, level
 

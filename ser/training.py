@@ -19,7 +19,7 @@ from ser import features as feature_store
 from ser.corpora import resolve_classes
 from ser.audio import FeatureParams
 from ser.calibration import expected_calibration_error, fit_temperature
-from ser.fusion import LinearHead, fused_log_probs, group_statistics, standardise, train_head
+from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
 from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
 
@@ -56,7 +56,7 @@ def grouped_statistics(x: torch.Tensor, clips: pd.DataFrame, grouping: str,
                        population: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per clip (mean, std) per mel bin of the clips' `grouping` (SCORED_GROUPINGS); population: the
-    given (mean, std) per bin for every clip (population_statistics of the training clips)."""
+    given (mean, std) per bin for every clip (fusion.average_speaker of the training clips')."""
     keys = grouping_keys(clips, grouping)
     if keys is None:
         if population is None:
@@ -100,14 +100,6 @@ def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch
                           None if weights is None else weights.numpy(), r["fusion"], held_out)
     except (KeyError, ValueError) as e:
         raise UserError(f"train.fusion: {e}") from None
-
-
-def population_statistics(stats: tuple[torch.Tensor, torch.Tensor], clips: pd.DataFrame
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The average speaker's (mean, std) per bin: each training speaker's statistics (from
-    input_statistics, one row per clip) averaged with every speaker weighing the same."""
-    first = ~clips["speaker"].duplicated().to_numpy()
-    return stats[0][first].mean(dim=0), stats[1][first].mean(dim=0)
 
 
 def apply_statistics(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -317,29 +309,29 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     weights = sampling_weights(clips, r.get("balance", "none"))
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
                                   weights=weights, stats=stats)
-    _, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
+    x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
     head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker
-    population = {} if stats is None else {"population": [t.tolist() for t in population_statistics(stats, clips)]}
+    population = {} if stats is None else {"population": [t.tolist() for t in average_speaker(*stats, clips["speaker"])]}
     record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"), **population,
               "train_speakers": sorted(clips["speaker"].unique()),
               "train_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),
               "train_clips": len(x), "train_minutes": round((time.perf_counter() - start) / 60, 2),
-              **calibrate(model, r, features_dir, metadata_path, classes, device, head)}
+              **calibrate(model, r, (x_cal, y_cal, cal_clips), features_dir, device, head)}
     if head is not None:  # the linear model fused with the CNN (ser.fusion): the labeller reads it here
         record["fusion"] = head.to_record()
     return model, history, record
 
 
-def calibrate(model: torch.nn.Module, r: dict[str, Any], features_dir: str, metadata_path: str,
-              classes: list[str], device: torch.device, head: LinearHead | None = None) -> dict[str, Any]:
-    """The temperature that calibrates `model` on the calibration split (speakers it never
-    trained on), with the split's ECE and NLL before and after (and fused with `head`, the
-    linear model); {} when the split is empty."""
-    x, y, clips = load_clips(features_dir, metadata_path, classes, split="calibration",
-                             normalisation=r.get("normalisation", "clip"))
+def calibrate(model: torch.nn.Module, r: dict[str, Any], split: tuple[torch.Tensor, torch.Tensor, pd.DataFrame],
+              features_dir: str, device: torch.device, head: LinearHead | None = None) -> dict[str, Any]:
+    """The temperature that calibrates `model` on the calibration `split` (load_raw's features,
+    labels and clips of speakers it never trained on), with the split's ECE and NLL before and
+    after (and fused with `head`, the linear model); {} when the split is empty."""
+    x, y, clips = split
     if len(x) == 0:
         return {}
+    x = apply_statistics(x, input_statistics(x, clips, r.get("normalisation", "clip")))
     logits = infer(model, x, r["batch_size"], device, r["precision"])
     t = fit_temperature(logits, y)
     ece = {name: expected_calibration_error((logits / k).softmax(dim=1).numpy(), y.numpy())

@@ -17,7 +17,6 @@ from conftest import MIRROR, ROOT, write_tone
 from ser.app import Analyser, timeline_figure
 from ser.corpora import EMOTIONS
 from ser.labeller import Settings
-from ser.prosody import n_functionals
 
 # float32: "auto" is bfloat16 on CPUs with native units, whose rounding depends on the batch
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
@@ -77,8 +76,8 @@ def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp
     voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=180)
     clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=260)
     stats, message = speaker_analyser.calibrate(voice)
-    # the bands' statistics, then the functionals' (for a model with a linear model: ser.fusion)
-    assert message.startswith("Calibrated on 8.0 s of your voice") and stats[0].shape == (32 + n_functionals(32),)
+    assert message.startswith("Calibrated on 8.0 s of your voice") and stats.bands[0].shape == (32,)
+    assert stats.functionals is None  # a model without a linear model: its workers skip the functionals
     calibrated = speaker_analyser.analyse(clip, stats)
     alone = speaker_analyser.analyse(clip)
     assert calibrated["normalised_by"] == "calibration" and alone["normalised_by"] == "window"
@@ -98,6 +97,7 @@ def test_a_fused_model_hears_a_clip_relative_to_the_calibrated_voices_pitch(tmp_
     from conftest import fused_model
     from ser.audio import LogMel, prepare
     from ser.fusion import log_softmax, standardise
+    from ser.prosody import n_functionals
 
     model, head = fused_model(tmp_path, feature_params, 12 * np.log2(250 / 27.5))
     analyser = Analyser(model, SETTINGS, max_duration_s=30)
@@ -105,6 +105,7 @@ def test_a_fused_model_hears_a_clip_relative_to_the_calibrated_voices_pitch(tmp_
     clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=160)
     assert analyser.analyse(clip)["emotion"] == "sad"  # below the average training voice's 250 Hz
     stats, _ = analyser.calibrate(deep_voice)
+    assert stats.windows == 2 and stats.functionals[0].shape == (n_functionals(feature_params.n_mels),)
     calibrated = analyser.analyse(clip, stats)
     assert calibrated["emotion"] == "angry"  # above this speaker's own pitch
     # two windows of calibration speech: their mean, and the training speakers' spread (test_grouping)

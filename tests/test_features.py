@@ -62,6 +62,20 @@ def test_a_clip_is_computed_once_per_params_and_code_whatever_the_mix(tmp_path, 
     assert build([str(tmp_path / "copy.wav")], feature_params, tmp_path / "copy", n_jobs=1, cache_dir=cache)[1] == 0
 
 
+def test_the_caches_of_older_code_are_deleted_and_nothing_else(tmp_path, feature_params):
+    import dataclasses
+
+    from ser.features import build, cache_key
+
+    cache = tmp_path / "cache"
+    older = [cache / "0123456789ab-0123456789ab", cache / "0123456789abcdef"]  # older code; the older naming
+    keep = [cache / cache_key(dataclasses.replace(feature_params, fmin=40.0)), cache / "notes"]  # other params; not ours
+    for d in older + keep:
+        d.mkdir(parents=True)
+    build([str(write_tone(tmp_path / "c.wav"))], feature_params, tmp_path / "features", n_jobs=1, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([cache_key(feature_params)] + [d.name for d in keep])
+
+
 def test_the_functionals_of_every_clip_are_stored_in_its_row_and_read_by_path(tmp_path, feature_params):
     import numpy as np
 

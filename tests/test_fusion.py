@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ser.fusion import (CLIP_Z, LinearHead, fit_linear, fused_log_probs, group_statistics, population_statistics,
+from ser.fusion import (CLIP_Z, LinearHead, fit_linear, fused_log_probs, group_statistics, average_speaker,
                         standardise, train_head)
 
 
@@ -39,8 +39,12 @@ def test_group_statistics_standardise_each_group_by_itself_and_clip():
     np.testing.assert_allclose(z[:2, 0], [-1, 1])
     np.testing.assert_allclose(z[:, 1], 0)  # a constant functional: no spread, no signal
     assert np.abs(standardise(np.array([[1e9]]), np.zeros(1), np.ones(1))).max() == CLIP_Z
-    mean, std = population_statistics(f, keys)  # every speaker weighs the same, not every clip
+    mean, std = average_speaker(*group_statistics(f, keys), keys)  # every speaker weighs the same, not every clip
     np.testing.assert_allclose(mean, [(2 + 20) / 2, 2.5])
+    row_mean, row_std = group_statistics(f, keys)  # the same function serves the bands' torch statistics
+    as_torch = average_speaker(torch.from_numpy(row_mean), torch.from_numpy(row_std), keys)
+    np.testing.assert_allclose(as_torch[0].numpy(), mean)
+    np.testing.assert_allclose(as_torch[1].numpy(), std)
 
 
 def test_fusion_weighs_the_calibrated_log_probabilities():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ser.grouping import SpeakerStatistics, speaker_keys, statistics_sample
+from ser.grouping import GroupStatistics, SpeakerStatistics, speaker_keys, statistics_sample
 from ser.models import speaker_statistics
 from ser.util import UserError
 
@@ -19,8 +19,9 @@ def test_running_statistics_equal_the_speaker_statistics_of_training():
     result = running.finish()
     mean, std = speaker_statistics(x, speakers)
     for i, s in enumerate(speakers):
-        np.testing.assert_allclose(result[s][0], mean[i].numpy(), atol=1e-4)
-        np.testing.assert_allclose(result[s][1], std[i].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result[s].bands[0], mean[i].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result[s].bands[1], std[i].numpy(), atol=1e-4)
+    assert result["a"].functionals is None and result["a"].windows == 3
 
 
 def test_running_functional_statistics_equal_the_fusions_and_need_a_few_windows_for_a_spread():
@@ -35,16 +36,21 @@ def test_running_functional_statistics_equal_the_fusions_and_need_a_few_windows_
         running.add(key, rng.normal(-30, 5, (1, 4, 9)), f[i : i + 1])
     result = running.finish()
     mean, std = group_statistics(f, keys)
-    np.testing.assert_allclose(result["big"][0][4:], mean[0])  # after the 4 bands' values
-    np.testing.assert_allclose(result["big"][1][4:], std[0])
-    np.testing.assert_allclose(result["small"][0][4:], mean[-1])
-    assert np.isnan(result["small"][1][4:]).all()  # three windows: no spread to trust
+    np.testing.assert_allclose(result["big"].functionals[0], mean[0])
+    np.testing.assert_allclose(result["big"].functionals[1], std[0])
+    training = (np.zeros(6), np.full(6, 7.0))  # the average training speaker's
+    big_mean, big_std = result["big"].functional_statistics(training)
+    np.testing.assert_allclose(big_std, std[0])  # enough windows: the group's own spread
+    small_mean, small_std = result["small"].functional_statistics(training)
+    np.testing.assert_allclose(small_mean, mean[-1])  # three windows: their mean...
+    np.testing.assert_allclose(small_std, 7.0)  # ...but no spread to trust: the training speakers'
+    assert GroupStatistics(result["big"].bands).functional_statistics(training) is training  # none gathered
 
 
 def test_a_group_of_silence_falls_back_to_all_its_frames():
     running = SpeakerStatistics(3, floor_db=-80.0)
     running.add("quiet", np.full((1, 3, 5), -80.0))
-    mean, std = running.finish()["quiet"]
+    mean, std = running.finish()["quiet"].bands
     assert (mean == -80.0).all() and (std == pytest.approx(1e-3))
 
 

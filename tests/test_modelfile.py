@@ -2,14 +2,21 @@ import pickle
 import zipfile
 
 from ser.models import load_checkpoint
-from ser.modelfile import read_model_info
+from ser.modelfile import is_fused, read_model_info
 
 
 def test_reads_what_the_full_load_reads(tiny_checkpoint):
     info = read_model_info(tiny_checkpoint)
     _, meta = load_checkpoint(tiny_checkpoint)
     assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"],
-                    "normalisation": meta["extra"].get("normalisation", "clip")}
+                    "normalisation": meta["extra"].get("normalisation", "clip"), "fused": False}
+
+
+def test_says_whether_the_model_fuses_a_linear_model(tmp_path, feature_params):
+    from conftest import fused_model
+
+    assert read_model_info(fused_model(tmp_path, feature_params, 40.0)[0])["fused"]
+    assert not is_fused({"fusion": {"fusion_weight": 0.0}}) and not is_fused({})
 
 
 def test_returns_none_for_files_that_are_not_model_files(tmp_path):
