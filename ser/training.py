@@ -107,10 +107,10 @@ def apply_statistics(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] |
 
 
 def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split: str | list[str] | None = None,
-             actors: list[int] | None = None, corpora: list[str] | None = None
+             speakers: list[str] | None = None, corpora: list[str] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
     """Features (as the features stage wrote them) and class indices of the clips of a split
-    or splits (and/or of the given actors, of the given corpora), restricted to `classes`."""
+    or splits (and/or of the given speakers, of the given corpora), restricted to `classes`."""
     array, index, _ = feature_store.load(features_dir)
     clips = pd.read_parquet(metadata_path)
     if index["path"].tolist() != clips["path"].tolist():
@@ -118,8 +118,8 @@ def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split
     keep = clips["emotion"].isin(classes)
     if split is not None:
         keep &= clips["split"].isin([split] if isinstance(split, str) else split)
-    if actors is not None:
-        keep &= clips["actor"].isin(actors)
+    if speakers is not None:
+        keep &= clips["speaker"].isin(speakers)
     if corpora is not None:
         keep &= clips["corpus"].isin(corpora)
     rows = np.flatnonzero(keep.to_numpy())
@@ -129,10 +129,10 @@ def load_raw(features_dir: str, metadata_path: str, classes: list[str], *, split
 
 
 def load_clips(features_dir: str, metadata_path: str, classes: list[str], *, split: str | list[str] | None = None,
-               actors: list[int] | None = None, corpora: list[str] | None = None,
+               speakers: list[str] | None = None, corpora: list[str] | None = None,
                normalisation: str = "clip") -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
     """load_raw's clips as the model of `normalisation` takes them (input_statistics)."""
-    x, y, clips = load_raw(features_dir, metadata_path, classes, split=split, actors=actors, corpora=corpora)
+    x, y, clips = load_raw(features_dir, metadata_path, classes, split=split, speakers=speakers, corpora=corpora)
     return apply_statistics(x, input_statistics(x, clips, normalisation)), y, clips
 
 

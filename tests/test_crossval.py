@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from conftest import synthetic_dataset, train_params
-from ser.crossval import cross_validate, make_folds
+from ser.crossval import Fold, cross_validate, cv_folds, make_folds, speaker_folds
 from ser.features import PARAMS_NAME
 from ser.util import UserError
 
 
 def _cv(data, recipe, fold_size=2, n_jobs=1, train_model=None):
-    return cross_validate(data, recipe, fold_size, n_jobs, train_model=train_model)
+    folds = cv_folds(pd.read_parquet(data[1]), "actors", fold_size, 2)
+    return cross_validate(data, recipe, folds, n_jobs, train_model=train_model)
 
 
 def _data(tmp_path, feature_params):
@@ -33,21 +34,69 @@ def test_every_fold_is_tested_on_actors_it_never_trained_on(tmp_path, feature_pa
     predictions: every clip predicted once, by the fold that held out its actor."""
     data = _data(tmp_path, feature_params)
     table, summary, predictions = _cv(data, train_params(epochs=3))
-    assert table["test_actors"].tolist() == ["1 2", "3 4", "5 6"]
+    assert table["test_speakers"].tolist() == ["syn:1 syn:2", "syn:3 syn:4", "syn:5 syn:6"]
     assert summary["folds"] == 3 and set(summary["per_fold"]) == {"fold1", "fold2", "fold3"}
     assert summary["test_accuracy_mean"] == pytest.approx(table["test_accuracy"].mean(), abs=1e-5)
     assert summary["test_accuracy_std"] == pytest.approx(table["test_accuracy"].std(), abs=1e-5)
     assert summary["test_accuracy_mean"] >= 0.9  # the synthetic classes are separable
     clips = pd.read_parquet(data[1])
     assert sorted(predictions["path"]) == sorted(clips["path"])
-    actor = predictions["path"].map(dict(zip(clips["path"], clips["actor"])))
-    tested_by = {a: fold for fold, actors in zip(table["fold"], table["test_actors"]) for a in map(int, actors.split())}
-    assert (predictions["fold"] == actor.map(tested_by)).all()
+    speaker = predictions["path"].map(dict(zip(clips["path"], clips["speaker"])))
+    tested_by = {s: fold for fold, speakers in zip(table["fold"], table["test_speakers"]) for s in speakers.split()}
+    assert (predictions["fold"] == speaker.map(tested_by)).all()
+    assert summary["by_corpus"]["syn"]["accuracy"] == pytest.approx((predictions["predicted"] == predictions["actual"]).mean(),
+                                                                     abs=1e-5)
     probs = predictions.filter(like="prob_")
     assert ((probs.sum(axis=1) - 1).abs() < 1e-3).all()
     assert (predictions["predicted"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
     per_fold = (predictions["predicted"] == predictions["actual"]).groupby(predictions["fold"]).mean()
     assert per_fold.round(5).tolist() == table["test_accuracy"].tolist()
+
+
+def _corpora(clips, speakers):
+    """Fabricated metadata: each (corpus, speaker count, test speakers) of `speakers`."""
+    rows = [{"corpus": corpus, "speaker": f"{corpus}:{i}", "split": "test" if i in test else "train"}
+            for corpus, n, test in speakers for i in range(1, n + 1)]
+    return pd.DataFrame(rows)
+
+
+def test_speaker_folds_span_every_corpus_and_leave_the_test_speakers_out():
+    clips = _corpora(None, [("ravdess", 10, {9, 10}), ("emodb", 5, {1}), ("tess", 2, {2})])
+    folds = speaker_folds(clips, 4)
+    assert [f.test for f in folds] == [["emodb:2", "ravdess:1", "ravdess:2"], ["emodb:3", "ravdess:3", "ravdess:4"],
+                                       ["emodb:4", "ravdess:5", "ravdess:6"], ["emodb:5", "ravdess:7", "ravdess:8"]]
+    for fold in folds:
+        assert not set(fold.train) & set(fold.test)
+        assert "tess:1" in fold.train  # a corpus's only non-test speaker trains in every fold
+        assert not {"ravdess:9", "ravdess:10", "emodb:1", "tess:2"} & set(fold.train + fold.test)  # the test speakers
+    with pytest.raises(UserError, match="leave a fold with no speaker to test"):
+        speaker_folds(clips, 9)
+    with pytest.raises(UserError, match="cv.n_folds must be a whole number >= 2"):
+        speaker_folds(clips, 1)
+    with pytest.raises(UserError, match="cv.folds must be one of actors, speakers"):
+        cv_folds(clips, "random", 4, 4)
+
+
+def test_speaker_folds_train_on_the_union_and_score_every_corpus(tmp_path, feature_params, monkeypatch):
+    from ser import crossval, training
+
+    data = _data(tmp_path, feature_params)
+    clips = pd.read_parquet(data[1])
+    other = clips["actor"] >= 4  # actors 4-6 are another corpus's speakers (6: its test speaker)
+    clips.loc[other, "corpus"] = "other"
+    clips.loc[other, "speaker"] = "other:" + clips.loc[other, "actor"].astype(int).astype(str)
+    clips.to_parquet(data[1])
+    drawn = []
+    monkeypatch.setattr(crossval, "fit_ensemble", lambda *a, weights=None, **k: drawn.append(weights) or
+                        training.fit_ensemble(*a, weights=weights, **k))
+    folds = cv_folds(clips, "speakers", 4, 2)
+    assert folds[0] == Fold(["other:5", "syn:3"], ["other:4", "syn:1", "syn:2"])
+    table, summary, predictions = cross_validate(data, train_params(epochs=2, balance="corpus"), folds, 1)
+    assert all(w is not None for w in drawn)  # corpus-balanced, as the train stage
+    assert set(predictions["path"]) == set(clips.loc[clips["split"] != "test", "path"])  # the test speaker: nowhere
+    assert summary["by_corpus"]["other"]["clips"] == (clips["speaker"].isin(["other:4", "other:5"])).sum()
+    assert set(summary["by_corpus"]) == {"syn", "other"} and table["test_speakers"].tolist() == [
+        "other:4 syn:1 syn:2", "other:5 syn:3"]
 
 
 def test_a_fusion_recipe_fuses_every_fold_with_a_linear_model_of_its_training_actors(tmp_path, feature_params,

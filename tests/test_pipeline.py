@@ -166,7 +166,8 @@ def test_cv_is_its_own_pipeline_over_the_ravdess_actors(project):
     cv = json.loads((repo / "metrics/cv.json").read_text())
     assert cv["folds"] == 3 and 0 <= cv["test_accuracy_mean"] <= 1 and cv["test_accuracy_std"] >= 0
     folds = pd.read_csv(repo / "reports/cv_folds.csv")
-    assert folds["test_actors"].tolist() == ["1 2", "13 14", "17 18"]
+    assert folds["test_speakers"].tolist() == ["ravdess:01 ravdess:02", "ravdess:13 ravdess:14",
+                                               "ravdess:17 ravdess:18"]
     # the train stage's model also learnt the manifest corpus: it is no RAVDESS fold, so every
     # fold trains (tests/test_crossval.py covers the reuse of a model that is one)
     assert folds["model"].tolist() == ["trained here"] * 3 and cv["folds_from_train_stage"] == []
