@@ -82,7 +82,7 @@ def project(tmp_path_factory):
                                      "mine": {"kind": "manifest", "manifest": "labels.csv", "test_speakers": ["bo"],
                                               "labels": {"bored": None}}}
     params["train"].update(epochs=2)
-    params["cv"].update(fold_size=2)  # 6 actors: 3 folds of 2
+    params["cv"].update(folds="actors", fold_size=2)  # 6 actors: 3 folds of 2 (tests/test_crossval.py: speakers)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
