@@ -39,25 +39,22 @@ LOCAL_ARCHIVES := $(if $(ARCHIVE),-S 'download.archives.ravdess.url=$(ARCHIVE)' 
   $(if $(TESS_ARCHIVE),-S 'download.archives.tess.url=$(TESS_ARCHIVE)' -S 'download.archives.tess.md5=$(TESS_MD5)') \
   $(if $(EMODB_ARCHIVE),-S 'download.archives.emodb.url=$(EMODB_ARCHIVE)' -S 'download.archives.emodb.md5=$(EMODB_MD5)')
 
-repro: setup
-ifneq ($(strip $(LOCAL_ARCHIVES)),)
-	dvc exp run $(LOCAL_ARCHIVES)
-else
-	dvc repro
-endif
+# With local archives (or other SET='-S key=value' overrides) a pipeline runs as a DVC experiment
+# that writes them into params.yaml, so dvc.lock and params.yaml keep agreeing; else `dvc repro`.
+RUN = $(if $(strip $(LOCAL_ARCHIVES) $(SET)),dvc exp run $(LOCAL_ARCHIVES) $(SET),dvc repro)
 
-# Actor-fold cross-validation of the train recipe: its own DVC pipeline (cv/dvc.yaml), after repro.
+repro: setup
+	$(RUN)
+
+# Speaker-fold cross-validation of the train recipe: its own DVC pipeline (cv/dvc.yaml), after
+# repro, with the same archives (`make cv SHARED=../shared/data`; over every corpus: SET='-S cv.folds=speakers').
 cv: setup
-	dvc repro cv/dvc.yaml
+	$(RUN) cv/dvc.yaml
 
 # Leave-one-corpus-out evaluation of the train recipe (loco/dvc.yaml): needs two corpora or more;
-# with local archives as for repro (`make loco SHARED=../shared/data`), as a DVC experiment.
+# with the same archives as repro (`make loco SHARED=../shared/data`).
 loco: setup
-ifneq ($(strip $(LOCAL_ARCHIVES)),)
-	dvc exp run loco/dvc.yaml $(LOCAL_ARCHIVES)
-else
-	dvc repro loco/dvc.yaml
-endif
+	$(RUN) loco/dvc.yaml
 
 # The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
 browser:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ser.audio import AudioError, Settings, audio_info
+from ser.audio import AudioError, LogMel, Settings, audio_info
 from ser.grouping import GroupStatistics
-from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, extractor_for, gather_statistics, label_files
+from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
 from ser.modelfile import is_fused
 from ser.models import ModelFileError, load_checkpoint
 
@@ -69,7 +69,8 @@ class Analyser:
         path, fp = Path(path), self.meta["feature_params"]
         problem = self.too_long(path)
         # decoded once, by the labeller's own workers' code; a page recording is short (too_long)
-        pieces = [] if problem else list(FeatureStream([path], extractor_for(fp, is_fused(self.meta["extra"])), self.settings))
+        extractor = LogMel(fp, functionals=is_fused(self.meta["extra"]))
+        pieces = [] if problem else list(FeatureStream([path], extractor, self.settings))
         problem = problem or next((p["error"].replace(f"{path}: ", "", 1) for p in pieces if p["error"]), None)
         if not problem and all(p["features"] is None for p in pieces):
             problem = f"silent (peak below {self.settings.silence_peak})"

@@ -80,7 +80,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
     x_test, y_test, test_clips = load_raw(*data, classes, corpora=[left_out])
     start, stats = time.perf_counter(), input_statistics(x, train_clips, norm)
-    weights = sampling_weights(train_clips, recipe.get("balance", "none"))
+    weights = sampling_weights(train_clips, recipe)
     model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
                             label=f"without {left_out} ", stats=stats, weights=weights)
     x_cal, y_cal, cal_clips = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)

@@ -119,7 +119,7 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k
     start = time.perf_counter()
     if trained is None:
         x, y, clips = load_raw(*data, classes, speakers=fold.train)
-        weights = sampling_weights(clips, recipe.get("balance", "none"))  # as the train stage draws its epochs
+        weights = sampling_weights(clips, recipe)  # as the train stage draws its epochs
         model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"fold {k + 1}/{len(folds)} ",
                                 weights=weights, stats=input_statistics(x, clips, norm))
         # the linear model fused as the train stage does; no held-out speakers here, so uncalibrated

@@ -284,12 +284,6 @@ NORMALISED_BY = {
 Statistics = dict[str | None, GroupStatistics]
 
 
-def extractor_for(fp: FeatureParams, fused: bool) -> LogMel:
-    """The workers' features for a model: the log-Mel, and the functionals only when the model
-    fuses a linear model on them (ser.fusion; an older model file has none: no cost for it)."""
-    return LogMel(fp, functionals=fused)
-
-
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
                       fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS) -> Statistics:
     """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
@@ -344,7 +338,8 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
     `stream`: None, or started by the caller over first_pass_paths() (run() does, so the
     workers start before torch loads). `groups`: each path's speaker group already read from
     `speakers` (a cluster worker gets them, not the manifest)."""
-    extractor = extractor_for(meta["feature_params"], is_fused(meta["extra"]))
+    # the functionals only for a model that fuses a linear model on them (ser.fusion)
+    extractor = LogMel(meta["feature_params"], functionals=is_fused(meta["extra"]))
     used, statistics = normalised_by(meta, speakers), {}
     if calibration is not None and used != "clip":
         used, statistics = "calibration", {"calibration": calibration}
@@ -579,7 +574,7 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     stream = FeatureStream(first_pass_paths(paths, info["normalisation"], speakers, groups, settings),
-                           extractor_for(info["feature_params"], info["fused"]), settings) if info else None
+                           LogMel(info["feature_params"], functionals=info["fused"]), settings) if info else None
     try:
         from ser.models import ModelFileError, load_checkpoint
 

@@ -197,14 +197,22 @@ def calibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: in
     model.eval()
 
 
-def sampling_weights(clips: pd.DataFrame, balance: str) -> torch.Tensor | None:
-    """Per-clip weights for drawing an epoch (None: every clip once, shuffled). corpus: every
-    corpus weighs the same whatever its size, so one big corpus does not drown the rest."""
+def sampling_weights(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | None:
+    """Per-clip weights for drawing an epoch under recipe r (None: every clip once, shuffled).
+    balance corpus: every corpus weighs the same whatever its size, so one big corpus does not
+    drown the rest, times r["corpus_weights"][corpus] where given (a corpus not trained on here,
+    as in leave-one-corpus-out, is passed over)."""
+    balance, corpus_weights = r.get("balance", "none"), r.get("corpus_weights") or {}
     if balance not in ("none", "corpus"):
         raise UserError(f"train.balance must be none or corpus, not {balance!r}")
+    bad = {name: w for name, w in corpus_weights.items() if not isinstance(w, (int, float)) or w <= 0}
+    if bad:
+        raise UserError(f"train.corpus_weights must be positive numbers, not {bad}")
     if balance == "none" or clips["corpus"].nunique() < 2:
         return None
-    return torch.tensor((1.0 / clips["corpus"].map(clips["corpus"].value_counts())).to_numpy(), dtype=torch.double)
+    per_clip = clips["corpus"].map(lambda corpus: float(corpus_weights.get(corpus, 1.0)))
+    per_clip = per_clip / clips["corpus"].map(clips["corpus"].value_counts())
+    return torch.tensor(per_clip.to_numpy(), dtype=torch.double)
 
 
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
@@ -306,7 +314,7 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     if len(x) == 0:
         raise UserError(f"train: no training clips in {metadata_path}; check metadata.test_actors")
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
-    weights = sampling_weights(clips, r.get("balance", "none"))
+    weights = sampling_weights(clips, r)
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
                                   weights=weights, stats=stats)
     x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")

@@ -107,10 +107,8 @@ def test_permission_denied_is_an_error_row(tmp_path, feature_params, monkeypatch
 
 
 def test_the_workers_compute_the_functionals_only_for_a_model_that_fuses_them(tmp_path, feature_params):
-    from ser.labeller import extractor_for
-
     path = write_tone(tmp_path / "a.wav", seconds=8.0)
-    fused, plain = (prepare(path, extractor_for(feature_params, f), SETTINGS) for f in (True, False))
+    fused, plain = (prepare(path, LogMel(feature_params, functionals=f), SETTINGS) for f in (True, False))
     assert fused["functionals"].shape[0] == len(fused["features"]) == 2 and plain["functionals"] is None
     np.testing.assert_array_equal(fused["features"], plain["features"])
 

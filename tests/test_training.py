@@ -110,13 +110,28 @@ def test_corpus_balance_draws_every_corpus_alike():
     from ser.training import sampling_weights
 
     clips = pd.DataFrame({"corpus": ["big"] * 90 + ["small"] * 10})
-    weights = sampling_weights(clips, "corpus")
-    assert float(weights[:90].sum()) == pytest.approx(float(weights[90:].sum()))
+    weights = sampling_weights(clips, {"balance": "corpus"})
+    assert torch.equal(weights, torch.tensor([1 / 90] * 90 + [1 / 10] * 10, dtype=torch.double))
     drawn = torch.multinomial(weights, 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
     assert abs((drawn >= 90).float().mean().item() - 0.5) < 0.03
-    assert sampling_weights(clips, "none") is None and sampling_weights(clips.iloc[:90], "corpus") is None
+    assert sampling_weights(clips, {"balance": "none"}) is None and sampling_weights(clips, {}) is None
+    assert sampling_weights(clips.iloc[:90], {"balance": "corpus"}) is None
     with pytest.raises(UserError, match="train.balance must be none or corpus"):
-        sampling_weights(clips, "class")
+        sampling_weights(clips, {"balance": "class"})
+
+
+def test_a_corpus_weight_draws_that_corpus_more_and_ignores_corpora_not_trained_on():
+    import pandas as pd
+
+    from ser.training import sampling_weights
+
+    clips = pd.DataFrame({"corpus": ["big"] * 90 + ["small"] * 10})
+    weights = sampling_weights(clips, {"balance": "corpus", "corpus_weights": {"big": 3, "left_out": 2}})
+    assert float(weights[:90].sum()) == pytest.approx(3 * float(weights[90:].sum()))
+    drawn = torch.multinomial(weights, 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((drawn < 90).float().mean().item() - 0.75) < 0.03
+    with pytest.raises(UserError, match="corpus_weights must be positive"):
+        sampling_weights(clips, {"balance": "corpus", "corpus_weights": {"big": 0}})
 
 
 def test_a_speaker_normalised_recipe_trains_and_its_model_skips_the_clip_mean(tmp_path, feature_params):
