@@ -17,7 +17,7 @@ import torchaudio.transforms as T
 from ser import ddp
 from ser import features as feature_store
 from ser.corpora import resolve_classes
-from ser.audio import FeatureParams
+from ser.audio import FeatureParams, hz_to_mel, mel_to_hz
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
 from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
@@ -142,11 +142,36 @@ def model_arch(r: dict[str, Any]) -> dict[str, Any]:
     return {**r["model"], "utterance_norm": r.get("normalisation", "clip") == "clip"}
 
 
+def warp_frequency(x: torch.Tensor, fp: FeatureParams, factors: torch.Tensor) -> torch.Tensor:
+    """(batch, mels, frames) log-Mel with clip i's frequency axis scaled by factors[i] on the Hz
+    scale (vocal tract length perturbation: the same speech from a shorter, > 1, or longer vocal
+    tract; time untouched): each band reads the band at its centre frequency / factor,
+    interpolated linearly; what comes from below fmin or above fmax repeats the edge band."""
+    n_mels = x.shape[1]
+    mel_lo, mel_hi = hz_to_mel(np.array([fp.fmin, fp.fmax], dtype=np.float64))
+    step = (mel_hi - mel_lo) / (n_mels + 1)  # band i's centre: mel_lo + (i + 1) * step
+    centre_hz = mel_to_hz(mel_lo + step * np.arange(1, n_mels + 1))
+    source = (hz_to_mel(centre_hz[None, :] / factors.double().numpy()[:, None]) - mel_lo) / step - 1
+    source = torch.from_numpy(np.clip(source, 0, n_mels - 1)).to(x.dtype)  # (batch, mels) band index
+    low = source.floor().long().clamp(max=n_mels - 2)
+    weight = (source - low)[:, :, None]
+    index = low[:, :, None].expand(-1, -1, x.shape[2])
+    return x.gather(1, index) * (1 - weight) + x.gather(1, index + 1) * weight
+
+
 class Augment:
     """Training-time augmentation on a batch of dB spectrograms (batch, mels, frames): a
-    random circular time shift and SpecAugment masks (filled with the per-bin mean)."""
+    random vocal tract length (warp_frequency, each clip by a factor within 1 +- p["vtlp"];
+    0 or absent: off, no random numbers drawn), a random circular time shift and SpecAugment
+    masks (filled with the per-bin mean)."""
 
-    def __init__(self, p: dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(self, p: dict[str, Any], mean: torch.Tensor, std: torch.Tensor,
+                 fp: FeatureParams | None = None) -> None:
+        self.vtlp, self.fp = float(p.get("vtlp") or 0.0), fp
+        if not 0 <= self.vtlp < 0.5:
+            raise UserError(f"train.augment.vtlp must be at least 0 and below 0.5, not {p.get('vtlp')!r}")
+        if self.vtlp and fp is None:
+            raise ValueError("vtlp needs the features' FeatureParams (the mel bands' frequencies)")
         self.shift = p["time_shift_frames"]
         self.masks = torch.nn.Sequential(*(
             [T.FrequencyMasking(p["freq_mask"], iid_masks=True) for _ in range(p["n_freq_masks"])]
@@ -155,6 +180,8 @@ class Augment:
         self.mean, self.std = mean[:, None], std[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vtlp:
+            x = warp_frequency(x, self.fp, 1 + (torch.rand(len(x), dtype=torch.float64) * 2 - 1) * self.vtlp)
         if self.shift > 0:
             shifts = torch.randint(-self.shift, self.shift + 1, (x.shape[0],))
             x = torch.stack([torch.roll(row, int(s), dims=-1) for row, s in zip(x, shifts)])
@@ -242,7 +269,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     model.set_normalization(mean, std)
     model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
     trained = ddp.wrap(model, device)  # under torchrun: gradients averaged over the processes (ser.ddp)
-    augment = Augment(r["augment"], mean, std)
+    augment = Augment(r["augment"], mean, std, fp)
     # BatchNorm statistics are recalibrated at the end on a fixed sample of clean clips
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(r["seed"]))
     calibration = x_train[sample[: r["bn_calibration_clips"]]]

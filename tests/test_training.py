@@ -3,7 +3,8 @@ import torch
 
 import ser.training as train_module
 from conftest import synthetic_dataset, train_params
-from ser.training import Augment, calibrate_batch_norm, fit_ensemble, load_clips, train, train_classes
+from ser.audio import FeatureParams
+from ser.training import Augment, calibrate_batch_norm, fit_ensemble, load_clips, train, train_classes, warp_frequency
 from ser.util import UserError
 
 CPU = torch.device("cpu")
@@ -53,6 +54,50 @@ def test_augment_keeps_shape_and_masks_to_the_bin_mean():
     out = augment(x)
     assert out.shape == x.shape
     assert set(torch.unique(out).tolist()) <= {0.0, -50.0}
+
+
+def _bands(n_mels=32):
+    return FeatureParams.from_dict({"sample_rate": 16000, "duration_s": 1.0, "trim_db": None, "n_mels": n_mels,
+                                    "n_fft": 512, "hop_length": 160, "fmin": 20, "fmax": 8000,
+                                    "amin": 1e-10, "top_db": 80})
+
+
+def test_a_frequency_warp_moves_a_formant_up_for_a_shorter_vocal_tract_and_down_for_a_longer():
+    fp = _bands()
+    x = torch.full((3, 32, 5), -60.0)
+    x[:, 16, :] = 0.0  # one band lit, at about 1.6 kHz
+    out = warp_frequency(x, fp, torch.tensor([1.0, 1.15, 0.85]))
+    assert torch.equal(out[0], x[0])  # factor 1: the same clip
+    peaks = out.argmax(dim=1)[:, 0].tolist()
+    assert peaks[1] > 16 > peaks[2]  # 1.6 kHz * 1.15 lies in a higher band; * 0.85 in a lower
+    assert out.shape == x.shape and out.max() <= 0.0 and out.min() >= -60.0  # interpolation only
+
+
+def test_vtlp_off_draws_no_random_numbers_and_on_warps_each_clip_by_its_own_factor():
+    fp = _bands(16)
+    mean, std = torch.zeros(16), torch.ones(16)
+    off = {"time_shift_frames": 0, "freq_mask": 0, "n_freq_masks": 0, "time_mask": 0, "n_time_masks": 0}
+    x = torch.randn(8, 16, 10)
+    torch.manual_seed(1)
+    assert torch.equal(Augment({**off, "vtlp": 0.0}, mean, std, fp)(x), x)
+    Augment(off, mean, std)(x)  # absent: off too
+    after_augmenting = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_augmenting)  # nothing drawn: the default's epochs are as before
+    warped = Augment({**off, "vtlp": 0.2}, mean, std, fp)(x)
+    assert not torch.equal(warped, x)
+    assert not any(torch.equal(warped[i], warped[j]) for i in range(8) for j in range(i))
+    with pytest.raises(UserError, match="vtlp"):
+        Augment({**off, "vtlp": 0.7}, mean, std, fp)
+
+
+def test_a_vtlp_recipe_trains_with_the_warp_and_is_deterministic(tmp_path, feature_params):
+    data = _data(tmp_path, feature_params)
+    augment = {**train_params()["augment"], "vtlp": 0.1}
+    _, plain, _ = train(train_params(epochs=2), *data, CPU)
+    _, warped, _ = train(train_params(epochs=2, augment=augment), *data, CPU)
+    _, again, _ = train(train_params(epochs=2, augment=augment), *data, CPU)
+    assert warped == again and warped != plain
 
 
 def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
