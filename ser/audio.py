@@ -227,12 +227,18 @@ def mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), mel * (200.0 / 3))
 
 
+def mel_band_edges(n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """The n_mels + 2 edge frequencies (Hz) of the mel filters, evenly spaced on Slaney's mel
+    scale: band i rises from edge i, peaks at edge i + 1 (its centre) and falls to edge i + 2."""
+    return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+
+
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
     """(n_mels, n_fft // 2 + 1) triangular filters on Slaney's mel scale with Slaney's
     area normalisation: librosa.filters.mel's defaults (tested equal), without importing
     librosa, which costs about a second per process (scipy.signal, numba)."""
     fft_hz = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
-    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    edges_hz = mel_band_edges(n_mels, fmin, fmax)
     ramps = edges_hz[:, None] - fft_hz[None, :]
     widths = np.diff(edges_hz)
     lower = -ramps[:-2] / widths[:-1, None]

@@ -17,7 +17,7 @@ import torchaudio.transforms as T
 from ser import ddp
 from ser import features as feature_store
 from ser.corpora import resolve_classes
-from ser.audio import FeatureParams, hz_to_mel, mel_to_hz
+from ser.audio import FeatureParams, hz_to_mel, mel_band_edges
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
 from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
@@ -25,6 +25,7 @@ from ser.util import UserError, seed_everything
 
 
 NORMALISATIONS = ("clip", "speaker")
+ABSENT_CLASSES = ("negative", "ignored")
 
 
 def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
@@ -96,8 +97,10 @@ def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch
         held_out = (feature_store.load_functionals(features_dir, cal_clips["path"]), y_cal.numpy(),
                     cal_clips["speaker"].to_numpy())
     try:
+        allowed = corpus_class_mask(clips, y, n_classes, r)
         return train_head(f, y.numpy(), clips["speaker"].to_numpy(), n_classes,
-                          None if weights is None else weights.numpy(), r["fusion"], held_out)
+                          None if weights is None else weights.numpy(), r["fusion"], held_out,
+                          None if allowed is None else allowed.numpy())
     except (KeyError, ValueError) as e:
         raise UserError(f"train.fusion: {e}") from None
 
@@ -148,11 +151,11 @@ def warp_frequency(x: torch.Tensor, fp: FeatureParams, factors: torch.Tensor) ->
     tract; time untouched): each band reads the band at its centre frequency / factor,
     interpolated linearly; what comes from below fmin or above fmax repeats the edge band."""
     n_mels = x.shape[1]
-    mel_lo, mel_hi = hz_to_mel(np.array([fp.fmin, fp.fmax], dtype=np.float64))
-    step = (mel_hi - mel_lo) / (n_mels + 1)  # band i's centre: mel_lo + (i + 1) * step
-    centre_hz = mel_to_hz(mel_lo + step * np.arange(1, n_mels + 1))
-    source = (hz_to_mel(centre_hz[None, :] / factors.double().numpy()[:, None]) - mel_lo) / step - 1
-    source = torch.from_numpy(np.clip(source, 0, n_mels - 1)).to(x.dtype)  # (batch, mels) band index
+    centre_hz = mel_band_edges(n_mels, fp.fmin, fp.fmax)[1:-1]
+    wanted = hz_to_mel(centre_hz[None, :] / factors.double().numpy()[:, None])
+    # the (fractional) band whose centre is there: the centres are evenly spaced in mel
+    source = np.interp(wanted.ravel(), hz_to_mel(centre_hz), np.arange(n_mels)).reshape(wanted.shape)
+    source = torch.from_numpy(source).to(x.dtype)  # (batch, mels) band index, 0 to n_mels - 1
     low = source.floor().long().clamp(max=n_mels - 2)
     weight = (source - low)[:, :, None]
     index = low[:, :, None].expand(-1, -1, x.shape[2])
@@ -167,9 +170,10 @@ class Augment:
 
     def __init__(self, p: dict[str, Any], mean: torch.Tensor, std: torch.Tensor,
                  fp: FeatureParams | None = None) -> None:
-        self.vtlp, self.fp = float(p.get("vtlp") or 0.0), fp
-        if not 0 <= self.vtlp < 0.5:
-            raise UserError(f"train.augment.vtlp must be at least 0 and below 0.5, not {p.get('vtlp')!r}")
+        vtlp = p.get("vtlp") or 0.0  # absent or null: off
+        if isinstance(vtlp, bool) or not isinstance(vtlp, (int, float)) or not 0 <= vtlp < 0.5:
+            raise UserError(f"train.augment.vtlp must be a number at least 0 and below 0.5, not {vtlp!r}")
+        self.vtlp, self.fp = float(vtlp), fp
         if self.vtlp and fp is None:
             raise ValueError("vtlp needs the features' FeatureParams (the mel bands' frequencies)")
         self.shift = p["time_shift_frames"]
@@ -242,6 +246,35 @@ def sampling_weights(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | N
     return torch.tensor(per_clip.to_numpy(), dtype=torch.double)
 
 
+def corpus_class_mask(clips: pd.DataFrame, y: torch.Tensor, n_classes: int, r: dict[str, Any]
+                      ) -> torch.Tensor | None:
+    """(clips, classes) bool: the classes each clip's corpus labels among `clips` (labels y), over
+    which its loss is taken under r["absent_classes"] "ignored", so that a class only some corpora
+    have (RAVDESS's calm, surprised: not EmoDB's) is not learned as "not the other corpora's
+    voices". None: every clip's loss over every class ("negative", the default), or one corpus."""
+    mode = r.get("absent_classes", "negative")
+    if mode not in ABSENT_CLASSES:
+        raise UserError(f"train.absent_classes must be one of {', '.join(ABSENT_CLASSES)}, not {mode!r}")
+    if mode == "negative" or clips["corpus"].nunique() < 2:
+        return None
+    corpus, labels = clips["corpus"].to_numpy(), y.numpy()
+    mask = np.zeros((len(clips), n_classes), dtype=bool)
+    for name in np.unique(corpus):
+        rows = np.flatnonzero(corpus == name)
+        mask[np.ix_(rows, np.unique(labels[rows]))] = True
+    return torch.from_numpy(mask)
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor, smoothing: float
+                         ) -> torch.Tensor:
+    """F.cross_entropy with label smoothing, each row's softmax and smoothing over its `allowed`
+    classes alone (equal to it where every class is allowed)."""
+    log_p = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
+    nll = -log_p.gather(1, y[:, None]).squeeze(1)
+    smooth = -log_p.masked_fill(~allowed, 0.0).sum(1) / allowed.sum(1)
+    return ((1 - smoothing) * nll + smoothing * smooth).mean()
+
+
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
     """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
@@ -253,13 +286,13 @@ def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_d
 
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-        stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model on (x_train: features as written, fp; `stats`: what the model takes
-    them relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and
-    keep the last; return it in eval mode with its per-epoch history. An epoch is every clip
-    once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
-    r["seed"]: the same recipe and data give the same weights on one CPU."""
+    """Train one model on (x_train: features as written, fp; `stats`: what the model takes them
+    relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and keep the
+    last; return it in eval mode with its per-epoch history. An epoch is every clip once in random
+    order, or as many drawn by `weights` (sampling_weights); a clip's loss is over its `allowed`
+    classes (corpus_class_mask; None: all). Seeded: the same recipe and data, the same model on one CPU."""
     seed_everything(r["seed"])
     x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
@@ -277,8 +310,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     batch_size = r["batch_size"]
     steps_per_epoch = int(np.ceil(len(ddp.my_share(torch.arange(len(x_train)))) / batch_size))
     optimizer, scheduler, scaler = one_cycle(model, r, r["epochs"] * steps_per_epoch, amp_dtype)
-    generator = torch.Generator().manual_seed(r["seed"])
-    history: list[dict[str, float]] = []
+    generator, history = torch.Generator().manual_seed(r["seed"]), []  # history: a dict per epoch
     for epoch in range(1, r["epochs"] + 1):
         model.train()
         order = ddp.my_share(torch.randperm(len(x_train), generator=generator) if weights is None else
@@ -293,7 +325,8 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 logits = trained(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
+                loss = (F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"]) if allowed is None else
+                        masked_cross_entropy(logits, yb, allowed[batch].to(device), r["label_smoothing"]))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -315,17 +348,18 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
 
 def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams,
                  n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
-    (one: that model), and the history of every member (column `member`)."""
+    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) of fit() voting by averaged
+    probabilities (one: that model), and the history of every member (column `member`)."""
     n = r["ensemble_seeds"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")
     members, history = [], []
     for j in range(n):
         model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, fp, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats)
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats,
+                          allowed=allowed)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -343,7 +377,7 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
     weights = sampling_weights(clips, r)
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=weights, stats=stats)
+                                  weights=weights, stats=stats, allowed=corpus_class_mask(clips, y, len(classes), r))
     x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
     head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker

@@ -87,8 +87,9 @@ def test_vtlp_off_draws_no_random_numbers_and_on_warps_each_clip_by_its_own_fact
     warped = Augment({**off, "vtlp": 0.2}, mean, std, fp)(x)
     assert not torch.equal(warped, x)
     assert not any(torch.equal(warped[i], warped[j]) for i in range(8) for j in range(i))
-    with pytest.raises(UserError, match="vtlp"):
-        Augment({**off, "vtlp": 0.7}, mean, std, fp)
+    for bad in (0.7, -0.1, "0.1", True):
+        with pytest.raises(UserError, match="train.augment.vtlp must be a number"):
+            Augment({**off, "vtlp": bad}, mean, std, fp)
 
 
 def test_a_vtlp_recipe_trains_with_the_warp_and_is_deterministic(tmp_path, feature_params):
@@ -231,3 +232,54 @@ def test_a_fusion_recipe_trains_a_linear_model_on_the_functionals_and_the_file_k
     assert "fusion" not in off
     with pytest.raises(UserError, match="train.fusion"):
         train(train_params(epochs=1, fusion={"weight": 0.4}), features, metadata, CPU)
+
+
+def test_the_masked_loss_is_cross_entropy_over_each_clips_allowed_classes():
+    import torch.nn.functional as F
+
+    from ser.training import masked_cross_entropy
+
+    logits, y = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1])
+    everything = torch.ones(6, 4, dtype=torch.bool)
+    torch.testing.assert_close(masked_cross_entropy(logits, y, everything, 0.1),
+                               F.cross_entropy(logits, y, label_smoothing=0.1))
+    allowed = everything.clone()
+    allowed[[0, 1, 4, 5], 3] = False  # these clips' corpus has no class 3
+    loss = masked_cross_entropy(logits, y, allowed, 0.1)
+    loss.backward()
+    assert torch.all(logits.grad[allowed == False] == 0)  # an absent class is neither pushed down nor up
+    expected = torch.stack([F.cross_entropy(logits[i, allowed[i]][None], y[i:i + 1], label_smoothing=0.1)
+                            for i in range(6)]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_class_mask_lists_each_corpus_own_classes():
+    import pandas as pd
+
+    from ser.training import corpus_class_mask
+
+    clips = pd.DataFrame({"corpus": ["a", "a", "a", "b", "b"]})
+    y = torch.tensor([0, 1, 2, 0, 1])
+    mask = corpus_class_mask(clips, y, 4, {"absent_classes": "ignored"})
+    assert mask.tolist() == [[True, True, True, False]] * 3 + [[True, True, False, False]] * 2
+    assert corpus_class_mask(clips, y, 4, {}) is None  # negative, the default: every class for every clip
+    assert corpus_class_mask(clips, y, 4, {"absent_classes": "negative"}) is None
+    assert corpus_class_mask(clips.iloc[:3], y[:3], 4, {"absent_classes": "ignored"}) is None  # one corpus
+    with pytest.raises(UserError, match="train.absent_classes must be one of negative, ignored"):
+        corpus_class_mask(clips, y, 4, {"absent_classes": "masked"})
+
+
+def test_a_recipe_that_ignores_absent_classes_trains_deterministically_and_differently(tmp_path, feature_params):
+    import pandas as pd
+
+    features, metadata = _data(tmp_path, feature_params)
+    clips = pd.read_parquet(metadata)
+    other = clips["actor"].isin([4, 5])
+    clips.loc[other, "corpus"] = "other"
+    clips.loc[other & (clips["emotion"] == "angry"), "split"] = "test"  # "other" trains no angry clip
+    clips.to_parquet(metadata)
+    recipe = train_params(epochs=3, balance="corpus")
+    _, plain, _ = train(recipe, features, metadata, CPU)
+    _, ignored, _ = train({**recipe, "absent_classes": "ignored"}, features, metadata, CPU)
+    _, again, _ = train({**recipe, "absent_classes": "ignored"}, features, metadata, CPU)
+    assert ignored == again and ignored != plain
