@@ -25,7 +25,6 @@ from ser.util import UserError, seed_everything
 
 
 NORMALISATIONS = ("clip", "speaker")
-ABSENT_CLASSES = ("negative", "ignored")
 
 
 def input_statistics(x: torch.Tensor, clips: pd.DataFrame, normalisation: str
@@ -97,10 +96,8 @@ def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch
         held_out = (feature_store.load_functionals(features_dir, cal_clips["path"]), y_cal.numpy(),
                     cal_clips["speaker"].to_numpy())
     try:
-        allowed = corpus_class_mask(clips, y, n_classes, r)
         return train_head(f, y.numpy(), clips["speaker"].to_numpy(), n_classes,
-                          None if weights is None else weights.numpy(), r["fusion"], held_out,
-                          None if allowed is None else allowed.numpy())
+                          None if weights is None else weights.numpy(), r["fusion"], held_out)
     except (KeyError, ValueError) as e:
         raise UserError(f"train.fusion: {e}") from None
 
@@ -246,35 +243,6 @@ def sampling_weights(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | N
     return torch.tensor(per_clip.to_numpy(), dtype=torch.double)
 
 
-def corpus_class_mask(clips: pd.DataFrame, y: torch.Tensor, n_classes: int, r: dict[str, Any]
-                      ) -> torch.Tensor | None:
-    """(clips, classes) bool: the classes each clip's corpus labels among `clips` (labels y), over
-    which its loss is taken under r["absent_classes"] "ignored", so that a class only some corpora
-    have (RAVDESS's calm, surprised: not EmoDB's) is not learned as "not the other corpora's
-    voices". None: every clip's loss over every class ("negative", the default), or one corpus."""
-    mode = r.get("absent_classes", "negative")
-    if mode not in ABSENT_CLASSES:
-        raise UserError(f"train.absent_classes must be one of {', '.join(ABSENT_CLASSES)}, not {mode!r}")
-    if mode == "negative" or clips["corpus"].nunique() < 2:
-        return None
-    corpus, labels = clips["corpus"].to_numpy(), y.numpy()
-    mask = np.zeros((len(clips), n_classes), dtype=bool)
-    for name in np.unique(corpus):
-        rows = np.flatnonzero(corpus == name)
-        mask[np.ix_(rows, np.unique(labels[rows]))] = True
-    return torch.from_numpy(mask)
-
-
-def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor, smoothing: float
-                         ) -> torch.Tensor:
-    """F.cross_entropy with label smoothing, each row's softmax and smoothing over its `allowed`
-    classes alone (equal to it where every class is allowed)."""
-    log_p = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
-    nll = -log_p.gather(1, y[:, None]).squeeze(1)
-    smooth = -log_p.masked_fill(~allowed, 0.0).sum(1) / allowed.sum(1)
-    return ((1 - smoothing) * nll + smoothing * smooth).mean()
-
-
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
     """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
@@ -286,13 +254,13 @@ def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_d
 
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-        stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model on (x_train: features as written, fp; `stats`: what the model takes them
-    relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and keep the
-    last; return it in eval mode with its per-epoch history. An epoch is every clip once in random
-    order, or as many drawn by `weights` (sampling_weights); a clip's loss is over its `allowed`
-    classes (corpus_class_mask; None: all). Seeded: the same recipe and data, the same model on one CPU."""
+    """Train one model on (x_train: features as written, fp; `stats`: what the model takes
+    them relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and
+    keep the last; return it in eval mode with its per-epoch history. An epoch is every clip
+    once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
+    r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
     x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
@@ -310,7 +278,8 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     batch_size = r["batch_size"]
     steps_per_epoch = int(np.ceil(len(ddp.my_share(torch.arange(len(x_train)))) / batch_size))
     optimizer, scheduler, scaler = one_cycle(model, r, r["epochs"] * steps_per_epoch, amp_dtype)
-    generator, history = torch.Generator().manual_seed(r["seed"]), []  # history: a dict per epoch
+    generator = torch.Generator().manual_seed(r["seed"])
+    history: list[dict[str, float]] = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
         order = ddp.my_share(torch.randperm(len(x_train), generator=generator) if weights is None else
@@ -325,8 +294,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 logits = trained(xb)
-                loss = (F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"]) if allowed is None else
-                        masked_cross_entropy(logits, yb, allowed[batch].to(device), r["label_smoothing"]))
+                loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -348,18 +316,17 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
 
 def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams,
                  n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) of fit() voting by averaged
-    probabilities (one: that model), and the history of every member (column `member`)."""
+    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
+    (one: that model), and the history of every member (column `member`)."""
     n = r["ensemble_seeds"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")
     members, history = [], []
     for j in range(n):
         model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, fp, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats,
-                          allowed=allowed)
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -377,7 +344,7 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
     weights = sampling_weights(clips, r)
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=weights, stats=stats, allowed=corpus_class_mask(clips, y, len(classes), r))
+                                  weights=weights, stats=stats)
     x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
     head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker

@@ -5,7 +5,8 @@ import pytest
 import soundfile as sf
 
 from conftest import write_tone
-from ser.audio import AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio, mel_filterbank
+from ser.audio import (AudioError, LogMel, audio_info, find_audio_files, fix_length, load_audio, mel_band_edges,
+                       mel_filterbank)
 
 
 @pytest.mark.parametrize("sr, channels, subtype, suffix", [
@@ -89,6 +90,17 @@ def test_mel_filterbank_equals_librosa(sr, n_fft, n_mels, fmin, fmax):
 
     theirs = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
     np.testing.assert_allclose(mel_filterbank(sr, n_fft, n_mels, fmin, fmax), theirs, rtol=1e-5, atol=1e-9)
+
+
+def test_each_mel_band_peaks_at_its_centre_edge():
+    import librosa
+
+    edges = mel_band_edges(64, 20, 8000)
+    assert len(edges) == 66 and edges[0] == pytest.approx(20) and edges[-1] == pytest.approx(8000)
+    np.testing.assert_allclose(edges, librosa.mel_frequencies(66, fmin=20, fmax=8000), rtol=1e-9)
+    bank, fft_hz = mel_filterbank(16000, 4096, 64, 20, 8000), np.linspace(0, 8000, 2049)
+    peaks = fft_hz[bank.argmax(axis=1)]
+    assert np.all(np.abs(peaks - edges[1:-1]) <= 8000 / 2048)  # within one FFT bin of the centre
 
 
 @pytest.mark.parametrize("lead,tail", [(0, 0), (5000, 3000), (300, 0), (0, 15990), (7000, 7000)])
