@@ -80,14 +80,14 @@ def test_vtlp_off_draws_no_random_numbers_and_on_warps_each_clip_by_its_own_fact
     x = torch.randn(8, 16, 10)
     torch.manual_seed(1)
     assert torch.equal(Augment({**off, "vtlp": 0.0}, mean, std, fp)(x), x)
-    Augment(off, mean, std)(x)  # absent: off too
+    Augment(off, mean, std)(x), Augment({**off, "vtlp": None}, mean, std)(x)  # absent or null: off too
     after_augmenting = torch.rand(1)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after_augmenting)  # nothing drawn: the default's epochs are as before
     warped = Augment({**off, "vtlp": 0.2}, mean, std, fp)(x)
     assert not torch.equal(warped, x)
     assert not any(torch.equal(warped[i], warped[j]) for i in range(8) for j in range(i))
-    for bad in (0.7, -0.1, "0.1", True):
+    for bad in (0.7, -0.1, "0.1", True, False, ""):
         with pytest.raises(UserError, match="train.augment.vtlp must be a number"):
             Augment({**off, "vtlp": bad}, mean, std, fp)
 
@@ -232,3 +232,60 @@ def test_a_fusion_recipe_trains_a_linear_model_on_the_functionals_and_the_file_k
     assert "fusion" not in off
     with pytest.raises(UserError, match="train.fusion"):
         train(train_params(epochs=1, fusion={"weight": 0.4}), features, metadata, CPU)
+
+
+def test_the_masked_loss_is_cross_entropy_over_each_clips_allowed_classes():
+    import torch.nn.functional as F
+
+    from ser.training import masked_cross_entropy
+
+    logits, y = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1])
+    everything = torch.ones(6, 4, dtype=torch.bool)
+    torch.testing.assert_close(masked_cross_entropy(logits, y, everything, 0.1),
+                               F.cross_entropy(logits, y, label_smoothing=0.1))
+    allowed = everything.clone()
+    allowed[[0, 1, 4, 5], 3] = False  # these clips' corpus has no class 3
+    loss = masked_cross_entropy(logits, y, allowed, 0.1)
+    loss.backward()
+    assert torch.all(logits.grad[allowed == False] == 0)  # an absent class is neither pushed down nor up
+    expected = torch.stack([F.cross_entropy(logits[i, allowed[i]][None], y[i:i + 1], label_smoothing=0.1)
+                            for i in range(6)]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_class_mask_leaves_out_only_the_named_classes_a_corpus_lacks():
+    import pandas as pd
+
+    from ser.training import corpus_class_mask
+
+    classes = ["neutral", "calm", "surprised", "sad"]
+    clips = pd.DataFrame({"corpus": ["a", "a", "a", "b", "b"]})
+    y = torch.tensor([0, 1, 2, 0, 3])  # a: neutral calm surprised; b: neutral sad
+    mask = corpus_class_mask(clips, y, classes, {"ignore_absent": ["surprised"]})
+    assert mask.tolist() == [[True] * 4] * 3 + [[True, True, False, True]] * 2  # b's calm stays a negative
+    both = corpus_class_mask(clips, y, classes, {"ignore_absent": ["surprised", "calm", "sad"]})
+    assert both.tolist() == [[True, True, True, False]] * 3 + [[True, False, False, True]] * 2
+    assert corpus_class_mask(clips, y, classes, {}) is None  # the default: every class for every clip
+    assert corpus_class_mask(clips, y, classes, {"ignore_absent": None}) is None
+    assert corpus_class_mask(clips, y, classes, {"ignore_absent": ["neutral"]}) is None  # both have it
+    assert corpus_class_mask(clips, y, classes, {"ignore_absent": ["angry"]}) is None  # not trained
+    assert corpus_class_mask(clips.iloc[:3], y[:3], classes, {"ignore_absent": ["sad"]}) is None  # one corpus
+    for bad in ("surprised", ["surprise"], [1]):
+        with pytest.raises(UserError, match="train.ignore_absent must be a list of emotions among neutral"):
+            corpus_class_mask(clips, y, classes, {"ignore_absent": bad})
+
+
+def test_a_recipe_that_ignores_absent_classes_trains_deterministically_and_differently(tmp_path, feature_params):
+    import pandas as pd
+
+    features, metadata = _data(tmp_path, feature_params)
+    clips = pd.read_parquet(metadata)
+    other = clips["actor"].isin([4, 5])
+    clips.loc[other, "corpus"] = "other"
+    clips.loc[other & (clips["emotion"] == "angry"), "split"] = "test"  # "other" trains no angry clip
+    clips.to_parquet(metadata)
+    recipe = train_params(epochs=3, balance="corpus")
+    _, plain, _ = train(recipe, features, metadata, CPU)
+    _, ignored, _ = train({**recipe, "ignore_absent": ["angry"]}, features, metadata, CPU)
+    _, again, _ = train({**recipe, "ignore_absent": ["angry"]}, features, metadata, CPU)
+    assert ignored == again and ignored != plain
