@@ -33,7 +33,7 @@ from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.features import load_functionals
 from ser.fusion import LinearHead
 from ser.models import load_checkpoint
-from ser.training import (corpus_class_mask, fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
+from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
@@ -121,10 +121,9 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k
         x, y, clips = load_raw(*data, classes, speakers=fold.train)
         weights = sampling_weights(clips, recipe)  # as the train stage draws its epochs
         model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"fold {k + 1}/{len(folds)} ",
-                                weights=weights, stats=input_statistics(x, clips, norm),
-                                allowed=corpus_class_mask(clips, y, classes, recipe))
+                                weights=weights, stats=input_statistics(x, clips, norm))
         # the linear model fused as the train stage does; no held-out speakers here, so uncalibrated
-        head = fit_head(recipe, data[0], clips, y, classes, weights, None)
+        head = fit_head(recipe, data[0], clips, y, len(classes), weights, None)
     else:
         model, head = trained
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)

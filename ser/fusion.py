@@ -47,12 +47,11 @@ def average_speaker(mean: Any, std: Any, keys: np.ndarray | list) -> tuple[Any, 
     return mean[first].mean(0), std[first].mean(0)
 
 
-def fit_linear(z: np.ndarray, y: np.ndarray, n_classes: int, weights: np.ndarray | None, c: float,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_linear(z: np.ndarray, y: np.ndarray, n_classes: int, weights: np.ndarray | None, c: float
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(weight (classes, functionals), bias) of the multinomial logistic regression minimising
     the clip-weighted mean cross-entropy + ||weight||^2 / (2 c n): scikit-learn's objective with
-    C = c and the weights scaled to mean 1; each clip's softmax over its `allowed` classes
-    (bool, clips x classes; None: all). LBFGS in float64 from zeros: deterministic."""
+    C = c and the weights scaled to mean 1. LBFGS in float64 from zeros: deterministic."""
     import torch
     import torch.nn.functional as F
 
@@ -63,15 +62,12 @@ def fit_linear(z: np.ndarray, y: np.ndarray, n_classes: int, weights: np.ndarray
     w = w / w.mean()
     weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    absent = None if allowed is None else ~torch.as_tensor(allowed, dtype=torch.bool)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=1000, tolerance_grad=1e-8,
                                   tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = x @ weight.T + bias
-        logits = logits if absent is None else logits.masked_fill(absent, float("-inf"))
-        loss = (w * F.cross_entropy(logits, target, reduction="none")).mean()
+        loss = (w * F.cross_entropy(x @ weight.T + bias, target, reduction="none")).mean()
         loss = loss + (weight ** 2).sum() / (2 * c * len(x))
         loss.backward()
         return loss
@@ -127,12 +123,10 @@ def fused_log_probs(cnn_logits: "torch.Tensor", z: np.ndarray | None, head: Line
 
 def train_head(f: np.ndarray, y: np.ndarray, speakers: np.ndarray, n_classes: int, weights: np.ndarray | None,
                settings: dict[str, Any] | None,
-               calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-               allowed: np.ndarray | None = None) -> LinearHead | None:
+               calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> LinearHead | None:
     """The linear model of recipe settings {weight, c} (None: weight 0 or no settings) on
-    functionals `f` standardised per speaker, with labels y, clip weights and each clip's
-    `allowed` classes (fit_linear); its temperature fitted on `calibration` (functionals,
-    labels, speakers of held-out speakers; 1 without)."""
+    functionals `f` standardised per speaker, with labels y and clip weights; its temperature
+    fitted on `calibration` (functionals, labels, speakers of held-out speakers; 1 without)."""
     from ser.calibration import fit_temperature
 
     if not settings or not settings.get("weight"):
@@ -140,7 +134,7 @@ def train_head(f: np.ndarray, y: np.ndarray, speakers: np.ndarray, n_classes: in
     weight = settings["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
         raise ValueError(f"train.fusion.weight must be in [0, 1], not {weight!r}")
-    w, b = fit_linear(standardise(f, *group_statistics(f, speakers)), y, n_classes, weights, settings["c"], allowed)
+    w, b = fit_linear(standardise(f, *group_statistics(f, speakers)), y, n_classes, weights, settings["c"])
     head = LinearHead(w, b, 1.0, float(weight), average_speaker(*group_statistics(f, speakers), speakers))
     if calibration is not None and len(calibration[0]):
         import torch

@@ -16,7 +16,7 @@ import torchaudio.transforms as T
 
 from ser import ddp
 from ser import features as feature_store
-from ser.corpora import EMOTIONS, resolve_classes
+from ser.corpora import resolve_classes
 from ser.audio import FeatureParams, hz_to_mel, mel_band_edges
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
@@ -82,7 +82,7 @@ def scored_probs(model: torch.nn.Module, head: LinearHead | None, x: torch.Tenso
     return fused_log_probs(infer(model, x, batch_size, device) / temperature, z, head)
 
 
-def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch.Tensor, classes: list[str],
+def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch.Tensor, n_classes: int,
              weights: torch.Tensor | None, calibration: tuple[torch.Tensor, pd.DataFrame] | None
              ) -> LinearHead | None:
     """The linear model of recipe r (train.fusion) on `clips` (labels y, clip weights as the CNN's
@@ -96,10 +96,8 @@ def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch
         held_out = (feature_store.load_functionals(features_dir, cal_clips["path"]), y_cal.numpy(),
                     cal_clips["speaker"].to_numpy())
     try:
-        allowed = corpus_class_mask(clips, y, classes, r)
-        return train_head(f, y.numpy(), clips["speaker"].to_numpy(), len(classes),
-                          None if weights is None else weights.numpy(), r["fusion"], held_out,
-                          None if allowed is None else allowed.numpy())
+        return train_head(f, y.numpy(), clips["speaker"].to_numpy(), n_classes,
+                          None if weights is None else weights.numpy(), r["fusion"], held_out)
     except (KeyError, ValueError) as e:
         raise UserError(f"train.fusion: {e}") from None
 
@@ -246,39 +244,6 @@ def sampling_weights(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | N
     return torch.tensor(per_clip.to_numpy(), dtype=torch.double)
 
 
-def corpus_class_mask(clips: pd.DataFrame, y: torch.Tensor, classes: list[str], r: dict[str, Any]
-                      ) -> torch.Tensor | None:
-    """(clips, classes) bool: the classes each clip's loss is taken over. A class named in
-    r["ignore_absent"] is left out of the loss of every clip whose corpus labels no clip with it
-    among `clips` (labels y), so that it is not learned as "not that corpus's voices" (surprised:
-    TESS and RAVDESS have it, EmoDB does not). None: every clip over every class (the default)."""
-    ignored = r.get("ignore_absent") or []
-    if not isinstance(ignored, list) or any(name not in EMOTIONS for name in ignored):
-        raise UserError(f"train.ignore_absent must be a list of emotions among {', '.join(EMOTIONS)}, "
-                        f"not {ignored!r}")
-    ignored_ids = [classes.index(name) for name in ignored if name in classes]
-    if not ignored_ids:
-        return None
-    corpus, labels = clips["corpus"].to_numpy(), y.numpy()
-    mask = np.ones((len(clips), len(classes)), dtype=bool)
-    for name in np.unique(corpus):
-        rows = np.flatnonzero(corpus == name)
-        # a class no corpus has stays a negative everywhere: left out of every loss, it would be untrained
-        absent = [k for k in ignored_ids if k in labels and k not in labels[rows]]
-        mask[np.ix_(rows, absent)] = False
-    return None if mask.all() else torch.from_numpy(mask)
-
-
-def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor, smoothing: float
-                         ) -> torch.Tensor:
-    """F.cross_entropy with label smoothing, each row's softmax and smoothing over its `allowed`
-    classes alone (equal to it where every class is allowed)."""
-    log_p = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
-    nll = -log_p.gather(1, y[:, None]).squeeze(1)
-    smooth = -log_p.masked_fill(~allowed, 0.0).sum(1) / allowed.sum(1)
-    return ((1 - smoothing) * nll + smoothing * smooth).mean()
-
-
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
     """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
@@ -290,13 +255,13 @@ def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_d
 
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-        stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model on (x_train: features as written, fp; `stats`: what the model takes them
-    relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and keep the
-    last; return it in eval mode with its per-epoch history. An epoch is every clip once in random
-    order, or as many drawn by `weights` (sampling_weights); a clip's loss is over its `allowed`
-    classes (corpus_class_mask; None: all). Seeded: the same recipe and data, the same model on one CPU."""
+    """Train one model on (x_train: features as written, fp; `stats`: what the model takes
+    them relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and
+    keep the last; return it in eval mode with its per-epoch history. An epoch is every clip
+    once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
+    r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
     x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
@@ -314,7 +279,8 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     batch_size = r["batch_size"]
     steps_per_epoch = int(np.ceil(len(ddp.my_share(torch.arange(len(x_train)))) / batch_size))
     optimizer, scheduler, scaler = one_cycle(model, r, r["epochs"] * steps_per_epoch, amp_dtype)
-    generator, history = torch.Generator().manual_seed(r["seed"]), []  # history: a dict per epoch
+    generator = torch.Generator().manual_seed(r["seed"])
+    history: list[dict[str, float]] = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
         order = ddp.my_share(torch.randperm(len(x_train), generator=generator) if weights is None else
@@ -329,8 +295,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 logits = trained(xb)
-                loss = (F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"]) if allowed is None else
-                        masked_cross_entropy(logits, yb, allowed[batch].to(device), r["label_smoothing"]))
+                loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -352,18 +317,17 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
 
 def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams,
                  n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, allowed: torch.Tensor | None = None
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) of fit() voting by averaged
-    probabilities (one: that model), and the history of every member (column `member`)."""
+    """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
+    (one: that model), and the history of every member (column `member`)."""
     n = r["ensemble_seeds"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")
     members, history = [], []
     for j in range(n):
         model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, fp, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats,
-                          allowed=allowed)
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -381,9 +345,9 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
     weights = sampling_weights(clips, r)
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=weights, stats=stats, allowed=corpus_class_mask(clips, y, classes, r))
+                                  weights=weights, stats=stats)
     x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
-    head = fit_head(r, features_dir, clips, y, classes, weights, (y_cal, cal_clips))
+    head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker
     population = {} if stats is None else {"population": [t.tolist() for t in average_speaker(*stats, clips["speaker"])]}
     record = {"recipe": r, "classes": classes, "normalisation": r.get("normalisation", "clip"), **population,
