@@ -232,3 +232,47 @@ def test_a_fusion_recipe_trains_a_linear_model_on_the_functionals_and_the_file_k
     assert "fusion" not in off
     with pytest.raises(UserError, match="train.fusion"):
         train(train_params(epochs=1, fusion={"weight": 0.4}), features, metadata, CPU)
+
+
+def test_adversary_domains_are_the_corpora_or_the_speakers_of_each_corpus():
+    import pandas as pd
+
+    from ser.training import adversary_domains, adversary_scale
+
+    clips = pd.DataFrame({"corpus": ["tess", "emodb", "emodb", "tess"], "speaker": ["03", "03", "08", "OAF"]})
+    on = {"adversary": {"by": "corpus", "weight": 1.0}}
+    assert adversary_domains(clips, on).tolist() == [1, 0, 0, 1]
+    # EmoDB's speaker 03 is not TESS's: names repeat across corpora
+    assert adversary_domains(clips, {"adversary": {"by": "speaker", "weight": 0.3}}).tolist() == [2, 0, 1, 3]
+    assert adversary_domains(clips, {}) is None and adversary_domains(clips, {"adversary": {"weight": 0}}) is None
+    assert adversary_domains(clips[clips.corpus == "tess"], on) is None  # one domain: nothing to tell apart
+    for bad in ({"weight": -1}, {"weight": True}, {"weight": "1"}):
+        with pytest.raises(UserError, match="train.adversary.weight must be a number"):
+            adversary_domains(clips, {"adversary": bad})
+    with pytest.raises(UserError, match="train.adversary.by must be one of corpus, speaker"):
+        adversary_domains(clips, {"adversary": {"by": "language", "weight": 1}})
+    assert adversary_scale(2.0, 0.0) == 0.0 and adversary_scale(2.0, 1.0) == pytest.approx(2.0, abs=1e-3)
+    assert 0 < adversary_scale(2.0, 0.1) < adversary_scale(2.0, 0.3) < 2.0  # ramps up over training
+
+
+def test_an_adversary_recipe_learns_the_emotions_hides_the_speakers_and_is_deterministic(tmp_path, feature_params):
+    from ser.training import fit
+
+    # each speaker leaves a pattern of its own in the second half of one band, apart from the emotion
+    x, y, clips = load_clips(*_data(tmp_path, feature_params), ["angry", "sad"], split="train")
+    speaker = torch.from_numpy(clips["actor"].to_numpy() - 1)
+    for s in range(5):
+        x[speaker == s, 12 + s, x.shape[2] // 2:] += 25.0
+    recipe = train_params(epochs=12, augment={**train_params()["augment"], "freq_mask": 0})
+    _, plain = fit(recipe, x, y, feature_params, 2, CPU)
+
+    def adversary(weight):
+        return fit({**recipe, "adversary": {"by": "speaker", "weight": weight}}, x, y, feature_params, 2, CPU,
+                   domains=speaker)
+
+    model, history = adversary(1.0)
+    assert history == adversary(1.0)[1] and "domain_accuracy" not in plain[-1]
+    assert (model(x).argmax(1) == y).float().mean() >= 0.9 and history[-1]["train_accuracy"] >= 0.9
+    # barely reversed, the domain head tells the five speakers apart; reversed, it is at chance (0.2)
+    assert adversary(1e-6)[1][-1]["domain_accuracy"] >= 0.8 and history[-1]["domain_accuracy"] <= 0.35
+    assert history[-1]["train_loss"] < 0.5  # the emotion's loss alone: the domain's is not added in
