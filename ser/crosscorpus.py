@@ -20,7 +20,7 @@ from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_tem
 from ser.fusion import average_speaker
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.training import (SCORED_GROUPINGS, adversary_domains, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
+from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
                           grouped_statistics, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
@@ -82,8 +82,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     start, stats = time.perf_counter(), input_statistics(x, train_clips, norm)
     weights = sampling_weights(train_clips, recipe)
     model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
-                            label=f"without {left_out} ", stats=stats, weights=weights,
-                            domains=adversary_domains(train_clips, recipe))
+                            label=f"without {left_out} ", stats=stats, weights=weights)
     x_cal, y_cal, cal_clips = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
     temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
     head = fit_head(recipe, data[0], train_clips, y, len(classes), weights, (y_cal, cal_clips))

@@ -33,7 +33,7 @@ from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.features import load_functionals
 from ser.fusion import LinearHead
 from ser.models import load_checkpoint
-from ser.training import (adversary_domains, fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
+from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
@@ -121,8 +121,7 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k
         x, y, clips = load_raw(*data, classes, speakers=fold.train)
         weights = sampling_weights(clips, recipe)  # as the train stage draws its epochs
         model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"fold {k + 1}/{len(folds)} ",
-                                weights=weights, stats=input_statistics(x, clips, norm),
-                                domains=adversary_domains(clips, recipe))
+                                weights=weights, stats=input_statistics(x, clips, norm))
         # the linear model fused as the train stage does; no held-out speakers here, so uncalibrated
         head = fit_head(recipe, data[0], clips, y, len(classes), weights, None)
     else:

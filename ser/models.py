@@ -82,47 +82,13 @@ class EmotionCNN(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-3))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The clip's pooled embedding (batch, 2 * width), what the head classifies."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.feature_mean[:, None]) / self.feature_std[:, None]
         if self.utterance_norm:
             x = x - x.mean(dim=2, keepdim=True)  # per clip and mel bin
         x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
         x = x.flatten(1, 2).transpose(1, 2)  # (B, frames', C * bands)
-        return statistics_pool(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-class _ReverseGradient(torch.autograd.Function):
-    """The identity forward; backward, the gradient times -scale (Ganin & Lempitsky 2015)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.neg() * ctx.scale, None
-
-
-class WithAdversary(nn.Module):
-    """Training only: the emotion model and a domain head (a corpus or a speaker) on its pooled
-    embedding. The domain head learns to tell the domains apart; the gradient it sends into the
-    encoder is reversed (times `scale`), so the encoder learns an embedding that does not tell
-    them apart. forward(x, scale) -> (emotion logits, domain logits)."""
-
-    def __init__(self, model: EmotionCNN, n_domains: int, hidden: int) -> None:
-        super().__init__()
-        self.model = model
-        width = model.head[1].in_features
-        self.domain_head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_domains))
-
-    def forward(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.embed(x)
-        return self.model.head(embedding), self.domain_head(_ReverseGradient.apply(embedding, scale))
+        return self.head(statistics_pool(x))
 
 
 def speaker_statistics(x: torch.Tensor, speakers: list[str] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

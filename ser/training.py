@@ -20,7 +20,7 @@ from ser.corpora import resolve_classes
 from ser.audio import FeatureParams, hz_to_mel, mel_band_edges
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
-from ser.models import Ensemble, WithAdversary, autocast_dtype, build_model, infer, speaker_statistics
+from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
 
 
@@ -244,34 +244,6 @@ def sampling_weights(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | N
     return torch.tensor(per_clip.to_numpy(), dtype=torch.double)
 
 
-ADVERSARY_DOMAINS = ("corpus", "speaker")
-
-
-def adversary_domains(clips: pd.DataFrame, r: dict[str, Any]) -> torch.Tensor | None:
-    """Each clip's domain index for recipe r's train.adversary ({by: corpus | speaker, weight}):
-    the embedding is trained not to tell these apart (fit). None when off (absent or weight 0)
-    or when the clips hold a single domain (nothing to tell apart)."""
-    p = r.get("adversary") or {}
-    weight, by = p.get("weight", 0), p.get("by", "corpus")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise UserError(f"train.adversary.weight must be a number >= 0, not {weight!r}")
-    if by not in ADVERSARY_DOMAINS:
-        raise UserError(f"train.adversary.by must be one of {', '.join(ADVERSARY_DOMAINS)}, not {by!r}")
-    if not weight:
-        return None
-    keys = clips["corpus"].astype(str)
-    if by == "speaker":  # speaker names repeat across corpora
-        keys = keys + "/" + clips["speaker"].astype(str)
-    codes = pd.factorize(keys, sort=True)[0]
-    return torch.from_numpy(codes).long() if codes.max() > 0 else None
-
-
-def adversary_scale(weight: float, progress: float) -> float:
-    """The reversed gradient's scale at `progress` (0 to 1) through training: DANN's ramp from 0
-    to `weight`, so the domain head first learns something to reverse."""
-    return weight * (2 / (1 + float(np.exp(-10 * progress))) - 1)
-
-
 def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_dtype: torch.dtype | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR, torch.amp.GradScaler]:
     """AdamW under the one-cycle schedule of recipe r, and the loss scaler float16 needs."""
@@ -283,15 +255,13 @@ def one_cycle(model: torch.nn.Module, r: dict[str, Any], total_steps: int, amp_d
 
 def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams, n_classes: int,
         device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-        stats: tuple[torch.Tensor, torch.Tensor] | None = None, domains: torch.Tensor | None = None
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train one model on (x_train: features as written, fp; `stats`: what the model takes
     them relative to, input_statistics) for r["epochs"] epochs of the one-cycle schedule and
     keep the last; return it in eval mode with its per-epoch history. An epoch is every clip
     once in random order, or as many drawn by `weights` (sampling_weights). Seeded from
-    r["seed"]: the same recipe and data give the same weights on one CPU. `domains`
-    (adversary_domains): each clip's domain, which a second head learns to tell apart and the
-    encoder, through its reversed gradient, not to (models.WithAdversary)."""
+    r["seed"]: the same recipe and data give the same weights on one CPU."""
     seed_everything(r["seed"])
     x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (2x faster); else float32
@@ -299,10 +269,8 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
     model = build_model(model_arch(r), fp.n_mels, n_classes)
     model.set_normalization(mean, std)
-    adversary = None if domains is None else WithAdversary(model, int(domains.max()) + 1, r["model"]["head_hidden"])
-    learner = model if adversary is None else adversary  # what the optimizer trains
-    learner.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
-    trained = ddp.wrap(learner, device)  # under torchrun: gradients averaged over the processes (ser.ddp)
+    model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
+    trained = ddp.wrap(model, device)  # under torchrun: gradients averaged over the processes (ser.ddp)
     augment = Augment(r["augment"], mean, std, fp)
     # BatchNorm statistics are recalibrated at the end on a fixed sample of clean clips
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(r["seed"]))
@@ -310,15 +278,14 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     ddp.seed_augmentation(r["seed"])  # each process its own masks; the epoch order stays shared
     batch_size = r["batch_size"]
     steps_per_epoch = int(np.ceil(len(ddp.my_share(torch.arange(len(x_train)))) / batch_size))
-    total_steps = r["epochs"] * steps_per_epoch
-    optimizer, scheduler, scaler = one_cycle(learner, r, total_steps, amp_dtype)
+    optimizer, scheduler, scaler = one_cycle(model, r, r["epochs"] * steps_per_epoch, amp_dtype)
     generator = torch.Generator().manual_seed(r["seed"])
     history: list[dict[str, float]] = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
         order = ddp.my_share(torch.randperm(len(x_train), generator=generator) if weights is None else
                              torch.multinomial(weights, len(x_train), replacement=True, generator=generator))
-        total_loss, correct, domain_correct = 0.0, 0, 0
+        total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
             xb = augment(x_train[batch])
@@ -327,31 +294,19 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
             xb, yb = xb.to(device, non_blocking=True), y_train[batch].to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                if adversary is None:
-                    logits = trained(xb)
-                    loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
-                else:
-                    progress = ((epoch - 1) * steps_per_epoch + step) / total_steps
-                    logits, domain_logits = trained(xb, adversary_scale(r["adversary"]["weight"], progress))
-                    loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
-                    db = domains[batch].to(device, non_blocking=True)
-                    domain_correct += (domain_logits.argmax(1) == db).sum().item()
-                    # the domain head minimises this; the encoder, behind the reversal, maximises it
-                    domain_loss = F.cross_entropy(domain_logits, db)
+                logits = trained(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=r["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss if adversary is None else loss + domain_loss).backward()
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             total_loss += loss.item() * len(batch)
             correct += (logits.argmax(1) == yb).sum().item()
-        total_loss, correct, domain_correct, seen = ddp.sum_over_ranks(total_loss, correct, domain_correct,
-                                                                        len(order))
+        total_loss, correct, seen = ddp.sum_over_ranks(total_loss, correct, len(order))
         history.append({"epoch": epoch, "train_loss": round(total_loss / seen, 5),
                         "train_accuracy": round(correct / seen, 5),
                         "lr": float(f"{scheduler.get_last_lr()[0]:.6g}")})
-        if adversary is not None:  # near chance once the embedding no longer tells the domains apart
-            history[-1]["domain_accuracy"] = round(domain_correct / seen, 5)
         if ddp.is_main():
             print(f"{label}epoch {epoch:3d}  train loss {history[-1]['train_loss']:.4f} "
                   f"acc {history[-1]['train_accuracy']:.3f}", flush=True)
@@ -362,7 +317,7 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
 
 def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: FeatureParams,
                  n_classes: int, device: torch.device, label: str = "", weights: torch.Tensor | None = None,
-                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, domains: torch.Tensor | None = None
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
     (one: that model), and the history of every member (column `member`)."""
@@ -372,8 +327,7 @@ def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor
     members, history = [], []
     for j in range(n):
         model, rows = fit({**r, "seed": r["seed"] + j}, x_train, y_train, fp, n_classes, device,
-                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats,
-                          domains=domains)
+                          label=f"{label}member {j + 1}/{n} " if n > 1 else label, weights=weights, stats=stats)
         members.append(model)
         history += [{"member": j + 1, **row} for row in rows]
     return (members[0] if n == 1 else Ensemble(members)), history
@@ -391,7 +345,7 @@ def train(r: dict[str, Any], features_dir: str, metadata_path: str, device: torc
     start, stats = time.perf_counter(), input_statistics(x, clips, r.get("normalisation", "clip"))
     weights = sampling_weights(clips, r)
     model, history = fit_ensemble(r, x, y, feature_store.load(features_dir)[2], len(classes), device,
-                                  weights=weights, stats=stats, domains=adversary_domains(clips, r))
+                                  weights=weights, stats=stats)
     x_cal, y_cal, cal_clips = load_raw(features_dir, metadata_path, classes, split="calibration")
     head = fit_head(r, features_dir, clips, y, len(classes), weights, (y_cal, cal_clips))
     # the average training speaker: what the labeller can normalise by when it knows no speaker

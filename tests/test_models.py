@@ -195,25 +195,3 @@ def test_speaker_normalisation_standardises_each_speaker_over_its_sounding_frame
     torch.testing.assert_close(b.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     # a speaker's gain (another microphone) is gone: only the voice relative to itself remains
     torch.testing.assert_close(speaker_normalise(x[2:] + 12.0, ["b", "b"]), out[2:], atol=1e-4, rtol=0)
-
-
-def test_the_adversary_trains_its_head_on_the_domain_and_sends_the_encoder_the_reversed_gradient():
-    from ser.models import WithAdversary
-
-    torch.manual_seed(0)
-    model = build_model(TINY_ARCH, n_mels=32, n_classes=2).eval()  # eval: no dropout between the passes
-    pair = WithAdversary(model, n_domains=3, hidden=8).eval()
-    x, domains = torch.randn(6, 32, 40), torch.tensor([0, 1, 2, 0, 1, 2])
-    emotion_logits, domain_logits = pair(x, 0.5)
-    torch.testing.assert_close(emotion_logits, model(x))  # the emotion path is the model's own
-    torch.nn.functional.cross_entropy(domain_logits, domains).backward()
-    reversed_grads = {n: p.grad.clone() for n, p in pair.named_parameters() if p.grad is not None}
-    pair.zero_grad()
-    # the same loss without the reversal: the domain head's gradient is the same, the encoder's -1/0.5 of it
-    torch.nn.functional.cross_entropy(pair.domain_head(model.embed(x)), domains).backward()
-    plain = {n: p.grad for n, p in pair.named_parameters() if p.grad is not None}
-    assert set(plain) == set(reversed_grads) and any(n.startswith("model.conv") for n in plain)
-    for name, grad in plain.items():
-        expected = grad if name.startswith("domain_head") else -0.5 * grad
-        torch.testing.assert_close(reversed_grads[name], expected)
-    assert not any(n.startswith("model.head") for n in plain)  # the emotion head never sees the domain
