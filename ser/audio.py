@@ -14,7 +14,21 @@ import soundfile as sf
 
 from ser import prosody
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+# What libsndfile (soundfile's bundled 1.2) decodes: read by content, listed by extension so that
+# a folder's other files are left alone. .ogg/.oga/.opus: Vorbis or Opus in Ogg.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+# Audio it cannot decode (AAC, WMA, AMR, video containers): the labeller gives these an error row
+# saying so, rather than leaving them out of a folder's labels without a word.
+UNREADABLE_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".amr", ".3gp", ".webm")
+# Read in one piece only: libsndfile 1.2.2's MP3 decoder returned wrong samples (errors the size of
+# the signal) after a read boundary for a 22.05 kHz file, though the whole file in one read was right;
+# so an MP3 is labelled only when it fits one window (docs/performance.md).
+ONE_READ_ONLY = (".mp3",)
+# Lossy decoders rebuild a sample from the frames before it: read straight after a seek, Vorbis
+# gave samples off by up to 0.9 and MP3 by up to 0.5 (full scale 1) for the first ~50 ms.
+# A seek lands this much earlier and the extra is dropped: then both equal the decode of the
+# whole file (measured at 8-48 kHz; tests/test_audio.py).
+SEEK_PREROLL_S = 0.2
 
 
 class AudioError(ValueError):
@@ -140,6 +154,10 @@ class AudioFile:
         try:
             self._file = sf.SoundFile(str(self.path))
         except Exception as e:  # soundfile raises several types; all mean "not readable audio"
+            suffix = self.path.suffix.lower()
+            if suffix in UNREADABLE_AUDIO_EXTENSIONS:
+                raise AudioError(f"{self.path}: {suffix} audio cannot be read here; convert it to WAV or FLAC "
+                                 f"first (e.g. ffmpeg -i in{suffix} out.wav)") from None
             raise AudioError(f"{self.path}: not readable audio ({_reason(e)})") from None
         if self._file.frames == 0:
             self._file.close()
@@ -164,18 +182,26 @@ class AudioFile:
     def windows(self, sample_rate: int, segment_s: float, hop_s: float, first: int = 0,
                 count: int | None = None) -> Iterator[tuple[float, float, np.ndarray]]:
         """Yield (start_s, end_s, mono float32 at sample_rate) per window, `count` windows
-        (None: all) from window number `first` on, reading one window at a time from disk so
-        that a long recording never sits in memory whole."""
+        (None: all) from window number `first` on. The file is read forward from one seek (its
+        preroll dropped, SEEK_PREROLL_S), each sample once: held are only the samples from the
+        current window's start on, so a long recording never sits in memory whole."""
         f, sr, frames = self._file, self._file.samplerate, self._file.frames
         bounds = iter_window_bounds(frames / sr, segment_s, hop_s)
+        held, held_from = np.empty((0, f.channels), dtype=np.float32), -1  # samples [held_from, ...)
         for start, end in itertools.islice(bounds, first, None if count is None else first + count):
             first, last = int(round(start * sr)), min(frames, int(round(end * sr)))
             try:
-                f.seek(first)
-                data = f.read(last - first, dtype="float32", always_2d=True)
+                if not held_from <= first <= held_from + len(held):  # the first window, or a gap
+                    held_from = max(0, first - int(SEEK_PREROLL_S * sr))
+                    f.seek(held_from)
+                    held = f.read(first - held_from, dtype="float32", always_2d=True)
+                missing = last - (held_from + len(held))
+                if missing > 0:
+                    held = np.concatenate([held, f.read(missing, dtype="float32", always_2d=True)])
             except Exception as e:
                 raise AudioError(f"{self.path}: not readable audio ({_reason(e)})") from None
-            y = data.mean(axis=1)
+            held, held_from = held[first - held_from :], first  # windows start ever later
+            y = held[: last - first].mean(axis=1)
             if not np.all(np.isfinite(y)):
                 raise AudioError(f"{self.path}: contains NaN or infinite samples")
             yield start, end, resample(y, sr, sample_rate)
@@ -369,6 +395,10 @@ def header_problem(audio: "AudioFile", size_bytes: int, s: Settings) -> str | No
         return f"too long ({audio.duration_s:.0f} s > {s.max_duration_s:g} s, predict.max_duration_s)"
     if min(audio.duration_s, s.segment_s) * sr * channels > MAX_WINDOW_SAMPLES:
         return f"a {s.segment_s:g} s window at {sr} Hz x {channels} channels is too large to read"
+    suffix = audio.path.suffix.lower()
+    if suffix in ONE_READ_ONLY and audio.duration_s > s.segment_s:
+        return (f"{suffix} recordings longer than {s.segment_s:g} s are not read here (their decoder is not exact "
+                f"when read in parts); convert it to WAV or FLAC first (e.g. ffmpeg -i in{suffix} out.wav)")
     return None
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 # This module does not import torch at the top: the feature workers start first and torch
 # (2-3 s to import) loads while they work. Settings and prepare live in ser.audio so
 # that the workers never import torch either.
-from ser.audio import AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
+from ser.audio import AUDIO_EXTENSIONS, UNREADABLE_AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
 from ser.fusion import LinearHead, fused_log_probs, standardise
 from ser.grouping import (MAX_GROUP_FILES, MIN_GROUP_WINDOWS, GroupStatistics, SpeakerStatistics, speaker_keys,
@@ -250,13 +250,15 @@ class Table:
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Audio files under the given files/folders, sorted and unique. Folder entries are
-    taken by extension, including broken links and folders with an audio extension, so
-    that each gets an error row rather than vanishing."""
+    taken by extension, including broken links, folders with an audio extension and audio
+    in a format that cannot be read (.m4a...), so that each gets an error row rather than
+    vanishing."""
     found: set[Path] = set()
+    wanted = AUDIO_EXTENSIONS + UNREADABLE_AUDIO_EXTENSIONS
     for item in inputs:
         path = Path(item)
         if path.is_dir() and path.suffix.lower() not in AUDIO_EXTENSIONS:
-            found.update(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+            found.update(p for p in path.rglob("*") if p.suffix.lower() in wanted)
         elif path.exists() or path.is_symlink():
             found.add(path)
         else:

@@ -21,14 +21,16 @@ MIRROR = ROOT.parent / "shared" / "data" / "ravdess" / "Audio_Speech_Actors_01-2
 
 
 def write_tone(path: Path, seconds: float = 1.0, sr: int = 16000, channels: int = 1,
-               freq: float = 220.0, subtype: str = "PCM_16", amplitude: float = 0.5) -> Path:
-    """A sine tone (with a little seeded noise) as an audio file; format from the suffix."""
+               freq: float = 220.0, subtype: str = "PCM_16", amplitude: float = 0.5,
+               format: str | None = None) -> Path:
+    """A sine tone (with a little seeded noise) as an audio file; format from the suffix
+    unless given (Opus: format OGG)."""
     rng = np.random.default_rng(int(freq))
     t = np.arange(int(seconds * sr)) / sr
     y = amplitude * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))
     data = np.repeat(y[:, None], channels, axis=1).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), data, sr, subtype=subtype)
+    sf.write(str(path), data, sr, subtype=subtype, format=format)
     return path
 
 

@@ -73,6 +73,25 @@ def test_all_good_gives_exit_0_and_parquet_by_extension(tmp_path, tiny_checkpoin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.ogg", "model.pt", "out.parquet"]
 
 
+def test_audio_that_cannot_be_read_gets_an_error_row_saying_how_to_convert_it(tmp_path, tiny_checkpoint):
+    """A folder's MP3 and Opus files are labelled; an AAC (.m4a) file and an MP3 too long for one
+    read (its decoder is not exact read in parts) get a row saying to convert them, not silence."""
+    d = tmp_path / "in"
+    write_tone(d / "short.mp3", seconds=2.0, sr=44100, subtype="MPEG_LAYER_III")
+    write_tone(d / "long.mp3", seconds=8.0, sr=44100, subtype="MPEG_LAYER_III")
+    write_tone(d / "note.opus", seconds=1.0, sr=48000, subtype="OPUS", format="OGG")
+    (d / "voice.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+    (d / "notes.txt").write_text("not audio: left alone")
+    out = tmp_path / "out.csv"
+    assert _run([d, "-o", out, "--model", tiny_checkpoint]) == 1
+    frame = pd.read_csv(out)
+    rows = {Path(path).name: row for path, row in zip(frame["path"], frame.itertuples())}
+    assert sorted(rows) == ["long.mp3", "note.opus", "short.mp3", "voice.m4a"]
+    assert rows["short.mp3"].status == "ok" and rows["note.opus"].status == "ok"
+    assert rows["long.mp3"].status == "error" and "ffmpeg -i in.mp3 out.wav" in rows["long.mp3"].error
+    assert rows["voice.m4a"].status == "error" and "ffmpeg -i in.m4a out.wav" in rows["voice.m4a"].error
+
+
 def test_labels_do_not_come_from_file_names(tmp_path, tiny_checkpoint):
     """The same audio under two RAVDESS names with different emotions gets the same label."""
     write_tone(tmp_path / "03-01-05-01-01-01-01.wav", freq=300)
@@ -336,8 +355,12 @@ def _start_labelling(folder: Path, out: Path, model: Path):
 @pytest.fixture(scope="module")
 def many_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("many")
-    for i in range(400):  # about 30 s of labelling on 2 cores
+    for i in range(400):
         write_tone(folder / f"{i:04d}.wav", seconds=30.0, sr=8000, freq=150 + i % 200)
+    # 400 files alone took 3-5 s with a tiny model (2026-12-04), so the labeller could finish before
+    # the interrupt; links, each labelled as a file, make it ~50 s without writing more audio
+    for i in range(400, 4000):
+        os.symlink(folder / f"{i % 400:04d}.wav", folder / f"{i:04d}.wav")
     return folder
 
 
