@@ -20,14 +20,14 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
 # Audio it cannot decode (AAC, WMA, AMR, video containers): the labeller gives these an error row
 # saying so, rather than leaving them out of a folder's labels without a word.
 UNREADABLE_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".amr", ".3gp", ".webm")
-# Read in one piece only: libsndfile 1.2.2's MP3 decoder returned wrong samples (errors the size of
-# the signal) after a read boundary for a 22.05 kHz file, though the whole file in one read was right;
-# so an MP3 is labelled only when it fits one window (docs/performance.md).
-ONE_READ_ONLY = (".mp3",)
+# Decoders (libsndfile's format names, whatever the file is called) to read in one piece only:
+# libsndfile 1.2.2's MP3 decoder returned wrong samples (errors the size of the signal) after a read
+# boundary for a 22.05 kHz file, though the whole file in one read was right; so an MP3 is labelled
+# only when it fits one window (docs/performance.md).
+ONE_READ_ONLY = ("MP3",)
 # Lossy decoders rebuild a sample from the frames before it: read straight after a seek, Vorbis
-# gave samples off by up to 0.9 and MP3 by up to 0.5 (full scale 1) for the first ~50 ms.
-# A seek lands this much earlier and the extra is dropped: then both equal the decode of the
-# whole file (measured at 8-48 kHz; tests/test_audio.py).
+# gave samples off by up to 0.9 (full scale 1) for the first ~50 ms. A seek lands this much earlier
+# and the extra is dropped: then every window equals the decode of the whole file (tests/test_audio.py).
 SEEK_PREROLL_S = 0.2
 
 
@@ -174,6 +174,11 @@ class AudioFile:
     @property
     def channels(self) -> int:
         return int(self._file.channels)
+
+    @property
+    def format(self) -> str:
+        """The decoder libsndfile chose from the content (WAV, FLAC, OGG, MP3...)."""
+        return str(self._file.format)
 
     @property
     def frames(self) -> int:
@@ -395,10 +400,10 @@ def header_problem(audio: "AudioFile", size_bytes: int, s: Settings) -> str | No
         return f"too long ({audio.duration_s:.0f} s > {s.max_duration_s:g} s, predict.max_duration_s)"
     if min(audio.duration_s, s.segment_s) * sr * channels > MAX_WINDOW_SAMPLES:
         return f"a {s.segment_s:g} s window at {sr} Hz x {channels} channels is too large to read"
-    suffix = audio.path.suffix.lower()
-    if suffix in ONE_READ_ONLY and audio.duration_s > s.segment_s:
-        return (f"{suffix} recordings longer than {s.segment_s:g} s are not read here (their decoder is not exact "
-                f"when read in parts); convert it to WAV or FLAC first (e.g. ffmpeg -i in{suffix} out.wav)")
+    if audio.format in ONE_READ_ONLY and audio.duration_s > s.segment_s:
+        return (f"{audio.format} recordings longer than {s.segment_s:g} s are not read here (their decoder is not "
+                f"exact when read in parts); convert it to WAV or FLAC first (e.g. ffmpeg -i "
+                f"in{audio.path.suffix.lower()} out.wav)")
     return None
 
 
