@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = dataclasses.replace(DEFAULTS, n_jobs=1)  # one clip at a time: no worker processes
+    # one clip at a time: no worker processes; and no adaptation, which needs a group of several emotions
+    settings = dataclasses.replace(DEFAULTS, n_jobs=1, adapt=False)
     try:
         analyser = Analyser(args.model, settings, args.max_duration_s)
     except ModelFileError as e:

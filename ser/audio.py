@@ -374,6 +374,7 @@ class Settings:
     uncertain_below: float = 0.5  # a file label less confident than this is flagged uncertain (ser.calibration)
     min_group_windows: int = 10  # a speaker group with fewer windows is heard as the average speaker (ser.grouping)
     max_group_files: int = 200  # a group's statistics come from at most this many of its files (ser.grouping)
+    adapt: bool = False  # the model adapted to each speaker group's windows before labelling them (ser.adaptation)
 
 
 # What a header may claim before it is believed. Sample rates above 768 kHz or more than 64

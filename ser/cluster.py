@@ -61,8 +61,11 @@ def shards_of(paths: list[Path], groups: list[str] | None, files_per_shard: int 
     return [s for s in shards if s]
 
 
-def _worker_model(model_bytes: bytes, digest: str, device_name: str) -> tuple[Any, dict[str, Any], Any]:
-    """The model, loaded once per worker process (kept by its digest)."""
+def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool = True
+                  ) -> tuple[Any, dict[str, Any], Any]:
+    """The model, loaded once per worker process (kept by its digest); fuse: False keeps it
+    trainable, to adapt to each speaker group (Settings.adapt)."""
+    digest = f"{digest} {'fused' if fuse else 'trainable'}"
     if digest not in _models:
         import tempfile
 
@@ -81,7 +84,7 @@ def _worker_model(model_bytes: bytes, digest: str, device_name: str) -> tuple[An
         with tempfile.NamedTemporaryFile(suffix=".pt") as f:
             f.write(model_bytes)
             f.flush()
-            model, meta = load_checkpoint(f.name, device)
+            model, meta = load_checkpoint(f.name, device, fuse=fuse)
         _models.clear()
         _models[digest] = (model, meta, device)
     return _models[digest]
@@ -94,7 +97,7 @@ def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, 
 
     from ser.labeller import label_rows
 
-    model, meta, device = _worker_model(model_bytes, digest, device_name)
+    model, meta, device = _worker_model(model_bytes, digest, device_name, fuse=not (settings.adapt and groups))
     serial = dataclasses.replace(settings, n_jobs=1)  # the worker is the parallelism
     files, segments = label_rows([Path(p) for p in paths], model, meta, serial, device, None, speakers,
                                  groups=groups)

@@ -16,12 +16,13 @@ import pandas as pd
 import torch
 
 from ser import features as feature_store
+from ser.adaptation import adapted_probs
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.fusion import average_speaker
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.models import infer
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
-                          grouped_statistics, input_statistics, load_clips, load_raw,
+                          grouped_statistics, grouping_keys, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
 from ser.util import UserError, pick_device
 
@@ -39,6 +40,7 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
     return scores_from_confusion(cm, names), cm, names, scored
 
 
+ADAPTED_GROUPINGS = ("speaker", "corpus")  # also scored adapted to each group: by speaker, one flat folder
 NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "fusion_temperature", "train_minutes")  # in the table only
 
 
@@ -74,7 +76,8 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     """Train on every corpus but `left_out` (all their speakers but the calibration split's,
     which calibrate its probabilities), score on all of `left_out`. A speaker-normalised model
     is scored with its clips grouped by speaker, and as the labeller would hear them with less
-    to go on (ser.training.SCORED_GROUPINGS): `<grouping>_uar` and `<grouping>_most_predicted_balanced`."""
+    to go on (ser.training.SCORED_GROUPINGS): `<grouping>_uar` and `<grouping>_most_predicted_balanced`;
+    and with the model adapted to each group (ser.adaptation; ADAPTED_GROUPINGS): `adapted_<grouping>_...`."""
     classes = train_classes(recipe["classes"])
     norm, others = recipe.get("normalisation", "clip"), [c for c in corpora if c != left_out]
     x, y, train_clips = load_raw(*data, classes, corpora=others, split=["train", "test"])
@@ -104,6 +107,12 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
         else:
             row.update({f"{grouping}_uar": scores["uar"],
                         f"{grouping}_most_predicted_balanced": scores["most_predicted_balanced"]})
+        if norm == "speaker" and grouping in ADAPTED_GROUPINGS:
+            probs = adapted_probs(model, head, temperature, inputs, z, grouping_keys(test_clips, grouping),
+                                  recipe["batch_size"], device).exp().numpy()
+            adapted, _, _ = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
+            row.update({f"adapted_{grouping}_uar": adapted["uar"], f"adapted_{grouping}_accuracy": adapted["accuracy"],
+                        f"adapted_{grouping}_most_predicted_balanced": adapted["most_predicted_balanced"]})
     row["train_minutes"] = minutes
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
                                 "actual": test_clips["emotion"][scored], "predicted": kept,

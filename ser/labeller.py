@@ -61,8 +61,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEFAULTS = Settings(batch_size=64, n_jobs=-1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=4096, precision="auto", max_duration_s=14400.0, min_sample_rate=4000,
                     uncertain_below=UNCERTAIN_BELOW, min_group_windows=MIN_GROUP_WINDOWS,
-                    max_group_files=MAX_GROUP_FILES)
+                    max_group_files=MAX_GROUP_FILES, adapt=True)
 DEFAULT_MODEL = "data/model/model.pt"
+# With --adapt, the model adapts to a seeded sample of at most ADAPT_WINDOWS windows of each
+# speaker group, and of ADAPT_MAX_WINDOWS in all (~50 kB each): bounded memory however many groups.
+ADAPT_WINDOWS, ADAPT_MAX_WINDOWS = 256, 8192
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
 # Windows a task reads at most (a long file is cut into pieces of this many): ~3 MB of features.
@@ -287,9 +290,10 @@ Statistics = dict[str | None, GroupStatistics]
 
 
 def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[str, Any]],
-                      fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS) -> Statistics:
+                      fp: FeatureParams, min_windows: int = MIN_GROUP_WINDOWS, sample: Any = None) -> Statistics:
     """Each speaker group's statistics over its files' windows (prepare() pieces of `paths`,
-    e.g. a FeatureStream: the first of two passes; `keys`: each path's group)."""
+    e.g. a FeatureStream: the first of two passes; `keys`: each path's group); `sample`: a
+    ser.adaptation.WindowSample that keeps some of each group's windows too."""
     key_of = {str(p): k for p, k in zip(paths, keys)}
     running = SpeakerStatistics(fp.n_mels, fp.floor_db)
     with tqdm(total=len(paths), desc="speaker statistics", unit="file") as progress:
@@ -297,6 +301,8 @@ def gather_statistics(paths: list[Path], keys: list[str], stream: Iterable[dict[
             progress.update(int(piece["first"]))
             if piece["features"] is not None:
                 running.add(key_of[piece["path"]], piece["features"], piece.get("functionals"))
+                if sample is not None:
+                    sample.add(key_of[piece["path"]], piece["features"], piece.get("functionals"))
     return running.finish(min_windows)
 
 
@@ -333,10 +339,12 @@ def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str
 
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
                   speakers: str, calibration: GroupStatistics | None,
-                  groups: list[str] | None = None) -> tuple[str, dict[str, str], Statistics, FeatureStream]:
+                  groups: list[str] | None = None
+                  ) -> tuple[str, dict[str, str], Statistics, FeatureStream, Any]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
-    the stream the model's pass reads): a grouping's statistics come from a first pass over
-    a sample of each group's files, and a stream over every file then serves the model.
+    the stream the model's pass reads, the windows kept to adapt the model to each group or
+    None): a grouping's statistics (and with s.adapt, a sample of its windows) come from a
+    first pass over a sample of each group's files, and a stream over every file then serves the model.
     `stream`: None, or started by the caller over first_pass_paths() (run() does, so the
     workers start before torch loads). `groups`: each path's speaker group already read from
     `speakers` (a cluster worker gets them, not the manifest)."""
@@ -350,19 +358,43 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
         keys = None if used in ("clip", "window", "population") else (
             groups if groups is not None else speaker_keys(paths, speakers))
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
+    window_sample = None
     if keys is not None and used != "calibration":
+        if s.adapt:
+            from ser.adaptation import WindowSample
+
+            window_sample = WindowSample(max(1, min(ADAPT_WINDOWS, ADAPT_MAX_WINDOWS // len(set(keys)))))
         sample = statistics_sample(paths, keys, s.max_group_files)
         if stream is not None and stream.paths != sample:
             raise ValueError("the caller's stream must be over first_pass_paths()")
         first = stream if stream is not None else FeatureStream(sample, extractor, s)
         statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, extractor.fp,
-                                       s.min_group_windows)
+                                       s.min_group_windows, window_sample)
         stream = None  # read: a stream over every file serves the model's pass
     results = stream if stream is not None else FeatureStream(paths, extractor, s)
     population = population_of(meta)
     if population is not None and used not in ("clip", "calibration"):
         statistics[None] = population  # no group, or one too small for its own: the average speaker
-    return used, key_of, statistics, results
+    return used, key_of, statistics, results, window_sample
+
+
+def group_models(model: "torch.nn.Module", head: LinearHead | None, used: str, statistics: Statistics,
+                 window_sample: Any, s: Settings) -> Any:
+    """The model each group is heard by (ser.adaptation.GroupModels): with s.adapt, adapted to
+    every group that has statistics of its own from its kept windows (normalised as the model
+    hears them), else the trained one. `model`: loaded unfused when s.adapt, else ready as is."""
+    from ser.adaptation import MIN_CLIPS, GroupModels, adapted_state
+
+    states = {}
+    keys = [] if window_sample is None else [k for k in window_sample.kept if k in statistics]
+    for key in tqdm(keys, desc="adapt to speakers", unit="group", disable=not keys):
+        features, functionals = window_sample.windows(key)
+        if len(features) < MIN_CLIPS:
+            continue
+        piece = {"features": features, "functionals": functionals}
+        z = None if head is None else functional_input([piece], [statistics[key]], head)
+        states[key] = adapted_state(model, head, model_input([piece], used, [statistics[key]]), z)
+    return GroupModels(model, states)
 
 
 def model_input(pieces: list[dict[str, Any]], used: str, stats: list[GroupStatistics | None]) -> "torch.Tensor":
@@ -410,6 +442,23 @@ def window_probabilities(model: "torch.nn.Module", head: LinearHead | None, piec
     return fused_log_probs(logits, z, head).exp().numpy()
 
 
+def adapted_window_probabilities(models: Any, head: LinearHead | None, pieces: list[dict[str, Any]],
+                                 keys: list[str | None], used: str, stats: list[GroupStatistics | None], s: Settings,
+                                 device: "torch.device") -> np.ndarray:
+    """window_probabilities with each piece heard by its group's model (`models`: ser.adaptation.
+    GroupModels; `keys`: each piece's group), in the pieces' order."""
+    keys = [k if models.adapted(k) else None for k in keys]
+    by_piece: list[np.ndarray] = [np.empty(0)] * len(pieces)
+    for key in dict.fromkeys(keys):
+        chosen = [i for i, k in enumerate(keys) if k == key]
+        part = window_probabilities(models.model_for(key), head, [pieces[i] for i in chosen], used,
+                                    [stats[i] for i in chosen], s, device)
+        offsets = np.cumsum([0] + [len(pieces[i]["features"]) for i in chosen])
+        for j, i in enumerate(chosen):
+            by_piece[i] = part[offsets[j] : offsets[j + 1]]
+    return np.concatenate(by_piece)
+
+
 def heard_as(used: str, key: str | None, statistics: Statistics) -> str:
     """What one file was normalised by: the run's `used`, or for a group too small for
     statistics of its own the average training speaker (population; window for an old model)."""
@@ -431,7 +480,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     speaker's `calibration` statistics (the page's "calibrate to my voice"); with neither,
     each window relative to its own."""
     classes, head = meta["classes"], LinearHead.from_record(meta["extra"].get("fusion"))
-    used, key_of, statistics, results = speaker_setup(paths, meta, s, stream, speakers, calibration, groups)
+    used, key_of, statistics, results, sample = speaker_setup(paths, meta, s, stream, speakers, calibration, groups)
+    models = group_models(model, head, used, statistics, sample, s)
     prob_columns = [f"prob_{c}" for c in classes]
     rows: list[dict[str, Any]] = []
     sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
@@ -442,7 +492,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
     def flush() -> None:
         pieces = [r for _, r in pending]
         stats = [statistics.get(key_of.get(r["path"]), statistics.get(None)) for r in pieces]
-        probs = window_probabilities(model, head, pieces, used, stats, s, device)
+        probs = adapted_window_probabilities(models, head, pieces, [key_of.get(r["path"]) for r in pieces],
+                                             used, stats, s, device)
         offset = 0
         for row_index, r in pending:
             window_probs = probs[offset : offset + len(r["features"])]
@@ -462,7 +513,8 @@ def label_rows(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any]
                              "confidence": math.nan, **{c: math.nan for c in prob_columns},
                              "duration_s": math.nan if piece["duration"] is None else piece["duration"],
                              "normalised_by": heard_as(used, key_of.get(piece["path"]), statistics),
-                             "speaker_group": key_of.get(piece["path"], "")})
+                             "speaker_group": key_of.get(piece["path"], ""),
+                             "adapted": models.adapted(key_of.get(piece["path"]))})
                 sums.append(np.zeros(len(classes)))
                 counts.append(0)
                 progress.update(1)
@@ -497,7 +549,7 @@ def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list
 def file_table(classes: list[str], rows: list[dict[str, Any]]) -> Table:
     """The labeller's output columns: one row per file."""
     return Table(["path", "status", "error", "emotion", "confidence", "uncertain", *[f"prob_{c}" for c in classes],
-                  "duration_s", "normalised_by", "speaker_group"], rows)
+                  "duration_s", "normalised_by", "speaker_group", "adapted"], rows)
 
 
 def segment_table(classes: list[str], rows: list[dict[str, Any]]) -> Table:
@@ -582,7 +634,8 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
 
         device = pick_device(device_name)
         try:
-            model, meta = load_checkpoint(model_path, device)
+            adapting = settings.adapt and speakers != "none"
+            model, meta = load_checkpoint(model_path, device, fuse=not adapting)  # to adapt: trainable
         except ModelFileError as e:
             raise UserError(str(e)) from None
         if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
@@ -631,6 +684,9 @@ def write_outputs(files: Table, segments: Table, out: str, segments_out: str | N
     errors = [row["error"] for row in files.rows if row["status"] == "error"]
     print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
     print(f"predict: {NORMALISED_BY[used]} (column normalised_by)")
+    adapted = [row for row in files.rows if row.get("adapted")]
+    if adapted:
+        print(f"predict: the model adapted to the speaker group of {len(adapted)} files (column adapted)")
     for error in errors:
         print(f"  error: {error}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK
@@ -667,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-group-files", type=int, default=d.max_group_files,
                         help="a group's statistics come from a seeded sample of at most this many of its files "
                         "(default %(default)s)")
+    parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=d.adapt,
+                        help="adapt the model to each speaker group's windows before labelling them (test-time "
+                        "adaptation, no labels; assumes a group holds several emotions; default: %(default)s)")
     parser.add_argument("--cluster", metavar="tcp://HOST:PORT", help="label on this Dask scheduler's workers "
                         "(they read the audio at the same paths; the model is sent to them)")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
@@ -676,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
                                    uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows,
-                                   max_group_files=args.max_group_files)
+                                   max_group_files=args.max_group_files, adapt=args.adapt)
     if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s,
            settings.max_group_files) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size, --max-duration-s and --max-group-files must be positive")

@@ -1,6 +1,7 @@
 """Model definitions and the self-contained checkpoint format shared by train, evaluate, predict."""
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 from typing import Any
@@ -209,9 +210,11 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message says which file and why."""
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", fuse: bool = True
+                    ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model (or ensemble) saved by save_checkpoint, in eval mode, plus its metadata;
-    with the file's temperature (extra.temperature) applied to its logits."""
+    with the file's temperature (extra.temperature) applied to its logits. fuse: rewritten for
+    inference only (EmotionCNN.fuse_for_inference); False keeps it trainable (ser.adaptation)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no model file (train one with `dvc repro train`)")
@@ -229,7 +232,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         for state in checkpoint["members"]:
             members.append(build_model(checkpoint["arch"], fp.n_mels, len(checkpoint["classes"])))
             members[-1].load_state_dict(state)
-            members[-1].eval().fuse_for_inference()
+            members[-1].eval()
+            if fuse:
+                members[-1].fuse_for_inference()
         model = members[0] if len(members) == 1 else Ensemble(members)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0]
@@ -242,6 +247,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     meta = {k: checkpoint[k] for k in ("arch", "classes", "extra")}
     meta["feature_params"] = fp
     return model, meta
+
+
+def fused_copy(model: nn.Module) -> nn.Module:
+    """A copy of a loaded model (EmotionCNN, Ensemble, TemperatureScaled of either) with every
+    EmotionCNN in it fused for inference; the original stays trainable."""
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        if isinstance(m, EmotionCNN):
+            m.eval().fuse_for_inference()
+    return copied.eval()
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")

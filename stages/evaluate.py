@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ser.adaptation import adapted_probs, unscaled
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, reliability
 from ser.metrics import confusion_matrix, group_accuracy, plot_confusion, round_floats, scores_from_confusion
 from ser.crosscorpus import balanced_share
 from ser.features import load_functionals
 from ser.fusion import LinearHead
 from ser.models import load_checkpoint
-from ser.training import (apply_statistics, grouped_functionals, grouped_statistics, input_statistics, load_raw,
-                          scored_probs)
+from ser.training import (apply_statistics, grouped_functionals, grouped_statistics, grouping_keys, input_statistics,
+                          load_raw, scored_probs)
 from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
 
 
@@ -54,12 +55,17 @@ def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | No
             "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
 
 
-def by_grouping(model, meta: dict[str, Any], raw: tuple, functionals: np.ndarray, batch_size: int, device
-                ) -> dict[str, Any]:
+ADAPTED = ("adapted_speaker", "adapted_corpus")  # the model adapted to each speaker / to each corpus's test clips
+
+
+def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals: np.ndarray, batch_size: int,
+                device) -> dict[str, Any]:
     """A speaker-normalised model's test figures when the labeller knows less than who is who:
     each corpus's test clips as one group (a flat folder), each clip alone, the average training
     speaker (population, when the model file has it): accuracy, UAR and the most predicted class
-    on a balanced set. `raw`: the test clips' (features as written, class indices, clips)."""
+    on a balanced set; and by speaker and as one folder with the model adapted to each group
+    (ser.adaptation; `trainable`: the model loaded unfused). `raw`: the test clips' (features as
+    written, class indices, clips)."""
     classes, extra = meta["classes"], meta["extra"]
     if extra.get("normalisation") != "speaker":
         return {}
@@ -67,10 +73,18 @@ def by_grouping(model, meta: dict[str, Any], raw: tuple, functionals: np.ndarray
     head = LinearHead.from_record(extra.get("fusion"))
     population = tuple(map(torch.tensor, extra["population"])) if "population" in extra else None
     result = {}
-    for grouping in ("corpus", "clip") + (("population",) if population is not None else ()):
-        stats = grouped_statistics(x, clips, grouping, population)
-        z = grouped_functionals(functionals, clips, grouping, head)
-        predicted = scored_probs(model, head, apply_statistics(x, stats), z, batch_size, device).argmax(1).numpy()
+    groupings = ("corpus", "clip") + (("population",) if population is not None else ()) + ADAPTED
+    for grouping in groupings:
+        keys = grouping.removeprefix("adapted_")
+        stats = grouped_statistics(x, clips, keys, population)
+        z = grouped_functionals(functionals, clips, keys, head)
+        if grouping in ADAPTED:
+            inner, temperature = unscaled(trainable)
+            probs = adapted_probs(inner, head, temperature, apply_statistics(x, stats), z,
+                                  grouping_keys(clips, keys), batch_size, device)
+        else:
+            probs = scored_probs(model, head, apply_statistics(x, stats), z, batch_size, device)
+        predicted = probs.argmax(1).numpy()
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
         scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
         result[grouping] = {"accuracy": scores["accuracy"], "uar": scores["uar"],
@@ -86,6 +100,7 @@ def main() -> None:
     p = yaml.safe_load(Path("params.yaml").read_text())["evaluate"]
     device = pick_device(p["device"])
     model, meta = load_checkpoint(args.model, device)
+    trainable, _ = load_checkpoint(args.model, "cpu", fuse=False)  # to adapt (ser.adaptation)
     classes = meta["classes"]
     raw, y, clips = load_raw(args.features, args.metadata, classes, split="test")
     if len(raw) == 0:
@@ -116,7 +131,7 @@ def main() -> None:
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
         **confidence_figures(probs, y.numpy(), meta["extra"].get("temperature")),
-        "by_grouping": by_grouping(model, meta, (raw, y, clips), functionals, p["batch_size"], device),
+        "by_grouping": by_grouping(model, trainable, meta, (raw, y, clips), functionals, p["batch_size"], device),
     }
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:

@@ -26,7 +26,7 @@ def main() -> int:
                         silence_peak=p["silence_peak"], segment_s=p["segment_s"], hop_s=p["hop_s"],
                         max_queued_windows=p["max_queued_windows"], precision=p["precision"],
                         max_duration_s=p["max_duration_s"], min_sample_rate=p["min_sample_rate"],
-                        uncertain_below=p["uncertain_below"])
+                        uncertain_below=p["uncertain_below"], adapt=p["adapt"])
     code = run_safely([args.input], args.out, args.model, settings, p["device"], args.segments,
                       speakers=p["speakers"], cluster=p["cluster"])
     # files that cannot be labelled are rows of the output, not a failed stage

@@ -38,6 +38,10 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
         assert summary["per_corpus"]["studio_a"][f"{grouping}_uar"] == table[f"{grouping}_uar"][0]
     # separable by pattern over time: by speaker or as one folder, still right
     assert table["corpus_uar"].min() >= 0.9
+    # and with the model adapted to each speaker, and to the flat folder (ser.adaptation): still right
+    for grouping in ("speaker", "corpus"):
+        assert table[f"adapted_{grouping}_uar"].min() >= 0.9
+        assert summary["per_corpus"]["studio_a"][f"adapted_{grouping}_uar"] == table[f"adapted_{grouping}_uar"][0]
     assert summary["per_corpus"]["studio_b"]["most_predicted_balanced"] == table["most_predicted_balanced"][1]
 
 
@@ -62,6 +66,7 @@ def test_a_fusion_recipe_is_scored_fused_and_its_linear_model_never_hears_the_le
 def test_a_clip_normalised_model_is_scored_once(tmp_path, feature_params):
     table, summary, _ = leave_one_corpus_out(_two_corpora(tmp_path, feature_params), train_params(epochs=2))
     assert "clip_uar" not in table.columns and "uar" in summary["per_corpus"]["studio_a"]
+    assert "adapted_speaker_uar" not in table.columns  # adaptation is to a speaker group
 
 
 def test_the_balanced_share_shows_a_collapse_whatever_the_class_counts():

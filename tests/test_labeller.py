@@ -47,7 +47,7 @@ def test_every_file_gets_one_row_in_path_order_and_exit_code_1(folder, tiny_chec
     assert names == sorted(names) and len(names) == 10
     assert list(frame.columns) == ["path", "status", "error", "emotion", "confidence", "uncertain",
                                    *[f"prob_{c}" for c in EMOTIONS], "duration_s",
-                                   "normalised_by", "speaker_group"]
+                                   "normalised_by", "speaker_group", "adapted"]
     by_name = dict(zip(names, frame.itertuples()))
     for ok in ("good.wav", "sub/stereo_44k.flac", "sub/ünïcødé 声音.wav"):
         row = by_name[ok]
@@ -662,3 +662,43 @@ def test_a_model_with_a_linear_model_hears_the_functionals_relative_to_the_same_
         for p, probs in zip(pair, expected):
             np.testing.assert_allclose(grouped.loc[str(p), [f"prob_{c}" for c in EMOTIONS]].to_numpy(float), probs,
                                        atol=2e-5)
+
+
+def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, feature_params, capsys):
+    """--adapt: a group with enough windows is heard by the model adapted to them (ser.adaptation),
+    computed here by hand from the same windows in the same order; a group too small is not."""
+    import torch
+
+    from ser.adaptation import MIN_CLIPS, adapt_to_group
+    from ser.audio import prepare
+    from ser.models import infer, load_checkpoint, speaker_statistics
+
+    anna = [write_tone(tmp_path / "in" / "anna" / "1.wav", seconds=30, freq=220),
+            write_tone(tmp_path / "in" / "anna" / "2.wav", seconds=1, freq=330)]
+    bob = [write_tone(tmp_path / "in" / "bob" / "1.wav", seconds=2, freq=150, amplitude=0.1)]
+    model_path = _speaker_model(tmp_path, feature_params)
+    args = [tmp_path / "in", "--model", model_path, "--speakers", "folder", "--jobs", "1", "--min-group-windows", "1",
+            "--precision", "float32"]
+    assert _run([*args, "-o", tmp_path / "a.csv", "--adapt"]) == 0
+    assert "adapted to the speaker group of 2 files" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "a.csv")
+    assert frame["adapted"].tolist() == [True, True, False]  # bob: one window, fewer than MIN_CLIPS
+
+    model, _ = load_checkpoint(model_path, torch.device("cpu"), fuse=False)
+    windows = [prepare(Path(f), LogMel(feature_params), SETTINGS)["features"] for f in anna]
+    x = torch.from_numpy(np.concatenate(windows))
+    assert len(x) >= MIN_CLIPS
+    mean, std = speaker_statistics(x, ["anna"] * len(x))
+    x = (x - mean[:, :, None]) / std[:, :, None]
+    adapted = adapt_to_group(model, None, 1.0, x, None)
+    probs = infer(adapted, x, 16, torch.device("cpu")).softmax(1).numpy()
+    by_path = frame.set_index("path")
+    np.testing.assert_allclose(by_path.loc[str(anna[0]), [f"prob_{c}" for c in EMOTIONS]].to_numpy(float),
+                               probs[: len(windows[0])].mean(0), atol=2e-4)
+    assert _run([*args, "-o", tmp_path / "b.csv", "--adapt"]) == 0  # seeded: the same labels again
+    assert pd.read_csv(tmp_path / "b.csv").equals(frame)
+    assert _run([*args, "-o", tmp_path / "n.csv", "--no-adapt"]) == 0  # without it: the trained model
+    plain = pd.read_csv(tmp_path / "n.csv")
+    assert not plain["adapted"].any()
+    assert np.allclose(plain.filter(like="prob_").iloc[2], frame.filter(like="prob_").iloc[2], atol=1e-6)  # bob
+    assert np.abs(plain.filter(like="prob_").iloc[0] - frame.filter(like="prob_").iloc[0]).max() > 1e-3
