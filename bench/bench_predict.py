@@ -5,7 +5,8 @@ naive: per file, load the model, compute the features (log-Mel and functionals),
 ours:  `ser label` on the whole folder, process start included (default params,
        then --precision float32: their labels are compared, and scored on the test actors;
        then --speakers none, one pass instead of the default grouping's two (a first over a sample
-       of each group's files, grouping.MAX_GROUP_FILES, then every file): what grouping costs).
+       of each group's files, grouping.MAX_GROUP_FILES, then every file): what grouping costs;
+       then --no-adapt: what adapting the model to the group costs, ser.adaptation).
 Needs a trained model (make repro) at data/model/model.pt."""
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def main() -> None:
         seconds = sorted(label(tmp / "clips", tmp / "auto.csv", model_path) for _ in range(RUNS))
         float32_seconds = label(tmp / "clips", tmp / "float32.csv", model_path, "--precision", "float32")
         ungrouped = sorted(label(tmp / "clips", tmp / "none.csv", model_path, "--speakers", "none") for _ in range(RUNS))
-        auto, full = pd.read_csv(tmp / "auto.csv"), pd.read_csv(tmp / "float32.csv")
+        unadapted = sorted(label(tmp / "clips", tmp / "plain.csv", model_path, "--no-adapt") for _ in range(RUNS))
+        auto, full, plain = (pd.read_csv(tmp / f"{name}.csv") for name in ("auto", "float32", "plain"))
         small_rss = peak_child_rss_mb()
         # Scale and memory: the clips linked COPIES times (9,600 files); memory must not grow
         for copy in range(COPIES):
@@ -100,6 +102,8 @@ def main() -> None:
               "float32_files_per_s": round(len(paths) / float32_seconds, 1),
               # the default groups all files (statistics in a first pass over a sample, for a speaker model)
               "ungrouped_files_per_s": round(len(paths) / ungrouped[len(ungrouped) // 2], 1),
+              "unadapted_files_per_s": round(len(paths) / unadapted[len(unadapted) // 2], 1),
+              "test_actor_accuracy_unadapted": round(test_actor_accuracy(plain, test_actors), 4),
               "labels_same_as_float32": round(float((auto["emotion"] == full["emotion"]).mean()), 4),
               "test_actor_accuracy_default": round(test_actor_accuracy(auto, test_actors), 4),
               "test_actor_accuracy_float32": round(test_actor_accuracy(full, test_actors), 4),
