@@ -111,8 +111,8 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
             probs = adapted_probs(model, head, temperature, inputs, z, grouping_keys(test_clips, grouping),
                                   recipe["batch_size"], device).exp().numpy()
             adapted, _, _ = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
-            row.update({f"adapted_{grouping}_uar": adapted["uar"], f"adapted_{grouping}_accuracy": adapted["accuracy"],
-                        f"adapted_{grouping}_most_predicted_balanced": adapted["most_predicted_balanced"]})
+            row.update({f"adapted_{grouping}_{name}": adapted[name]
+                        for name in ("uar", "accuracy", "ece", "uncertain_share", "most_predicted_balanced")})
     row["train_minutes"] = minutes
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
                                 "actual": test_clips["emotion"][scored], "predicted": kept,

@@ -393,7 +393,7 @@ def group_models(model: "torch.nn.Module", head: LinearHead | None, used: str, s
             continue
         piece = {"features": features, "functionals": functionals}
         z = None if head is None else functional_input([piece], [statistics[key]], head)
-        states[key] = adapted_state(model, head, model_input([piece], used, [statistics[key]]), z)
+        states[key] = adapted_state(model, head, model_input([piece], used, [statistics[key]]), z, s.precision)
     return GroupModels(model, states)
 
 

@@ -88,6 +88,7 @@ def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals:
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
         scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
         result[grouping] = {"accuracy": scores["accuracy"], "uar": scores["uar"],
+                            "ece": expected_calibration_error(probs.exp().numpy(), y.numpy()),
                             "most_predicted_balanced": f"{classes[int(share.argmax())]} {share.max():.0%}"}
     return result
 

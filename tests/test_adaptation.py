@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ser.adaptation import (MIN_CLIPS, MIN_STEPS, adapt_to_group, adaptation_steps, batch_norms,
-                            fused_log_probs_torch, information_loss)
+from ser.adaptation import (MIN_CLIPS, MIN_STEPS, GroupModels, adapt_and_match, adapt_to_group, adaptation_steps,
+                            adapted_state, batch_norms, fused_log_probs_torch, information_loss)
 from ser.fusion import LinearHead, fused_log_probs
-from ser.models import Ensemble, TemperatureScaled, build_model
+from ser.models import Ensemble, TemperatureScaled, build_model, infer
 
 ARCH = {"channels": [4, 8], "batch_norm": True, "block_dropout": 0.0, "head_dropout": 0.3, "head_hidden": 16}
 
@@ -112,3 +112,53 @@ def test_a_small_group_is_not_adapted_and_an_ensemble_adapts_each_member():
 def test_a_group_gets_three_passes_or_at_least_the_minimum_steps():
     assert adaptation_steps(10) == MIN_STEPS
     assert adaptation_steps(1400) == 3 * math.ceil(1400 / 32)
+
+
+def test_the_matched_temperature_gives_the_group_back_the_trained_models_confidence():
+    trained, (x, _) = model(), group()
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1, (len(x), 4))
+    head = LinearHead(rng.normal(0, 1, (3, 4)), np.zeros(3), 1.0, 0.4, (np.zeros(4), np.ones(4)))
+    adapted, matched = adapt_and_match(trained, head, 1.5, x, z)
+    cpu = torch.device("cpu")
+
+    def confidence(net, temperature):  # ser.fusion's fused probabilities: the labeller's
+        return float(fused_log_probs(infer(net, x, 16, cpu) / temperature, z, head).exp().max(1).values.mean())
+
+    target = confidence(trained, 1.5)
+    assert confidence(adapted, 1.5) > target + 0.02  # adapting made it surer
+    assert confidence(adapted, matched) == pytest.approx(target, abs=1e-4)
+    assert matched > 1.5
+    small, unchanged = adapt_and_match(trained, head, 1.5, x[: MIN_CLIPS - 1], z[: MIN_CLIPS - 1])
+    assert unchanged == 1.5
+
+
+def test_bfloat16_steps_adapt_too_seeded_and_close_to_float32():
+    trained, (x, _) = model(), group()
+    half = adapt_to_group(trained, None, 1.0, x, None, precision="bfloat16")
+    full = adapt_to_group(trained, None, 1.0, x, None)
+    again = adapt_to_group(trained, None, 1.0, x, None, precision="bfloat16")
+    assert all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(half.state_dict()["conv.1.weight"], full.state_dict()["conv.1.weight"])
+    with torch.no_grad():
+        before = information_loss(torch.log_softmax(trained(x), 1))
+        assert information_loss(torch.log_softmax(half(x), 1)) < before - 0.05
+        agree = (half(x).argmax(1) == full(x).argmax(1)).float().mean()
+    assert agree > 0.9
+
+
+def test_group_models_hear_a_group_by_its_adapted_state_at_its_matched_temperature():
+    trained, (x, _) = model(), group()
+    loaded = TemperatureScaled(trained, 1.5)
+    state, matched = adapted_state(loaded, None, x, None)
+    adapted, expected_temperature = adapt_and_match(trained, None, 1.5, x, None)
+    assert matched == expected_temperature
+    models = GroupModels(loaded, {"anna": (state, matched)})
+    cpu = torch.device("cpu")
+    np.testing.assert_allclose(infer(models.model_for("anna"), x, 16, cpu).numpy(),
+                               (infer(adapted, x, 16, cpu) / matched).numpy(), atol=1e-4)
+    np.testing.assert_allclose(infer(models.model_for("bob"), x, 16, cpu).numpy(),  # not adapted: as trained
+                               infer(loaded, x, 16, cpu).numpy(), atol=1e-4)
+    assert models.adapted("anna") and not models.adapted("bob") and not models.adapted(None)
+    with pytest.raises(ValueError, match="BatchNorm state"):
+        models.with_state({"not.a.key": torch.zeros(1)}, 1.0)

@@ -41,6 +41,8 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
     # and with the model adapted to each speaker, and to the flat folder (ser.adaptation): still right
     for grouping in ("speaker", "corpus"):
         assert table[f"adapted_{grouping}_uar"].min() >= 0.9
+        assert table[f"adapted_{grouping}_ece"].between(0, 1).all()  # at the matched temperature
+        assert table[f"adapted_{grouping}_uncertain_share"].between(0, 1).all()
         assert summary["per_corpus"]["studio_a"][f"adapted_{grouping}_uar"] == table[f"adapted_{grouping}_uar"][0]
     assert summary["per_corpus"]["studio_b"]["most_predicted_balanced"] == table["most_predicted_balanced"][1]
 

@@ -666,10 +666,11 @@ def test_a_model_with_a_linear_model_hears_the_functionals_relative_to_the_same_
 
 def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, feature_params, capsys):
     """--adapt: a group with enough windows is heard by the model adapted to them (ser.adaptation),
-    computed here by hand from the same windows in the same order; a group too small is not."""
+    at its matched temperature, computed here by hand from the same windows in the same order; a
+    group too small is not."""
     import torch
 
-    from ser.adaptation import MIN_CLIPS, adapt_to_group
+    from ser.adaptation import MIN_CLIPS, adapt_and_match
     from ser.audio import prepare
     from ser.models import infer, load_checkpoint, speaker_statistics
 
@@ -690,8 +691,8 @@ def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, f
     assert len(x) >= MIN_CLIPS
     mean, std = speaker_statistics(x, ["anna"] * len(x))
     x = (x - mean[:, :, None]) / std[:, :, None]
-    adapted = adapt_to_group(model, None, 1.0, x, None)
-    probs = infer(adapted, x, 16, torch.device("cpu")).softmax(1).numpy()
+    adapted, temperature = adapt_and_match(model, None, 1.0, x, None)
+    probs = (infer(adapted, x, 16, torch.device("cpu")) / temperature).softmax(1).numpy()
     by_path = frame.set_index("path")
     np.testing.assert_allclose(by_path.loc[str(anna[0]), [f"prob_{c}" for c in EMOTIONS]].to_numpy(float),
                                probs[: len(windows[0])].mean(0), atol=2e-4)

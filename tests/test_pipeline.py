@@ -148,7 +148,7 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     # and evaluate says what a speaker model does when it knows less of who is who, and adapted to each group
     assert set(ev["by_grouping"]) == ({"corpus", "clip", "population", "adapted_speaker", "adapted_corpus"}
                                       if speaker_model else set())
-    assert all(0 <= g["uar"] <= 1 for g in ev["by_grouping"].values())
+    assert all(0 <= g["uar"] <= 1 and 0 <= g["ece"] <= 1 for g in ev["by_grouping"].values())
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
