@@ -38,6 +38,8 @@ BATCH_SIZE = 32
 PASSES = 3  # over the group's clips...
 MIN_STEPS = 20  # ...but at least this many steps, for a small group
 MIN_CLIPS = 8  # a smaller group is not adapted: its spread term would be noise
+SAMPLE_SIZE = 256  # a group adapts on a seeded sample of at most this many of its clips or windows: bounded
+# time and memory. The labeller keeps such a sample in its first pass; the metrics draw one (adaptation_sample).
 MATCH_RANGE = (0.2, 10.0)  # the matched temperature lies within these factors of the trained one
 MATCH_STEPS = 40  # bisection steps: the factor to within 1e-10 of its range
 
@@ -168,15 +170,25 @@ def adapt_and_match(model: torch.nn.Module, head: LinearHead | None, temperature
 def adapted_probs(model: torch.nn.Module, head: LinearHead | None, temperature: float, x: torch.Tensor,
                   z: np.ndarray | None, keys: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
     """Fused log-probabilities of clips x (model input; z: standardised functionals) with the model
-    adapted to each group of `keys` by itself at its matched temperature (adapt_and_match), as
-    ser.training.scored_probs."""
+    adapted to each group of `keys` by itself (on its adaptation_sample) at its matched temperature
+    (adapt_and_match), as ser.training.scored_probs."""
     out = torch.zeros(len(x), model_classes(model))
     for key in np.unique(keys):
         rows = np.flatnonzero(keys == key)
+        sample = rows[adaptation_sample(len(rows))]
+        adapted, matched = adapt_and_match(model, head, temperature, x[sample], None if z is None else z[sample])
         rows_z = None if z is None else z[rows]
-        adapted, matched = adapt_and_match(model, head, temperature, x[rows], rows_z)
         out[rows] = scored_probs(adapted.to(device), head, x[rows], rows_z, batch_size, device, matched)
     return out
+
+
+def adaptation_sample(n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded uniform sample of min(n, SAMPLE_SIZE) of a group's n clips: what
+    the group adapts on, so that the metrics score what the labeller does (3 passes over a 1,400-clip
+    group's every clip scored 5 points more on TESS left out than its 256-window sample gives)."""
+    if n <= SAMPLE_SIZE:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, SAMPLE_SIZE, replace=False))
 
 
 def model_classes(model: torch.nn.Module) -> int:

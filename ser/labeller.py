@@ -63,9 +63,9 @@ DEFAULTS = Settings(batch_size=64, n_jobs=-1, min_duration_s=0.1, silence_peak=1
                     uncertain_below=UNCERTAIN_BELOW, min_group_windows=MIN_GROUP_WINDOWS,
                     max_group_files=MAX_GROUP_FILES, adapt=True)
 DEFAULT_MODEL = "data/model/model.pt"
-# With --adapt, the model adapts to a seeded sample of at most ADAPT_WINDOWS windows of each
-# speaker group, and of ADAPT_MAX_WINDOWS in all (~50 kB each): bounded memory however many groups.
-ADAPT_WINDOWS, ADAPT_MAX_WINDOWS = 256, 8192
+# With --adapt, the model adapts to a seeded sample of at most ser.adaptation.SAMPLE_SIZE windows of
+# each speaker group, and of ADAPT_MAX_WINDOWS in all (~50 kB each): bounded memory however many groups.
+ADAPT_MAX_WINDOWS = 8192
 # Files per task sent to a worker: amortises inter-process overhead for short clips.
 FILES_PER_TASK = 8
 # Windows a task reads at most (a long file is cut into pieces of this many): ~3 MB of features.
@@ -361,9 +361,9 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
     window_sample = None
     if keys is not None and used != "calibration":
         if s.adapt:
-            from ser.adaptation import WindowSample
+            from ser.adaptation import SAMPLE_SIZE, WindowSample
 
-            window_sample = WindowSample(max(1, min(ADAPT_WINDOWS, ADAPT_MAX_WINDOWS // len(set(keys)))))
+            window_sample = WindowSample(max(1, min(SAMPLE_SIZE, ADAPT_MAX_WINDOWS // len(set(keys)))))
         sample = statistics_sample(paths, keys, s.max_group_files)
         if stream is not None and stream.paths != sample:
             raise ValueError("the caller's stream must be over first_pass_paths()")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ser.adaptation import (MIN_CLIPS, MIN_STEPS, GroupModels, adapt_and_match, adapt_to_group, adaptation_steps,
-                            adapted_state, batch_norms, fused_log_probs_torch, information_loss)
+from ser.adaptation import (MIN_CLIPS, MIN_STEPS, GroupModels, adapt_and_match, adapt_to_group,
+                            adaptation_sample, adaptation_steps, adapted_probs, adapted_state, batch_norms,
+                            fused_log_probs_torch, information_loss)
 from ser.fusion import LinearHead, fused_log_probs
 from ser.models import Ensemble, TemperatureScaled, build_model, infer
 
@@ -162,3 +163,22 @@ def test_group_models_hear_a_group_by_its_adapted_state_at_its_matched_temperatu
     assert models.adapted("anna") and not models.adapted("bob") and not models.adapted(None)
     with pytest.raises(ValueError, match="BatchNorm state"):
         models.with_state({"not.a.key": torch.zeros(1)}, 1.0)
+
+
+def test_a_large_group_adapts_on_its_seeded_sample_and_every_clip_is_scored(monkeypatch):
+    import ser.adaptation
+
+    assert adaptation_sample(10).tolist() == list(range(10))
+    monkeypatch.setattr(ser.adaptation, "SAMPLE_SIZE", 16)
+    sample = adaptation_sample(48)
+    assert len(set(sample.tolist())) == 16 and sample.tolist() == sorted(sample.tolist())
+    assert np.array_equal(sample, adaptation_sample(48))  # seeded
+    trained, (x, _) = model(), group()
+    keys = np.array(["anna"] * 40 + ["bob"] * 8)
+    probs = adapted_probs(trained, None, 1.0, x, None, keys, 16, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    anna = np.flatnonzero(keys == "anna")
+    for rows, adapted_on in ((anna, anna[adaptation_sample(40)]), (np.arange(40, 48), np.arange(40, 48))):
+        adapted, matched = adapt_and_match(trained, None, 1.0, x[adapted_on], None)  # bob: 8 clips, all of them
+        expected = torch.log_softmax(infer(adapted, x[rows], 16, cpu) / matched, 1)
+        np.testing.assert_allclose(probs[rows].numpy(), expected.numpy(), atol=1e-5)
