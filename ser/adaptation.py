@@ -91,7 +91,7 @@ def adapt_member(model: EmotionCNN, head: LinearHead | None, temperature: float,
     trained = [p for m in norms for p in (m.weight, m.bias)]
     for p in trained:
         p.requires_grad_(True)
-    optimiser = torch.optim.Adam(trained, lr=LEARNING_RATE)
+    optimiser = Adam(trained, LEARNING_RATE)
     weight, linear = fusion_weight(head), linear_log_probs(head, z)
     order, position = torch.randperm(len(x), generator=generator), 0
     for _ in range(adaptation_steps(len(x))):
@@ -103,12 +103,35 @@ def adapt_member(model: EmotionCNN, head: LinearHead | None, temperature: float,
             logits = adapted(x[batch])
         log_probs = fused_log_probs_torch(logits / temperature, None if linear is None else linear[batch], weight)
         loss = information_loss(log_probs)
-        optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
     for p in trained:
         p.requires_grad_(False)
     return adapted
+
+
+class Adam:
+    """torch.optim.Adam's update, bit for bit (its single-tensor path, which it takes on the CPU),
+    written out: torch.optim's first step imports torch._dynamo, 1.3 s of the labeller's 8.6 s
+    on 1,200 files. step() applies the gradients and clears them."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps, self.steps = params, lr, betas, eps, 0
+        self.averages = [torch.zeros_like(p) for p in params]
+        self.squares = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1 ** float(self.steps))
+        correction2 = (1 - beta2 ** float(self.steps)) ** 0.5
+        for p, average, square in zip(self.params, self.averages, self.squares):
+            average.lerp_(p.grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.addcdiv_(average, (square.sqrt() / correction2).add_(self.eps), value=-step_size)
+            p.grad = None
 
 
 def adapt_to_group(model: torch.nn.Module, head: LinearHead | None, temperature: float, x: torch.Tensor,

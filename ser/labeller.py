@@ -176,22 +176,34 @@ class FeatureStream:
     max_pending tasks are handed out and unconsumed at once, each holding at most
     WINDOWS_PER_TASK windows, so max_queued_windows bounds the windows held (joblib's
     generator has no such bound: it buffers every finished result). Workers start by fork
-    when that is safe (see _worker_context)."""
+    when that is safe (see _worker_context).
+    `then`: the paths of a second pass (the labeller's grouped run: a sample of each group's
+    files for the statistics, then every file), served by self.next_pass on the same workers,
+    its tasks queued behind this pass's as soon as the bound allows: the workers go on to it
+    while the caller loads torch, instead of waiting for it and for a fork server's start."""
 
-    def __init__(self, paths: list[Path], extractor: LogMel, s: Settings) -> None:
+    def __init__(self, paths: list[Path], extractor: LogMel, s: Settings, then: list[Path] | None = None,
+                 after: "FeatureStream | None" = None) -> None:
         self.extractor, self.settings, self.paths = extractor, s, paths
-        self.workers = min(effective_n_jobs(s.n_jobs), max(1, len(paths) // FILES_PER_TASK))
         self.groups = iter([paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)])
-        self.max_pending = max(self.workers + 1, s.max_queued_windows // WINDOWS_PER_TASK)
         self.pool: ProcessPoolExecutor | None = None
+        self.owns_pool = True  # shuts the workers down when closed (the last pass's stream)
         self.pending: deque[Future] = deque()
-        if self.workers > 1:
+        if after is not None:  # the pass after `after`: its workers, which this stream now shuts down
+            self.workers, self.pool, after.owns_pool = after.workers, after.pool, False
+        else:
+            files = len(paths) + len(then or [])
+            self.workers = min(effective_n_jobs(s.n_jobs), max(1, files // FILES_PER_TASK))
+        self.max_pending = max(self.workers + 1, s.max_queued_windows // WINDOWS_PER_TASK)
+        if self.workers > 1 and after is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_init_worker,
                                             initargs=(extractor, s))
-            self._refill()
+        if self.pool is not None:  # both passes' tasks together within the bound
+            self._refill(self.max_pending - (0 if after is None else len(after.pending)))
+        self.next_pass = None if then is None else FeatureStream(then, extractor, s, after=self)
 
-    def _refill(self) -> None:
-        while len(self.pending) < self.max_pending:
+    def _refill(self, limit: int | None = None) -> None:
+        while len(self.pending) < (self.max_pending if limit is None else limit):
             group = next(self.groups, None)
             if group is None:
                 return
@@ -206,17 +218,24 @@ class FeatureStream:
                     yield from results
             return
         try:
+            self._refill()  # a second pass may have had no room while the first was read
             while self.pending:
                 results, continuation = self.pending.popleft().result()
                 if continuation is not None:  # the rest of this task's files come next, before later tasks
                     self.pending.appendleft(self.pool.submit(_prepare_group, *continuation))
-                self._refill()
+                self._refill(self.max_pending - (0 if self.next_pass is None else len(self.next_pass.pending)))
                 yield from results
         except BaseException:
             self.close(kill=True)
             raise
         finally:
             self.close()
+
+    def close_passes(self, kill: bool = False) -> None:
+        """close() this pass and the next, if any (whose stream shuts the workers down)."""
+        self.close(kill)
+        if self.next_pass is not None:
+            self.next_pass.close(kill)
 
     def close(self, kill: bool = False) -> None:
         """Shut the workers down. kill=True (an interrupt, an error): tasks not started are
@@ -230,6 +249,9 @@ class FeatureStream:
         if kill:
             for future in self.pending:
                 future.cancel()
+        if not self.owns_pool:  # the next pass's stream shuts the workers down
+            return
+        if kill:
             _, running = concurrent.futures.wait(self.pending, timeout=STOP_GRACE_S)
             if running:  # ProcessPoolExecutor has no public way to stop running tasks before 3.14
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -367,10 +389,12 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
         sample = statistics_sample(paths, keys, s.max_group_files)
         if stream is not None and stream.paths != sample:
             raise ValueError("the caller's stream must be over first_pass_paths()")
-        first = stream if stream is not None else FeatureStream(sample, extractor, s)
+        first = stream if stream is not None else FeatureStream(sample, extractor, s, then=paths)
         statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, extractor.fp,
                                        s.min_group_windows, window_sample)
-        stream = None  # read: a stream over every file serves the model's pass
+        stream = first.next_pass  # every file, for the model's pass (begun on the same workers)
+        if stream is not None and stream.paths != paths:
+            raise ValueError("the caller's second pass must be over every path")
     results = stream if stream is not None else FeatureStream(paths, extractor, s)
     population = population_of(meta)
     if population is not None and used not in ("clip", "calibration"):
@@ -627,8 +651,9 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
-    stream = FeatureStream(first_pass_paths(paths, info["normalisation"], speakers, groups, settings),
-                           LogMel(info["feature_params"], functionals=info["fused"]), settings) if info else None
+    first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
+    stream = FeatureStream(first, LogMel(info["feature_params"], functionals=info["fused"]), settings,
+                           then=None if first is paths else paths) if info else None  # `is`: no first pass
     try:
         from ser.models import ModelFileError, load_checkpoint
 
@@ -643,10 +668,10 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         files, segments = label_rows(paths, model, meta, settings, device, stream, speakers)
     except BaseException:
         if stream is not None:
-            stream.close(kill=True)  # an interrupt or an error: stop the workers now
+            stream.close_passes(kill=True)  # an interrupt or an error: stop the workers now
         raise
     if stream is not None:
-        stream.close()
+        stream.close_passes()
     return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
 
 

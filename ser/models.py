@@ -43,7 +43,7 @@ class EmotionCNN(nn.Module):
             layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm)]
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_ch))
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(block_dropout)]
+            layers += [nn.ReLU(inplace=True), MaxPool(), nn.Dropout(block_dropout)]
             in_ch = out_ch
         self.conv = nn.Sequential(*layers)
         bands = n_mels // 2 ** len(channels)
@@ -139,9 +139,29 @@ class MaxPool2x2(nn.Module):
     that took as long as all the convolutions."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-        x = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
-        return torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])
+        return max_pool_2x2(x)
+
+
+class MaxPool(nn.MaxPool2d):
+    """nn.MaxPool2d(2) that takes MaxPool2x2's path when no gradient flows through it (evaluation,
+    the adaptation's BatchNorm pass, inference before fusing): the same values bit for bit, about 7x
+    faster on CPU, since max_pool2d computes its argmax indices even under no_grad. When a gradient
+    flows, max_pool2d's own (its backward sends each gradient to one element, as ever)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        return max_pool_2x2(x)
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(x, 2)'s values: the maximum of even and odd rows, then of even and odd columns."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    x = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
+    return torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])
 
 
 class Ensemble(nn.Module):

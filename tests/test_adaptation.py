@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ser.adaptation import (MIN_CLIPS, MIN_STEPS, GroupModels, adapt_and_match, adapt_to_group,
+from ser.adaptation import (MIN_CLIPS, MIN_STEPS, Adam, GroupModels, adapt_and_match, adapt_to_group,
                             adaptation_sample, adaptation_steps, adapted_probs, adapted_state, batch_norms,
                             fused_log_probs_torch, information_loss)
 from ser.fusion import LinearHead, fused_log_probs
@@ -108,6 +108,22 @@ def test_a_small_group_is_not_adapted_and_an_ensemble_adapts_each_member():
     assert not torch.equal(adapted.members[0].state_dict()["conv.1.bias"], pair.members[0].state_dict()["conv.1.bias"])
     with pytest.raises(TypeError, match="unscaled"):
         adapt_to_group(TemperatureScaled(trained, 2.0), None, 1.0, x, None)
+
+
+def test_the_written_out_adam_steps_as_torch_optims_bit_for_bit():
+    torch.manual_seed(0)
+    ours, theirs = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)], []
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    mine, reference = Adam(ours, 1e-3), torch.optim.Adam(theirs, lr=1e-3)
+    for step in range(25):
+        for params in (ours, theirs):
+            loss = sum(((p - step / 10) ** 2 * torch.arange(1.0, len(p) + 1)).sum() for p in params)
+            loss.backward()
+        mine.step()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in ours)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_a_group_gets_three_passes_or_at_least_the_minimum_steps():

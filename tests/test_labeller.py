@@ -11,7 +11,8 @@ from conftest import fused_model, write_tone
 from ser.corpora import EMOTIONS
 from ser.grouping import statistics_sample
 from ser.audio import LogMel, window_bounds
-from ser.labeller import FILES_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare, write_table
+from ser.labeller import (FILES_PER_TASK, WINDOWS_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare,
+                          write_table)
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=256)
@@ -183,6 +184,33 @@ def test_feature_stream_keeps_order_and_bounds_what_it_holds(tmp_path, feature_p
     assert len(results) == len(paths)
     for path, result in zip(paths, results):
         np.testing.assert_array_equal(result["features"], prepare(path, extractor, settings)["features"])
+
+
+def test_a_second_pass_runs_on_the_same_workers_within_the_same_bound(tmp_path, feature_params):
+    paths = [write_tone(tmp_path / f"{i:03d}.wav", seconds=0.5, freq=200 + 10 * i) for i in range(40)]
+    extractor = LogMel(feature_params)
+    settings = Settings(**{**SETTINGS.__dict__, "n_jobs": 2, "max_queued_windows": 4 * WINDOWS_PER_TASK})
+    first = FeatureStream(paths[:12], extractor, settings, then=paths)
+    second = first.next_pass
+    assert second.pool is first.pool is not None and second.paths == paths
+    assert len(first.pending) == 2 and len(second.pending) == 2  # 4 tasks in all, the first pass's first
+    firsts = []
+    for result in first:
+        assert len(first.pending) + len(second.pending) <= 4
+        firsts.append(result)
+    assert first.pool is None and second.pool is not None  # the first pass leaves the workers running
+    seconds = list(second)
+    assert second.pool is None  # the last pass shuts them down
+    for path, result in zip(paths[:12] + paths, firsts + seconds):
+        assert result["path"] == str(path)
+        np.testing.assert_array_equal(result["features"], prepare(path, extractor, settings)["features"])
+    crowded = FeatureStream(paths[:32], extractor, settings, then=paths)  # the first pass fills the bound
+    assert len(crowded.next_pass.pending) == 0
+    assert len(list(crowded)) == 32 and len(list(crowded.next_pass)) == len(paths)
+    stopped = FeatureStream(paths[:12], extractor, settings, then=paths)
+    pool = stopped.pool
+    stopped.close_passes(kill=True)  # an error before either pass is read: the workers stop
+    assert stopped.pool is None and stopped.next_pass.pool is None and pool._shutdown_thread
 
 
 def test_workers_fork_only_when_safe():

@@ -154,6 +154,22 @@ def test_inference_rewrite_keeps_the_outputs_bit_for_bit_in_the_pool():
         torch.testing.assert_close(fused(y), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_the_pool_takes_the_fast_path_only_where_no_gradient_flows_with_the_same_values(monkeypatch):
+    from ser.models import MaxPool
+
+    x = torch.relu(torch.randn(3, 4, 17, 33)).to(torch.bfloat16)  # ties at 0, as after a ReLU
+    with torch.no_grad():
+        assert torch.equal(MaxPool()(x), torch.nn.functional.max_pool2d(x, 2))
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "max_pool2d", lambda *a, **k: calls.append(1) or torch.zeros(1))
+    with torch.no_grad():
+        MaxPool()(x.requires_grad_(True))
+    MaxPool()(x.detach())
+    assert calls == []  # no gradient: the elementwise maxima, never max_pool2d
+    MaxPool()(x)
+    assert calls == [1]  # a gradient flows: max_pool2d's backward, as before
+
+
 def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     from ser import models
 
