@@ -77,7 +77,8 @@ def adapt_member(model: EmotionCNN, head: LinearHead | None, temperature: float,
     """A copy of one trained (unfused) CNN adapted to the group of clips x (model input,
     normalised as it expects; z: their standardised functionals for the linear model, if any).
     precision: the steps' forward passes as ser.models.autocast_dtype on the CPU (the weights stay float32)."""
-    adapted = copy.deepcopy(model).cpu().float()
+    # channels-last, as training stores it: oneDNN runs the steps about twice as fast on CPU
+    adapted = copy.deepcopy(model).cpu().float().to(memory_format=torch.channels_last)
     norms = batch_norms(adapted)
     if len(x) < MIN_CLIPS or not norms:
         return adapted

@@ -75,6 +75,9 @@ def test_only_the_batch_norms_move_and_the_trained_model_is_left_as_it_was():
     assert moved and all(k.rsplit(".", 1)[0] in norm_names for k in moved)
     assert {k.rsplit(".", 1)[1] for k in moved} >= {"weight", "bias", "running_mean", "running_var"}
     assert all(not p.requires_grad for p in adapted.parameters())
+    convs = [m for m in adapted.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)  # oneDNN's faster layout
+    assert next(trained.parameters()).is_contiguous()  # the trained model keeps its own
 
 
 def test_adapting_lowers_the_information_loss_on_the_group_and_is_seeded():
