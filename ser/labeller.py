@@ -351,12 +351,13 @@ def population_of(meta: dict[str, Any]) -> GroupStatistics | None:
 
 
 def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str, groups: list[str] | None,
-                     s: Settings) -> list[Path]:
-    """The files the labeller reads first: a speaker model's grouped run reads a sample of
-    each group's files for the statistics (grouping.statistics_sample), then every file."""
+                     s: Settings) -> list[Path] | None:
+    """The files of the labeller's first pass: a speaker model's grouped run reads a sample of
+    each group's files for the statistics (grouping.statistics_sample), then every file;
+    None: no first pass, every file is read once."""
     if normalisation == "speaker" and groups is not None:
         return statistics_sample(paths, groups, s.max_group_files)
-    return paths
+    return None
 
 
 def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: FeatureStream | None,
@@ -367,7 +368,7 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
     the stream the model's pass reads, the windows kept to adapt the model to each group or
     None): a grouping's statistics (and with s.adapt, a sample of its windows) come from a
     first pass over a sample of each group's files, and a stream over every file then serves the model.
-    `stream`: None, or started by the caller over first_pass_paths() (run() does, so the
+    `stream`: None, or started by the caller over first_pass_paths() or every path (run() does, so the
     workers start before torch loads). `groups`: each path's speaker group already read from
     `speakers` (a cluster worker gets them, not the manifest)."""
     # the functionals only for a model that fuses a linear model on them (ser.fusion)
@@ -652,8 +653,9 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
-    stream = FeatureStream(first, LogMel(info["feature_params"], functionals=info["fused"]), settings,
-                           then=None if first is paths else paths) if info else None  # `is`: no first pass
+    extractor = LogMel(info["feature_params"], functionals=info["fused"]) if info else None
+    stream = FeatureStream(paths if first is None else first, extractor, settings,
+                           then=None if first is None else paths) if info else None
     try:
         from ser.models import ModelFileError, load_checkpoint
 

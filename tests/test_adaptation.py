@@ -115,7 +115,7 @@ def test_a_small_group_is_not_adapted_and_an_ensemble_adapts_each_member():
 
 def test_the_written_out_adam_steps_as_torch_optims_bit_for_bit():
     torch.manual_seed(0)
-    ours, theirs = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)], []
+    ours = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
     theirs = [p.detach().clone().requires_grad_(True) for p in ours]
     mine, reference = Adam(ours, 1e-3), torch.optim.Adam(theirs, lr=1e-3)
     for step in range(25):
