@@ -17,7 +17,6 @@ CHECKPOINT_FORMAT = 2  # 2: a list of member weights (one for a single model)
 STD_FLOOR = 1e-5  # added to the variance before its square root in statistics pooling
 # Settings of architectures measured and dropped (docs/experiments.md): a model file that
 # has them is loaded only if they hold the one value this model still has.
-MIXSTYLE_BLOCKS, MIXSTYLE_ALPHA = 3, 0.1  # MixStyle after the first 3 conv blocks; the paper's Beta(0.1, 0.1)
 RETIRED_ARCH = {"convs_per_block": 1, "pooling": "meanstd", "lstm_hidden": 0, "freq_pool": "flatten",
                 "deltas": False}
 
@@ -36,7 +35,6 @@ class EmotionCNN(nn.Module):
                  block_dropout: float, head_dropout: float, head_hidden: int, utterance_norm: bool = True) -> None:
         super().__init__()
         self.utterance_norm = utterance_norm
-        self.style_mixing = 0.0  # training only: MixStyle's probability per batch (set by the trainer; 0: off)
         self.register_buffer("feature_mean", torch.zeros(n_mels))
         self.register_buffer("feature_std", torch.ones(n_mels))
         layers: list[nn.Module] = []
@@ -81,18 +79,6 @@ class EmotionCNN(nn.Module):
         self.conv = nn.Sequential(*fused)
         return self.eval().to(memory_format=torch.channels_last)
 
-    def conv_mixing_styles(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv stack with MixStyle after each of its first MIXSTYLE_BLOCKS blocks (a block
-        ends at its dropout), with probability self.style_mixing per batch."""
-        block = 0
-        for layer in self.conv:
-            x = layer(x)
-            if isinstance(layer, nn.Dropout):
-                block += 1
-                if block <= MIXSTYLE_BLOCKS and torch.rand(()) < self.style_mixing:
-                    x = mix_styles(x)
-        return x
-
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-3))
@@ -101,26 +87,9 @@ class EmotionCNN(nn.Module):
         x = (x - self.feature_mean[:, None]) / self.feature_std[:, None]
         if self.utterance_norm:
             x = x - x.mean(dim=2, keepdim=True)  # per clip and mel bin
-        if self.training and self.style_mixing > 0:
-            x = self.conv_mixing_styles(x.unsqueeze(1))
-        else:
-            x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
+        x = self.conv(x.unsqueeze(1))  # (B, C, mels', frames')
         x = x.flatten(1, 2).transpose(1, 2)  # (B, frames', C * bands)
         return self.head(statistics_pool(x))
-
-
-def mix_styles(x: torch.Tensor, alpha: float = MIXSTYLE_ALPHA) -> torch.Tensor:
-    """MixStyle (Zhou et al. 2021): each clip's feature maps (B, C, H, W) re-styled with channel
-    means and spreads (over H, W; no gradient through them) mixed with a random other clip's, by
-    lambda ~ Beta(alpha, alpha): the network meets voices and rooms between those it trains on."""
-    x32 = x.float()  # statistics in float32 under mixed precision
-    mean = x32.mean(dim=(2, 3), keepdim=True).detach()
-    std = (x32.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt().detach()
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(x), 1, 1, 1))
-    other = torch.randperm(len(x))
-    mixed_mean = lam * mean + (1 - lam) * mean[other]
-    mixed_std = lam * std + (1 - lam) * std[other]
-    return ((x32 - mean) / std * mixed_std + mixed_mean).to(x.dtype)
 
 
 def speaker_statistics(x: torch.Tensor, speakers: list[str] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

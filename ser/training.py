@@ -269,7 +269,6 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
     model = build_model(model_arch(r), fp.n_mels, n_classes)
     model.set_normalization(mean, std)
-    model.style_mixing = float(r["augment"].get("mixstyle") or 0.0)  # MixStyle (ser.models.mix_styles)
     model.to(device, memory_format=torch.channels_last)  # 1.4x faster training on CPU (oneDNN)
     trained = ddp.wrap(model, device)  # under torchrun: gradients averaged over the processes (ser.ddp)
     augment = Augment(r["augment"], mean, std, fp)
