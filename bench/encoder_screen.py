@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ser.audio import load_audio
+from ser.fusion import fit_linear, group_statistics, standardise
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from ser.audio import load_audio  # noqa: E402
-from ser.fusion import fit_linear, group_statistics, standardise  # noqa: E402
 
 SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # model.bin of the two wheels
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
