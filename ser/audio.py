@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,7 +12,7 @@ import numpy as np
 import scipy.fft
 import soundfile as sf
 
-from ser import prosody
+from ser import encoder, prosody
 
 # What libsndfile (soundfile's bundled 1.2) decodes: read by content, listed by extension so that
 # a folder's other files are left alone. .ogg/.oga/.opus: Vorbis or Opus in Ogg.
@@ -47,11 +47,12 @@ class FeatureParams:
     trim_db: float | None  # None: keep leading/trailing silence
     amin: float  # power floor before log
     top_db: float | None  # dB relative to the clip's peak (loudness-invariant); None: absolute dB
+    encoder: str | None = None  # a pretrained encoder's summary appended to the functionals (ser.encoder)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureParams":
-        names = cls.__dataclass_fields__.keys()
-        missing = [n for n in names if n not in d]
+        names = [n for n in cls.__dataclass_fields__ if n in d]  # a model file older than a field: its default
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
         if missing:
             raise KeyError(f"feature params missing {missing}")
         fp = cls(**{n: d[n] for n in names})
@@ -78,6 +79,7 @@ class FeatureParams:
         number("trim_db", 1e-3, 200, optional=True)
         number("amin", 1e-30, 1)
         number("top_db", 1e-3, 400, optional=True)
+        encoder.check_name(self.encoder)
         if self.n_samples // self.hop_length > 1 << 16:
             raise ValueError(f"feature params make {self.n_frames} frames per clip (at most {1 << 16})")
 
@@ -284,9 +286,12 @@ class LogMel:
     (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
     computed in NumPy/SciPy without importing librosa (seconds per process)."""
 
-    def __init__(self, fp: FeatureParams, functionals: bool = True) -> None:
+    def __init__(self, fp: FeatureParams, functionals: bool = True, encoder_precision: str = "float32") -> None:
         self.fp = fp
         self.functionals = functionals  # describe() also computes ser.prosody's functionals (a fused model's)
+        self.encoder_precision = encoder_precision  # the encoder's (ser.encoder.summary): the labeller's auto
+        if functionals and fp.encoder is not None:
+            encoder.weight_parts(fp.encoder)  # missing weights: say so now, not in a worker
         self.filterbank = mel_filterbank(fp.sample_rate, fp.n_fft, fp.n_mels, fp.fmin, fp.fmax)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(fp.n_fft) / fp.n_fft)).astype(np.float32)
 
@@ -348,7 +353,11 @@ class LogMel:
         if not (self.functionals if with_functionals is None else with_functionals):
             return db, None
         spoken = fixed if len(y) > self.fp.n_samples else y  # the cropped signal without its padding
-        return db, prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db)
+        described = prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db)
+        if self.fp.encoder is None:
+            return db, described
+        return db, np.concatenate([described, encoder.summary(self.fp.encoder, spoken, self.fp.sample_rate,
+                                                            self.encoder_precision)])
 
     def from_file(self, path: str | Path) -> np.ndarray:
         """Load one file and compute its log-Mel."""

@@ -1,8 +1,8 @@
 """The feature store: the log-Mel and the functionals of every clip, computed in parallel with joblib.
 
 A feature directory holds one memory-mappable array `logmel.npy` (clips x n_mels x frames,
-float32) and one `functionals.npy` (clips x ser.prosody.n_functionals, float32) whose rows
-follow the metadata's row order, an index of the paths, and the feature params used, so
+float32) and one `functionals.npy` (clips x ser.prosody.n_functionals, plus ser.encoder.n_values with an
+encoder, float32) whose rows follow the metadata's row order, an index of the paths, and the feature params used, so
 training can store them in the model and labelling can recompute the same features."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from ser.audio import AudioError, FeatureParams, LogMel
+from ser import encoder
 from ser.prosody import n_functionals
 from ser.util import UserError, atomic_path, write_json
 
@@ -45,14 +46,14 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str
 
 def cache_key(fp: FeatureParams) -> str:
     """Names the per-clip cache of the code that computes features (ser/audio.py,
-    ser/prosody.py) and of these feature params, `<code>-<params>`: a change to either starts a
+    ser/prosody.py, ser/encoder.py; the encoder's weights are pinned by hash) and of these feature params, `<code>-<params>`: a change to either starts a
     new cache, never reuses stale features."""
     import hashlib
     import json
 
     from ser import audio, prosody
 
-    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (audio, prosody)))
+    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (audio, prosody, encoder)))
     params = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
     return f"{code.hexdigest()[:12]}-{params.hexdigest()[:12]}"
 
@@ -98,7 +99,7 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
             tmp / ARRAY_NAME, mode="w+", dtype=np.float32,
             shape=(len(paths), fp.n_mels, fp.n_frames),
         )
-        functionals = np.zeros((len(paths), n_functionals(fp.n_mels)), dtype=np.float32)
+        functionals = np.zeros((len(paths), n_functionals(fp.n_mels) + encoder.n_values(fp.encoder)), dtype=np.float32)
         for i in sorted(set(range(len(paths))) - set(missing)):
             with np.load(store / f"{digests[i]}.npz") as cached:
                 array[i], functionals[i] = cached["logmel"], cached["functionals"]
@@ -135,7 +136,7 @@ def load(features_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, FeaturePar
 
 
 def load_functionals(features_dir: str | Path, paths: "pd.Series | list[str]") -> np.ndarray:
-    """The functionals (rows, ser.prosody.n_functionals) of the clips at `paths`, in their order."""
+    """The functionals (rows, ser.prosody's and any encoder's) of the clips at `paths`, in their order."""
     features_dir = Path(features_dir)
     if not (features_dir / FUNCTIONALS_NAME).is_file():
         raise UserError(f"{features_dir} has no {FUNCTIONALS_NAME}; rerun the features stage")

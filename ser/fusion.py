@@ -1,4 +1,5 @@
-"""A linear model on speaker-standardised utterance functionals (ser.prosody), fused with the CNN.
+"""A linear model on speaker-standardised utterance functionals (ser.prosody, and ser.encoder's summary
+of the clip when the features have one), fused with the CNN.
 
 The functionals of each clip are standardised by its speaker's (at labelling time: its group's)
 mean and spread, clipped to +-CLIP_Z, and a multinomial logistic regression (L2, LBFGS, clips

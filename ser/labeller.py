@@ -99,6 +99,7 @@ def one_core_worker() -> threadpoolctl.threadpool_limits:
     against each other and halved throughput on 2 cores), and freed memory kept for reuse.
     Keep the returned limiter: it holds the BLAS limit."""
     _keep_freed_memory()
+    os.environ["OMP_NUM_THREADS"] = "1"  # torch reads it when imported (the encoder's, ser.encoder)
     return threadpoolctl.threadpool_limits(1)
 
 
@@ -372,7 +373,7 @@ def speaker_setup(paths: list[Path], meta: dict[str, Any], s: Settings, stream: 
     workers start before torch loads). `groups`: each path's speaker group already read from
     `speakers` (a cluster worker gets them, not the manifest)."""
     # the functionals only for a model that fuses a linear model on them (ser.fusion)
-    extractor = LogMel(meta["feature_params"], functionals=is_fused(meta["extra"]))
+    extractor = LogMel(meta["feature_params"], functionals=is_fused(meta["extra"]), encoder_precision=s.precision)
     used, statistics = normalised_by(meta, speakers), {}
     if calibration is not None and used != "clip":
         used, statistics = "calibration", {"calibration": calibration}
@@ -653,7 +654,8 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
-    extractor = LogMel(info["feature_params"], functionals=info["fused"]) if info else None
+    extractor = (LogMel(info["feature_params"], functionals=info["fused"], encoder_precision=settings.precision)
+                 if info else None)
     stream = FeatureStream(paths if first is None else first, extractor, settings,
                            then=None if first is None else paths) if info else None
     try:

