@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -87,9 +86,12 @@ def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals:
         predicted = probs.argmax(1).numpy()
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
         scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
+        correct = predicted == y.numpy()
         result[grouping] = {"accuracy": scores["accuracy"], "uar": scores["uar"],
                             "ece": expected_calibration_error(probs.exp().numpy(), y.numpy()),
-                            "most_predicted_balanced": f"{classes[int(share.argmax())]} {share.max():.0%}"}
+                            "most_predicted_balanced": f"{classes[int(share.argmax())]} {share.max():.0%}",
+                            "accuracy_per_corpus": {c: float(correct[(clips["corpus"] == c).to_numpy()].mean())
+                                                    for c in sorted(clips["corpus"].unique())}}
     return result
 
 
@@ -120,9 +122,7 @@ def main() -> None:
         **{f"prob_{c}": probs[:, i].round(5) for i, c in enumerate(classes)})
     scores = scores_from_confusion(cm, classes)
     metrics = {
-        "test_accuracy": scores["accuracy"],
-        "test_uar": scores["uar"],
-        "test_macro_f1": scores["macro_f1"],
+        "test_accuracy": scores["accuracy"], "test_uar": scores["uar"], "test_macro_f1": scores["macro_f1"],
         "test_loss": float(F.cross_entropy(logits, y).item()),
         "test_clips": int(len(y)),
         "test_actors": sorted(int(a) for a in clips["actor"].dropna().unique()),

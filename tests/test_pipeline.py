@@ -149,6 +149,10 @@ def test_repro_runs_every_stage_but_cv_and_writes_outputs(project):
     assert set(ev["by_grouping"]) == ({"corpus", "clip", "population", "adapted_speaker", "adapted_corpus"}
                                       if speaker_model else set())
     assert all(0 <= g["uar"] <= 1 and 0 <= g["ece"] <= 1 for g in ev["by_grouping"].values())
+    for g in ev["by_grouping"].values():  # each corpus's share of the accuracy, weighted by its test clips
+        assert set(g["accuracy_per_corpus"]) == set(ev["per_corpus"])
+        weighted = sum(a * ev["per_corpus"][c]["clips"] for c, a in g["accuracy_per_corpus"].items())
+        assert weighted / ev["test_clips"] == pytest.approx(g["accuracy"], abs=1e-4)
 
 
 def test_status_clean_and_second_repro_does_nothing(project):
