@@ -82,6 +82,7 @@ def test_readme_is_for_users():
 @pytest.mark.parametrize("override, key, value", [
     ("train.lr=0.001", ("train", "lr"), 0.001),  # README's examples
     ("cv.folds=speakers", ("cv", "folds"), "speakers"),
+    ("features.encoder=null", ("features", "encoder"), None),  # the model before the encoder
     ("download.archives.tess.url=../shared/data/tess/tess.zip", ("download", "archives", "tess", "url"),
      "../shared/data/tess/tess.zip"),  # the Makefile's local archives
     ("+metadata.corpora.crema_d={kind: crema_d, test_speakers: [1001, 1002]}", ("metadata", "corpora", "crema_d"),
