@@ -25,13 +25,13 @@ from ser.grouping import GroupStatistics
 from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
 from ser.modelfile import is_fused
 from ser.models import ModelFileError, load_checkpoint
+from ser.util import is_loopback, process_alive
 
 # A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
 # Set before gradio (and huggingface_hub, which it imports) is loaded; they read them then.
 for _name, _value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
                       ("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "1")):
     os.environ[_name] = _value
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Uploads and recordings: every UPLOAD_SWEEP_S, those older than UPLOAD_MAX_AGE_S are deleted
 # (Gradio's delete_cache); the whole folder goes when the page stops.
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 60, 600
@@ -171,14 +171,30 @@ def build_page(analyser: Analyser):
 
 
 def login(host: str, password: str | None) -> list[tuple[str, str]] | None:
-    """Gradio's auth list: none on this machine only; beyond it a password is required
-    (UserError without one), so the page never listens to a network unprotected."""
-    if host in LOCAL_HOSTS or host.startswith("127."):
+    """Gradio's auth list: none when every address `host` resolves to is this machine's
+    loopback (the resolved address decides, not the name); else a password is required
+    (ValueError without one), so the page never listens to a network unprotected."""
+    if is_loopback(host):
         return None
     if not password:
         raise ValueError(f"--host {host} makes the page reachable from other machines: set a password "
                          "with --password or the SER_APP_PASSWORD environment variable (user name: ser)")
     return [("ser", password)]
+
+
+UPLOADS_PREFIX = "ser-app-uploads-"
+
+
+def uploads_folder() -> Path:
+    """This run's own folder for uploads, named with its process id, after removing the
+    folders of runs that died without cleaning up (killed with -9: no `finally` ran)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{UPLOADS_PREFIX}*"):
+        pid = old.name[len(UPLOADS_PREFIX):].split("-", 1)[0]
+        if old.is_dir() and not old.is_symlink() and pid.isdigit() and not process_alive(int(pid)) \
+                and old.stat().st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{UPLOADS_PREFIX}{os.getpid()}-"))
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}\nTrain a model first: `make repro` (or `make repro ARCHIVE=... ARCHIVE_MD5=...`), "
               f"or pass --model PATH.", file=sys.stderr)
         return 2
-    uploads = Path(tempfile.mkdtemp(prefix="ser-app-uploads-"))
+    uploads = uploads_folder()
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # this run's own folder, removed when it stops
     print(f"uploads are kept in {uploads} for at most {UPLOAD_MAX_AGE_S} s and removed when the page stops",
           flush=True)

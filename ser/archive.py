@@ -51,11 +51,20 @@ def _local_source(url: str) -> Path | None:
     raise UserError(f"download.url: unsupported scheme '{parsed.scheme}' in {url}")
 
 
-def _copy_local(src: Path, part: Path, chunk_bytes: int) -> None:
+def _too_big(source: str, size: int, max_bytes: int) -> UserError:
+    return UserError(f"{source}: {'declares' if size > 0 else 'sent'} more than download.max_extract_gb "
+                     f"({max_bytes / 1e9:g} GB); refusing it (raise the limit if the archive is really that big)")
+
+
+def _copy_local(src: Path, part: Path, chunk_bytes: int, max_bytes: int) -> None:
+    """Copy `src` (a regular file: not a device or pipe that never ends) as it was when the
+    copy began: a file that grows meanwhile is copied up to that size."""
     if not src.is_file():
         raise UserError(f"archive url: no such file {src}")
     done = part.stat().st_size if part.exists() else 0
     total = src.stat().st_size
+    if total > max_bytes:
+        raise _too_big(str(src), total, max_bytes)
     if done > total:
         part.unlink()
         done = 0
@@ -63,13 +72,15 @@ def _copy_local(src: Path, part: Path, chunk_bytes: int) -> None:
         total=total, initial=done, unit="B", unit_scale=True, desc=f"copy {src.name}"
     ) as bar:
         fin.seek(done)
-        while block := fin.read(chunk_bytes):
+        while done < total and (block := fin.read(min(chunk_bytes, total - done))):
             fout.write(block)
+            done += len(block)
             bar.update(len(block))
 
 
-def _http_once(url: str, part: Path, timeout_s: float, chunk_bytes: int) -> None:
-    """One attempt: continue `part` from its current size (Range), or start over."""
+def _http_once(url: str, part: Path, timeout_s: float, chunk_bytes: int, max_bytes: int) -> None:
+    """One attempt: continue `part` from its current size (Range), or start over; at most
+    max_bytes in all, whether the server says how many it sends or not."""
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "ser-pipeline/1"})
     if done:
@@ -84,12 +95,19 @@ def _http_once(url: str, part: Path, timeout_s: float, chunk_bytes: int) -> None
         if done and response.status != 206:  # server ignored Range: start again
             done = 0
         length = response.headers.get("Content-Length")
-        total = done + int(length) if length else None
+        total = done + int(length) if length and length.isdigit() else None
+        if total is not None and total > max_bytes:
+            raise _too_big(url, total, max_bytes)
         mode = "ab" if done else "wb"
         with open(part, mode) as fout, tqdm(
             total=total, initial=done, unit="B", unit_scale=True, desc="download"
         ) as bar:
             while block := response.read(chunk_bytes):
+                done += len(block)
+                if done > max_bytes:  # a server that sends no length, or more than it said
+                    fout.close()
+                    part.unlink()
+                    raise _too_big(url, 0, max_bytes)
                 fout.write(block)
                 bar.update(len(block))
         if total is not None and part.stat().st_size < total:
@@ -103,9 +121,9 @@ def _retryable(e: Exception) -> bool:
 
 
 def fetch(url: str, archive: Path, md5: str | None, retries: int, backoff_s: float,
-          timeout_s: float, chunk_bytes: int) -> None:
-    """Make `archive` a verified copy of `url`; keep a partial download for resuming.
-    md5 None (no published checksum): fetched afresh each time and not verified."""
+          timeout_s: float, chunk_bytes: int, max_bytes: int = 50 * 10**9) -> None:
+    """Make `archive` a verified copy of `url`, of at most max_bytes; keep a partial download
+    for resuming. md5 None (no published checksum): fetched afresh each time and not verified."""
     archive, md5 = Path(archive), None if md5 is None else normalise_md5(md5)
     archive.parent.mkdir(parents=True, exist_ok=True)
     if md5 is not None and archive.exists() and md5sum(archive) == md5:
@@ -116,12 +134,14 @@ def fetch(url: str, archive: Path, md5: str | None, retries: int, backoff_s: flo
         part.unlink(missing_ok=True)  # nothing to check a partial download against: start over
     source = _local_source(url)
     if source is not None:
-        _copy_local(source, part, chunk_bytes)
+        _copy_local(source, part, chunk_bytes, max_bytes)
     else:
         for attempt in range(retries + 1):
             try:
-                _http_once(url, part, timeout_s, chunk_bytes)
+                _http_once(url, part, timeout_s, chunk_bytes, max_bytes)
                 break
+            except UserError:
+                raise
             except Exception as e:
                 if not _retryable(e) or attempt == retries:
                     reason = getattr(e, "reason", None) or e
@@ -142,6 +162,8 @@ def fetch(url: str, archive: Path, md5: str | None, retries: int, backoff_s: flo
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
     name = info.filename
+    if not name.strip("/"):
+        return "empty name"
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return "absolute path"
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
@@ -199,8 +221,12 @@ def safe_extract(archive: Path, out_dir: Path, max_total_bytes: int = 50 * 10**9
         raise UserError(f"{archive}: not a zip archive") from None
     with zf:
         members = zf.infolist()
+        seen: set[str] = set()
         for info in members:
             reason = _unsafe_reason(info)
+            if info.filename.rstrip("/") in seen:
+                reason = "its name appears twice: one would replace the other"
+            seen.add(info.filename.rstrip("/"))
             if reason:
                 raise UserError(f"{archive}: refusing to extract member '{info.filename}' ({reason})")
         check_sizes(archive, members, out_dir, max_total_bytes, max_ratio)
@@ -209,11 +235,15 @@ def safe_extract(archive: Path, out_dir: Path, max_total_bytes: int = 50 * 10**9
             count = 0
             for info in tqdm(members, desc="extract", unit="file"):
                 target = tmp / info.filename
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _copy_member(zf, info, target, archive)
+                try:
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _copy_member(zf, info, target, archive)
+                except OSError as e:  # a file and a folder of one name, a path too long, a full disk
+                    raise UserError(f"{archive}: cannot extract member '{info.filename[:200]}' "
+                                    f"({e.strerror or e}); nothing was extracted") from None
                 count += 1
     return count
 

@@ -291,7 +291,7 @@ class LogMel:
         self.functionals = functionals  # describe() also computes ser.prosody's functionals (a fused model's)
         self.encoder_precision = encoder_precision  # the encoder's (ser.encoder.summary): the labeller's auto
         if functionals and fp.encoder is not None:
-            encoder.weight_parts(fp.encoder)  # missing weights: say so now, not in a worker
+            encoder.verify(fp.encoder)  # missing or altered weights: say so now, not in every worker's rows
         self.filterbank = mel_filterbank(fp.sample_rate, fp.n_fft, fp.n_mels, fp.fmin, fp.fmax)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(fp.n_fft) / fp.n_fft)).astype(np.float32)
 
@@ -423,7 +423,8 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
     `max_windows` windows read (None: all), or the reason the file cannot be labelled.
     `next_window` says where a file cut short by max_windows goes on (else None), `first`
     whether this is the file's first piece. A file with no non-silent window at all is
-    reported by the caller, which sees all its pieces. Runs in a worker and never raises."""
+    reported by the caller, which sees all its pieces. Runs in a worker and raises only for
+    what no file can be labelled without (ser.encoder.EncoderError)."""
     result: dict[str, Any] = {"path": str(path), "features": None, "functionals": None, "starts": [], "ends": [],
                               "duration": None,
                               "error": "", "first": first_window == 0, "next_window": None, "windows_read": 0}
@@ -463,6 +464,8 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
                 result["functionals"] = np.stack(functionals) if extractor.functionals else None
     except AudioError as e:
         result["error"] = str(e)
+    except encoder.EncoderError:  # the encoder's weights, not this file: stop the run (exit 2), write nothing
+        raise
     except Exception as e:  # one bad file must not stop a batch of thousands
         result["error"] = f"{path}: {type(e).__name__}: {e}"
     if result["error"]:

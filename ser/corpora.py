@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ser.audio import AudioError, audio_info, find_audio_files
-from ser.util import OUTPUT_MARKER, UserError, atomic_path
+from ser.util import OUTPUT_MARKER, UserError, atomic_path, read_text_table
 
 # Order is the class index order of every model this project trains.
 EMOTIONS: list[str] = [
@@ -215,10 +215,11 @@ def split_of(speaker: str, test_speakers: list[Any], calibration_speakers: list[
 
 
 def collect_corpus(name: str, kind: str, root: Path, test_speakers: list[Any],
-                   labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None,
+                   corpus_root: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan one corpus: (clips, rejects). `kind` names how its files are labelled (KINDS);
-    a manifest kind reads `root` as the manifest file. Every speaker is in one split (split_of).
+    a manifest kind reads `root` as the manifest file, whose clips must lie in `corpus_root`
+    (default: the manifest's folder). Every speaker is in one split (split_of).
     Files left out (no audio extension, a name the kind
     does not parse, a second copy of a clip, a label that maps to no class, unreadable
     audio) are rejects with the reason, never dropped silently."""
@@ -228,7 +229,7 @@ def collect_corpus(name: str, kind: str, root: Path, test_speakers: list[Any],
                         "calibration_speakers; a speaker is in one split only")
     calibration = calibration_speakers or []
     if kind == "manifest":
-        return collect_manifest(name, root, test_speakers, labels, calibration)
+        return collect_manifest(name, root, test_speakers, labels, calibration, corpus_root)
     mapping, parse = label_map(kind, labels), PARSERS.get(kind)
     rows, rejects, seen = [], [], {}
     candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
@@ -275,30 +276,36 @@ MANIFEST_COLUMNS = ("path", "emotion", "speaker")  # required; sex, language, sp
 
 
 def read_manifest(manifest: Path) -> pd.DataFrame:
-    """A manifest (CSV, or Parquet by extension) with at least MANIFEST_COLUMNS."""
+    """A manifest (CSV, or Parquet by extension) with at least MANIFEST_COLUMNS, as text (an
+    empty cell, or a Parquet null, is the empty string)."""
     if not manifest.is_file():
         raise UserError(f"{manifest}: no such manifest")
-    table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(
-        manifest, dtype=str, keep_default_na=False)
+    table = read_text_table(manifest, str(manifest))
     missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{manifest}: missing column(s) {', '.join(missing)} (a manifest has "
                         f"{', '.join(MANIFEST_COLUMNS)}, optionally sex, language, split)")
-    return table.astype(str)
+    return table
 
 
 def collect_manifest(name: str, manifest: Path, test_speakers: list[Any],
-                     labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Clips listed in a manifest (paths relative to its folder, or absolute). A problem of
-    the manifest itself (unknown emotion, missing file, a path twice, a speaker in two
+                     labels: dict[str, str | None] | None = None, calibration_speakers: list[Any] | None = None,
+                     root: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Clips listed in a manifest (paths relative to its folder), each inside `root` (the
+    corpus's extracted folder; default the manifest's): a clip elsewhere is a file that DVC
+    does not track, so a path that leaves it ('..', absolute, a link out) is refused. A problem
+    of the manifest itself (unknown emotion, missing file, a path twice, a speaker in two
     splits, a bad split) stops with one message naming the row; unreadable audio and labels
     mapped to no class are rejects."""
     mapping, table = label_map("manifest", labels), read_manifest(manifest)
+    inside = (root or manifest.parent).resolve()
     rows, rejects, first_row, speaker_split = [], [], {}, {}
     for i, item in enumerate(table.to_dict("records")):
         where = f"{manifest} row {i + 1} (path {item['path']!r})"
-        path = Path(item["path"]) if Path(item["path"]).is_absolute() else manifest.parent / item["path"]
+        path = manifest.parent / item["path"]
+        if Path(item["path"]).is_absolute() or not path.resolve().is_relative_to(inside):
+            raise UserError(f"{where}: the path leads out of the corpus's folder {inside}; a manifest lists files "
+                            "inside its archive, relative to the manifest")
         label, speaker = item["emotion"].strip(), item["speaker"].strip()
         if label not in mapping:
             raise UserError(f"{where}: unknown emotion {label!r}; use one of {', '.join(mapping)} or map it "
@@ -351,7 +358,7 @@ def collect_corpora(raw_dir: Path, corpora: dict[str, dict[str, Any]]) -> tuple[
             raise UserError(f"metadata.corpora.{name}: no folder {root}; name its archive in download.archives")
         source = root / c["manifest"] if c["kind"] == "manifest" else root
         found, left_out = collect_corpus(name, c["kind"], source, c.get("test_speakers") or [], c.get("labels"),
-                                         c.get("calibration_speakers") or [])
+                                         c.get("calibration_speakers") or [], corpus_root=root)
         clips.append(found)
         rejects.append(left_out)
     return pd.concat(clips, ignore_index=True), pd.concat(rejects, ignore_index=True)

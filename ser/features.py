@@ -28,13 +28,15 @@ CLIPS_PER_TASK = 32
 
 
 def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features",
-                     cluster: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     cluster: str | None = None, cluster_certs: str | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes, or by the
-    workers of the Dask scheduler at `cluster` (ser.cluster: the same code, the same bytes)."""
+    workers of the Dask scheduler at `cluster` (ser.cluster: the same code, the same bytes;
+    tls:// with the certificates in `cluster_certs`, or tcp:// on this machine)."""
     if cluster:
         from ser.cluster import compute_on_cluster, connect
 
-        with connect(cluster) as client:
+        with connect(cluster, cluster_certs) as client:
             yield from tqdm(compute_on_cluster(client, paths, fp, CLIPS_PER_TASK), total=len(paths),
                             desc=f"{desc} (cluster)", unit="clip")
         return
@@ -84,7 +86,8 @@ def _file_md5(path: str) -> str:
 
 
 def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
-          cache_dir: Path | None = None, cluster: str | None = None) -> tuple[float, int]:
+          cache_dir: Path | None = None, cluster: str | None = None, cluster_certs: str | None = None
+          ) -> tuple[float, int]:
     """Write the feature directory for `paths`; return (clips per second, clips computed).
     With cache_dir, each clip's features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
@@ -104,8 +107,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
             with np.load(store / f"{digests[i]}.npz") as cached:
                 array[i], functionals[i] = cached["logmel"], cached["functionals"]
         try:
-            for i, (logmel, described) in zip(missing, compute_parallel([paths[i] for i in missing], fp, n_jobs,
-                                                                         cluster=cluster)):
+            computed = compute_parallel([paths[i] for i in missing], fp, n_jobs, "features", cluster, cluster_certs)
+            for i, (logmel, described) in zip(missing, computed):
                 array[i], functionals[i] = logmel, described
                 if store is not None:
                     store.mkdir(parents=True, exist_ok=True)

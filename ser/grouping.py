@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser.util import UserError
+from ser.util import UserError, read_text_table
 
 GROUPINGS = ("all", "none", "file", "folder")
 # Measured on the calibration speakers (never trained on): random groups of one speaker's clips,
@@ -43,18 +43,14 @@ MIN_SPREAD_WINDOWS = 5
 
 
 def _read_manifest(manifest: Path) -> dict[Path, str]:
-    import pandas as pd
-
-    try:
-        table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(
-            manifest, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--speakers {manifest}: cannot be read ({e})") from None
+    table = read_text_table(manifest, f"--speakers {manifest}")
     missing = [c for c in ("path", "speaker") if c not in table.columns]
     if missing:
         raise UserError(f"--speakers {manifest}: no column {', '.join(missing)} (needs path and speaker)")
     speakers: dict[Path, str] = {}
-    for row, (path, speaker) in enumerate(zip(table["path"].astype(str), table["speaker"].astype(str)), start=2):
+    for row, (path, speaker) in enumerate(zip(table["path"], table["speaker"]), start=2):
+        if not path.strip():
+            raise UserError(f"--speakers {manifest}, row {row}: the path is empty")
         if not speaker.strip():
             raise UserError(f"--speakers {manifest}, row {row} ({path}): the speaker is empty")
         resolved = (manifest.parent / path if not Path(path).is_absolute() else Path(path)).resolve()

@@ -42,8 +42,8 @@ from tqdm import tqdm
 from ser.audio import AUDIO_EXTENSIONS, UNREADABLE_AUDIO_EXTENSIONS, FeatureParams, LogMel, Settings, prepare
 from ser.calibration import UNCERTAIN_BELOW
 from ser.fusion import LinearHead, fused_log_probs, standardise
-from ser.grouping import (MAX_GROUP_FILES, MIN_GROUP_WINDOWS, GroupStatistics, SpeakerStatistics, speaker_keys,
-                          statistics_sample)
+from ser.grouping import (GROUPINGS, MAX_GROUP_FILES, MIN_GROUP_WINDOWS, GroupStatistics, SpeakerStatistics,
+                          speaker_keys, statistics_sample)
 from ser.modelfile import is_fused, read_model_info
 from ser.util import UserError, atomic_path, pick_device
 
@@ -593,28 +593,55 @@ def label_files(paths: list[Path], model: "torch.nn.Module", meta: dict[str, Any
 
 def write_table(table: Table, out: str | Path) -> None:
     """CSV (floats to 5 decimals, missing values empty) or, by extension, Parquet. CSV is
-    written without pandas, whose import costs the labeller ~0.5 s of its critical path."""
+    written without pandas, whose import costs the labeller ~0.5 s of its critical path.
+    Text is made writable first (printable_text); CSV cells are also kept from reading as
+    spreadsheet formulas (csv_safe)."""
     out = Path(out)
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".parquet":
-            table.to_frame().to_parquet(tmp, index=False)
+            rows = [{c: printable_text(v) if isinstance(v, str) else v for c, v in row.items()} for row in table.rows]
+            Table(table.columns, rows).to_frame().to_parquet(tmp, index=False)
             return
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(table.columns)
+            writer.writerow([csv_safe(c) for c in table.columns])
             writer.writerows([_csv_cell(row.get(c)) for c in table.columns] for row in table.rows)
+
+
+# A spreadsheet reads a cell that starts with one of these as a formula (OWASP: CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable_text(text: str) -> str:
+    """`text` as valid UTF-8: bytes of a file name that are not UTF-8 (Python keeps them as
+    surrogates) become \\xNN, as `ls -b` shows them, instead of failing the whole write."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def csv_safe(text: str) -> str:
+    """printable_text, with a leading ' where a spreadsheet would run the cell as a formula."""
+    text = printable_text(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return "" if math.isnan(value) else f"{value:.5f}"
+    if isinstance(value, str):
+        return csv_safe(value)
     return "" if value is None else value
 
 
-def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> None:
+def check_output(out: str | Path, inputs: list[str], model_path: str | Path,
+                 keep: list[str | Path] = ()) -> None:
     """Refuse, before any work, an output path that would destroy something: an existing
-    directory, the current folder or a parent of it, an input, the model, a name with an
-    audio extension; and one that cannot be written (checked by creating a temp file there)."""
+    directory, the current folder or a parent of it, an input, the model, a file named in
+    `keep` (a speaker manifest), a name with an audio extension, a link or a special file
+    (the rename would replace /dev/null or the link itself); and one that cannot be written
+    (checked by creating a temp file there)."""
     path = Path(out)
     resolved, here = path.resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
@@ -625,8 +652,16 @@ def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> 
         raise UserError(f"output {out}: is one of the inputs; give another file name")
     if resolved == Path(model_path).resolve():
         raise UserError(f"output {out}: is the model file; give another file name")
+    if any(resolved == Path(item).resolve() for item in keep):
+        raise UserError(f"output {out}: is the speaker manifest (--speakers); give another file name")
     if path.suffix.lower() in AUDIO_EXTENSIONS:
         raise UserError(f"output {out}: has an audio extension; labels are written as .csv or .parquet")
+    if path.is_symlink():
+        raise UserError(f"output {out}: is a symbolic link; the output would replace the link, not write "
+                        f"through it: give the file's own path ({resolved})")
+    if path.exists() and not path.is_file():
+        raise UserError(f"output {out}: exists and is not a regular file (a device, pipe or socket); "
+                        "give a file name such as labels.csv")
     try:
         resolved.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=resolved.parent)
@@ -637,12 +672,18 @@ def check_output(out: str | Path, inputs: list[str], model_path: str | Path) -> 
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-        segments_out: str | None = None, speakers: str = "all", cluster: str | None = None) -> int:
+        segments_out: str | None = None, speakers: str = "all", cluster: str | None = None,
+        cluster_certs: str | None = None, insecure_cluster: bool = False) -> int:
     _keep_freed_memory()  # for the model's activations here, and inherited by forked workers
+    manifest = [] if speakers in GROUPINGS else [speakers]
     for output in [out] + ([segments_out] if segments_out else []):
-        check_output(output, inputs, model_path)
+        check_output(output, inputs, model_path, keep=manifest)
     if segments_out and Path(segments_out).resolve() == Path(out).resolve():
         raise UserError(f"--segments {segments_out}: is the same file as -o; give another name")
+    if cluster:  # a bad address, or an unauthenticated one beyond this machine: before any work
+        from ser.cluster import check_address
+
+        check_address(cluster, cluster_certs, insecure_cluster)
     paths = collect_inputs(inputs)
     if cluster and speakers == "all":  # one group would be one shard: no grouping on a cluster by default
         print("predict: on a cluster every file is heard relative to the average training speaker "
@@ -650,7 +691,8 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         speakers = "none"
     groups = speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
     if cluster:
-        return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster)
+        return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster,
+                              cluster_certs, insecure_cluster)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
@@ -680,7 +722,8 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
 
 
 def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Settings, device_name: str,
-                   segments_out: str | None, speakers: str, groups: list[str] | None, address: str) -> int:
+                   segments_out: str | None, speakers: str, groups: list[str] | None, address: str,
+                   certs: str | None = None, insecure: bool = False) -> int:
     """run() with the labelling on the Dask cluster at `address` (ser.cluster). The model file
     is read here without torch (2-3 s to import; the workers load the weights), and a file
     that will not load is the local run's clear error."""
@@ -694,7 +737,8 @@ def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Setti
             load_checkpoint(model_path, pick_device("cpu"))
             raise UserError(f"{model_path}: not a model file")
         meta = {"classes": info["classes"], "extra": {"normalisation": info["normalisation"]}}
-        with connect(address) as client, tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
+        with connect(address, certs, insecure) as client, \
+                tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
             files, segments = label_on_cluster(client, paths, model_path, info["classes"], settings, speakers, groups,
                                                device_name, on_shard=lambda done, total: progress.update(
                                                    round(len(paths) * done / total) - progress.n))
@@ -707,17 +751,21 @@ def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Setti
 
 def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str) -> int:
     """Write the labels (and segments), report, and return the exit code."""
-    write_table(files, out)
-    if segments_out:
-        write_table(segments, segments_out)
+    try:
+        write_table(files, out)
+        if segments_out:
+            write_table(segments, segments_out)
+    except OSError as e:  # a full disk, a folder gone read-only: the temp file is removed, the old output kept
+        raise UserError(f"cannot write {printable_text(str(e.filename or out))} ({e.strerror or e}); "
+                        "nothing half-written was kept") from None
     errors = [row["error"] for row in files.rows if row["status"] == "error"]
-    print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {out}")
+    print(f"predict: {len(files.rows) - len(errors)} of {len(files.rows)} files labelled -> {printable_text(out)}")
     print(f"predict: {NORMALISED_BY[used]} (column normalised_by)")
     adapted = [row for row in files.rows if row.get("adapted")]
     if adapted:
         print(f"predict: the model adapted to the speaker group of {len(adapted)} files (column adapted)")
     for error in errors:
-        print(f"  error: {error}", file=sys.stderr)
+        print(f"  error: {printable_text(error)}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK
 
 
@@ -755,8 +803,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=d.adapt,
                         help="adapt the model to each speaker group's windows before labelling them (test-time "
                         "adaptation, no labels; assumes a group holds several emotions; default: %(default)s)")
-    parser.add_argument("--cluster", metavar="tcp://HOST:PORT", help="label on this Dask scheduler's workers "
-                        "(they read the audio at the same paths; the model is sent to them)")
+    parser.add_argument("--cluster", metavar="tls://HOST:PORT", help="label on this Dask scheduler's workers "
+                        "(they read the audio at the same paths; the model is sent to them); tcp:// only on "
+                        "127.0.0.1 unless --insecure-cluster")
+    parser.add_argument("--cluster-certs", metavar="DIR", help="the cluster's certificate and key, made by "
+                        "`ser cluster-certs DIR` (needed for tls://)")
+    parser.add_argument("--insecure-cluster", action="store_true", help="allow a tcp:// scheduler beyond this "
+                        "machine: whoever reaches it runs code on its workers")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default=d.precision, choices=["float32", "bfloat16", "auto"],
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
@@ -769,14 +822,16 @@ def main(argv: list[str] | None = None) -> int:
            settings.max_group_files) <= 0:
         parser.error("--segment-s, --hop-s, --batch-size, --max-duration-s and --max-group-files must be positive")
     return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers,
-                      args.cluster)
+                      args.cluster, args.cluster_certs, args.insecure_cluster)
 
 
 def run_safely(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
-               segments_out: str | None = None, speakers: str = "all", cluster: str | None = None) -> int:
+               segments_out: str | None = None, speakers: str = "all", cluster: str | None = None,
+               cluster_certs: str | None = None, insecure_cluster: bool = False) -> int:
     """run(), with every way of ending as its documented exit code and one clear message."""
     try:
-        return run(inputs, out, model_path, settings, device_name, segments_out, speakers, cluster)
+        return run(inputs, out, model_path, settings, device_name, segments_out, speakers, cluster, cluster_certs,
+                   insecure_cluster)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -190,14 +190,44 @@ class TemperatureScaled(nn.Module):
         return self.model(x).float() / self.temperature
 
 
+# What a model file may ask for, checked before anything is built: a file of a few bytes
+# must not make the loader allocate gigabytes (the default model has 0.4 M weights).
+MAX_BLOCKS, MAX_CHANNELS, MAX_HEAD_HIDDEN, MAX_CLASSES, MAX_MEMBERS = 8, 1024, 8192, 256, 32
+MAX_PARAMETERS = 50_000_000
+
+
+def check_arch(arch: dict[str, Any], n_mels: int, n_classes: int) -> None:
+    """ValueError unless `arch` is a model of bounded size and sane settings."""
+    channels, hidden = arch.get("channels"), arch.get("head_hidden")
+    if (not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= MAX_BLOCKS
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CHANNELS for c in channels)):
+        raise ValueError(f"arch channels {str(channels)[:80]} is not a list of 1-{MAX_BLOCKS} widths of "
+                         f"1-{MAX_CHANNELS}")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or not 1 <= hidden <= MAX_HEAD_HIDDEN:
+        raise ValueError(f"arch head_hidden {str(hidden)[:80]} is not a width of 1-{MAX_HEAD_HIDDEN}")
+    for name in ("block_dropout", "head_dropout"):
+        value = arch.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"arch {name} {str(value)[:80]} is not a rate in [0, 1)")
+    if not 1 <= n_classes <= MAX_CLASSES:
+        raise ValueError(f"{n_classes} classes (1-{MAX_CLASSES} allowed)")
+    widths = [1, *channels]
+    weights = sum(9 * a * b for a, b in zip(widths, widths[1:]))
+    weights += 2 * channels[-1] * max(1, n_mels // 2 ** len(channels)) * hidden + hidden * n_classes
+    if weights > MAX_PARAMETERS:
+        raise ValueError(f"the arch asks for {weights:,} weights (at most {MAX_PARAMETERS:,})")
+
+
 def build_model(arch: dict[str, Any], n_mels: int, n_classes: int) -> EmotionCNN:
-    """The model of `arch` (channels, batch_norm, block_dropout, head_dropout, head_hidden).
-    Settings of retired architectures are accepted at the one value this model has."""
+    """The model of `arch` (channels, batch_norm, block_dropout, head_dropout, head_hidden),
+    its size checked first (check_arch). Settings of retired architectures are accepted at the
+    one value this model has."""
     arch = dict(arch)
     for name, kept in RETIRED_ARCH.items():
         if name in arch and arch.pop(name) != kept:
             raise ValueError(f"arch setting {name} is no longer supported except as {kept!r} "
                              "(see docs/experiments.md)")
+    check_arch(arch, n_mels, n_classes)
     return EmotionCNN(n_mels=n_mels, n_classes=n_classes, **arch)
 
 
@@ -246,8 +276,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", fuse: 
         raise ModelFileError(f"{path}: not a model file of format {CHECKPOINT_FORMAT}")
     if checkpoint["format"] == 1:  # one model's weights under "state_dict"
         checkpoint["members"] = [checkpoint.get("state_dict")]
+    problem = _record_problem(checkpoint)
+    if problem:
+        raise ModelFileError(f"{path}: not a usable model file ({problem})")
     try:
         fp = FeatureParams.from_dict(checkpoint["feature_params"])
+        check_arch({k: v for k, v in checkpoint["arch"].items() if k not in RETIRED_ARCH}, fp.n_mels,
+                   len(checkpoint["classes"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: not a usable model file ({str(e).strip().splitlines()[0]})") from None
+    try:
         members = []
         for state in checkpoint["members"]:
             members.append(build_model(checkpoint["arch"], fp.n_mels, len(checkpoint["classes"])))
@@ -267,6 +305,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", fuse: 
     meta = {k: checkpoint[k] for k in ("arch", "classes", "extra")}
     meta["feature_params"] = fp
     return model, meta
+
+
+def _record_problem(checkpoint: dict[str, Any]) -> str | None:
+    """What is wrong with a model file's record around its weights, or None."""
+    members, classes, extra = checkpoint.get("members"), checkpoint.get("classes"), checkpoint.get("extra")
+    if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+        return f"it must hold 1-{MAX_MEMBERS} members' weights"
+    if not all(isinstance(m, dict) and m for m in members):
+        return "a member has no weights"
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) < 2:
+        return "its class list is not two or more names"
+    if not isinstance(checkpoint.get("arch"), dict) or not isinstance(checkpoint.get("feature_params"), dict):
+        return "no arch or feature_params record"
+    if not isinstance(extra, dict):
+        return "no extra record (a file written by save_checkpoint has one)"
+    temperature = extra.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0.01 <= temperature <= 100):
+        return f"temperature {str(temperature)[:40]} is not a number in [0.01, 100]"
+    return None
 
 
 def fused_copy(model: nn.Module) -> nn.Module:

@@ -1,16 +1,22 @@
-"""Small helpers of the whole library: atomic writes, seeding, device choice, user errors."""
+"""Small helpers of the whole library: atomic writes, seeding, device choice, user errors, tables, hosts."""
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class UserError(Exception):
@@ -35,7 +41,7 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
         return removed
     for leftover in target.parent.glob(f"{_temp_prefix(target)}*.tmp"):
         pid = leftover.name[len(_temp_prefix(target)):].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -44,7 +50,7 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -56,11 +62,13 @@ def _alive(pid: int) -> bool:
 
 def check_replaceable(target: str | os.PathLike) -> None:
     """Raise UserError unless `target` is absent, a file or link, or a directory that
-    atomic_path wrote: a directory of the user's is never replaced."""
+    atomic_path wrote: a directory of the user's, or a device (/dev/null), is never replaced."""
     target = Path(target)
     if target.is_dir() and not target.is_symlink() and not (target / OUTPUT_MARKER).is_file():
         raise UserError(f"{target}: is an existing directory that this pipeline did not write; "
                         "refusing to replace it (choose another output path)")
+    if target.exists() and not target.is_symlink() and not target.is_dir() and not target.is_file():
+        raise UserError(f"{target}: is a device, pipe or socket; refusing to replace it (choose another output path)")
 
 
 @contextmanager
@@ -104,10 +112,39 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` resolves to is this machine's loopback (127.0.0.0/8, ::1);
+    decided on the resolved addresses, not the name's text. An unresolvable host is not."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0].split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """JSON, indented, written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_text_table(path: str | os.PathLike, what: str) -> "pd.DataFrame":
+    """A CSV (UTF-8) or, by extension, Parquet table with every cell as text: an empty cell
+    and a Parquet null are both "" (never the text "None"). A file that is not such a table
+    is a UserError that starts with `what` (how the user named it, e.g. "--speakers x.csv")."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(
+            path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except (OSError, ValueError) as e:  # pandas' and pyarrow's parse errors are ValueErrors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what}: cannot be read as a table ({reason})") from None
+    return table.astype(object).where(table.notna(), "").astype(str)
 
 
 def seed_everything(seed: int) -> None:
@@ -132,12 +169,22 @@ def pick_device(preference: str = "auto") -> "torch.device":
     return torch.device(preference)
 
 
+# OSErrors that are the machine's state, not a bug: one line, not a traceback
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); user errors become one clear line and exit code 1."""
+    """Run a stage's main(); user errors (and a full or read-only disk) become one clear line
+    and exit code 1."""
     import sys
 
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'a write'}: {e.strerror}; nothing half-written was kept", file=sys.stderr)
         sys.exit(1)

@@ -30,7 +30,8 @@ def main() -> None:
     for name, source in p["archives"].items():
         archive = archives / f"{name}.zip"
         md5 = None if source.get("md5") is None else normalise_md5(source["md5"])
-        fetch(source["url"], archive, md5, p["retries"], p["backoff_s"], p["timeout_s"], p["chunk_bytes"])
+        fetch(source["url"], archive, md5, p["retries"], p["backoff_s"], p["timeout_s"], p["chunk_bytes"],
+              int(p["max_extract_gb"] * 10**9))
         if md5 is None:
             print(f"{name}: no published md5; this archive's is {md5sum(archive)} (dvc.lock records it)")
     with atomic_path(args.out) as tmp:

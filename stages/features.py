@@ -29,7 +29,7 @@ def main() -> None:
     fp = FeatureParams.from_dict(p)
     clips = pd.read_parquet(args.metadata)
     rate, computed = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"], args.cache and Path(args.cache),
-                           p["cluster"])
+                           p["cluster"], p.get("cluster_certs"))
     print(f"features: {len(clips)} clips -> {args.out} ({computed} computed, {len(clips) - computed} from the cache; "
           f"{fp.n_mels} mels x {fp.n_frames} frames, {rate:.0f} clips/s)")
 

@@ -28,7 +28,7 @@ def main() -> int:
                         max_duration_s=p["max_duration_s"], min_sample_rate=p["min_sample_rate"],
                         uncertain_below=p["uncertain_below"], adapt=p["adapt"])
     code = run_safely([args.input], args.out, args.model, settings, p["device"], args.segments,
-                      speakers=p["speakers"], cluster=p["cluster"])
+                      speakers=p["speakers"], cluster=p["cluster"], cluster_certs=p.get("cluster_certs"))
     # files that cannot be labelled are rows of the output, not a failed stage
     return 0 if code == EXIT_SOME_FAILED else code
 
