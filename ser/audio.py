@@ -104,7 +104,7 @@ class FeatureParams:
 def audio_info(path: str | Path) -> dict[str, Any]:
     """Sample rate, channels, frames and duration read from the header."""
     try:
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))  # bytes: a name that is not UTF-8 opens too
     except Exception as e:  # soundfile raises several types; all mean "not readable audio"
         raise AudioError(f"{path}: not readable audio ({_reason(e)})") from None
     return {
@@ -154,7 +154,7 @@ class AudioFile:
         if self.path.is_dir():
             raise AudioError(f"{self.path}: is a directory, not an audio file")
         try:
-            self._file = sf.SoundFile(str(self.path))
+            self._file = sf.SoundFile(os.fsencode(self.path))  # bytes: a name that is not UTF-8 opens too
         except Exception as e:  # soundfile raises several types; all mean "not readable audio"
             suffix = self.path.suffix.lower()
             if suffix in UNREADABLE_AUDIO_EXTENSIONS:

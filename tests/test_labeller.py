@@ -731,3 +731,121 @@ def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, f
     assert not plain["adapted"].any()
     assert np.allclose(plain.filter(like="prob_").iloc[2], frame.filter(like="prob_").iloc[2], atol=1e-6)  # bob
     assert np.abs(plain.filter(like="prob_").iloc[0] - frame.filter(like="prob_").iloc[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("flag", ["-o", "--segments"])
+def test_the_speaker_manifest_is_never_an_output(tmp_path, tiny_checkpoint, capsys, flag):
+    write_tone(tmp_path / "sp" / "a.wav")
+    manifest = tmp_path / "sp" / "who.csv"
+    manifest.write_text("path,speaker\na.wav,ann\n")
+    outputs = {"-o": ["-o", manifest], "--segments": ["-o", tmp_path / "labels.csv", "--segments", manifest]}[flag]
+    assert _run([tmp_path / "sp" / "a.wav", *outputs, "--model", tiny_checkpoint, "--speakers", manifest]) == 2
+    assert "is the speaker manifest (--speakers)" in capsys.readouterr().err
+    assert manifest.read_text() == "path,speaker\na.wav,ann\n" and not (tmp_path / "labels.csv").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_special_file_or_a_link_at_the_output_is_refused_not_replaced(tmp_path, tiny_checkpoint, capsys, kind):
+    write_tone(tmp_path / "a.wav")
+    out, target = tmp_path / "out.csv", tmp_path / "real.csv"
+    if kind == "fifo":  # as /dev/null would be: renaming onto it replaces the device with a file
+        os.mkfifo(out)
+    else:
+        target.write_text("the user's file\n")
+        out.symlink_to(target)
+    assert _run([tmp_path / "a.wav", "-o", out, "--model", tiny_checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert ("is not a regular file" if kind == "fifo" else "is a symbolic link") in err
+    assert out.is_fifo() if kind == "fifo" else (out.is_symlink() and target.read_text() == "the user's file\n")
+
+
+def test_dev_null_and_dev_stdout_are_refused_without_touching_them(tiny_checkpoint, tmp_path):
+    from ser.labeller import check_output
+    from ser.util import UserError
+
+    for out, reason in (("/dev/null", "not a regular file"), ("/dev/stdout", "symbolic link")):
+        with pytest.raises(UserError, match=reason):
+            check_output(out, [str(tmp_path)], tiny_checkpoint)
+    assert Path("/dev/null").is_char_device() and Path("/dev/stdout").is_symlink()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_name_that_is_not_utf8_is_labelled_and_written(tmp_path, feature_params, suffix):
+    folder = tmp_path / "in"
+    write_tone(folder / "good.wav")
+    odd = folder / os.fsdecode(b"caf\xe9 \xff.wav")  # Latin-1 bytes, as an old Windows share names them
+    write_tone(folder / "plain.wav").rename(odd)
+    out = tmp_path / f"labels{suffix}"
+    model = _speaker_model(tmp_path, feature_params)
+    assert _run([folder, "-o", out, "--model", model, "--speakers", "file", "--min-group-windows", "1"]) == 0
+    table = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert len(table) == 2 and set(table["status"]) == {"ok"}
+    assert str(folder / "caf\\xe9 \\xff.wav") in set(table["path"])  # shown as `ls -b` shows it
+    assert str(folder / "caf\\xe9 \\xff.wav") in set(table["speaker_group"])
+
+
+def test_cells_a_spreadsheet_would_run_as_formulas_are_quoted(tmp_path, feature_params, monkeypatch):
+    import csv
+
+    from ser.labeller import csv_safe
+
+    monkeypatch.chdir(tmp_path)
+    names = ["=HYPERLINK(1).wav", "+1.wav", "@SUM(2).wav", "-3.wav"]
+    for name in names:
+        write_tone(tmp_path / name)
+    who = tmp_path / "who.csv"
+    who.write_text("path,speaker\n" + "".join(f"{n},=cmd|' /C calc'!A0\n" for n in names))
+    model = _speaker_model(tmp_path, feature_params)
+    assert _run(["-o", "labels.csv", "--model", model, "--speakers", who, "--min-group-windows", "1", "--", *names]) == 0
+    with open("labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted("'" + n for n in names)
+    assert {r["speaker_group"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert csv_safe("anna/1.wav") == "anna/1.wav" and csv_safe("\tx") == "'\tx"
+    assert float(rows[0]["confidence"]) > 0  # numbers stay numbers
+
+
+def test_a_tampered_encoder_is_exit_2_and_keeps_the_previous_output(tmp_path, feature_params, monkeypatch, capsys):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser import encoder
+    from ser.audio import FeatureParams
+    from ser.models import build_model, save_checkpoint
+
+    fp = FeatureParams.from_dict({**feature_params.to_dict(), "encoder": "whisper-base"})
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "enc.pt", build_model(TINY_ARCH, fp.n_mels, 8), TINY_ARCH, EMOTIONS, fp,
+                    extra={"fusion": {"fusion_weight": 0.5}})
+    write_tone(tmp_path / "a.wav")
+    out = tmp_path / "labels.csv"
+    out.write_text("the previous run's labels\n")
+    parts = encoder.ENCODERS["whisper-base"]
+    monkeypatch.setitem(encoder.ENCODERS, "whisper-base", (*parts[:2], "f" * 64))  # the installed bytes now differ
+    assert _run([tmp_path / "a.wav", "-o", out, "--model", tmp_path / "enc.pt", "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "sha256 is not the pinned" in err and "requirements-weights.txt" in err and "Traceback" not in err
+    assert out.read_text() == "the previous run's labels\n"
+
+
+def test_a_full_disk_is_one_line_exit_2_and_keeps_the_previous_output(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import errno
+
+    import ser.labeller
+
+    write_tone(tmp_path / "a.wav")
+    out = tmp_path / "labels.csv"
+    out.write_text("the previous run's labels\n")
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if ".labels.csv." in str(path):  # atomic_path's temp file beside the output
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ser.labeller, "open", full_disk, raising=False)
+    assert _run([tmp_path / "a.wav", "-o", out, "--model", tiny_checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "nothing half-written was kept" in err and "Traceback" not in err
+    assert out.read_text() == "the previous run's labels\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".labels")] == []  # no temp left
