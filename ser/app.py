@@ -171,15 +171,16 @@ def build_page(analyser: Analyser):
 
 
 def login(host: str, password: str | None) -> list[tuple[str, str]] | None:
-    """Gradio's auth list: none when every address `host` resolves to is this machine's
-    loopback (the resolved address decides, not the name); else a password is required
-    (ValueError without one), so the page never listens to a network unprotected."""
+    """Gradio's auth list: the password when one is given (on a shared machine other users
+    reach 127.0.0.1 too); else none when every address `host` resolves to is this machine's
+    loopback (the resolved address decides, not the name); else ValueError, so the page never
+    listens to a network unprotected."""
+    if password:
+        return [("ser", password)]
     if is_loopback(host):
         return None
-    if not password:
-        raise ValueError(f"--host {host} makes the page reachable from other machines: set a password "
-                         "with --password or the SER_APP_PASSWORD environment variable (user name: ser)")
-    return [("ser", password)]
+    raise ValueError(f"--host {host} makes the page reachable from other machines: set a password "
+                     "with --password or the SER_APP_PASSWORD environment variable (user name: ser)")
 
 
 UPLOADS_PREFIX = "ser-app-uploads-"
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 a password is required")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--password", default=os.environ.get("SER_APP_PASSWORD"),
-                        help="log-in password (user: ser); default: $SER_APP_PASSWORD")
+                        help="log-in password (user: ser), asked on any host; needed beyond this machine; "
+                        "default: $SER_APP_PASSWORD")
     parser.add_argument("--max-upload-mb", type=float, default=50)
     parser.add_argument("--max-duration-s", type=float, default=MAX_DURATION_S,
                         help="longer clips get a message (default %(default)s)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ser.util import UserError, atomic_path
 
 DISK_MARGIN_BYTES = 256 << 20  # left free after extracting, for everything else on the disk
+MAX_MEMBER_DEPTH, MAX_MEMBER_NAME = 64, 1024  # past these a member's path is no corpus's (and breaks mkdir)
 LOCAL_HINT = (
     "to use a local copy of the archive run: "
     "make repro ARCHIVE=path/to/archive.zip ARCHIVE_MD5=its_md5 "
@@ -166,8 +167,11 @@ def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
         return "empty name"
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return "absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if ".." in parts:
         return "'..' in path"
+    if len(parts) > MAX_MEMBER_DEPTH or len(name.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME:
+        return f"path over {MAX_MEMBER_DEPTH} folders deep or {MAX_MEMBER_NAME} bytes long"
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -228,7 +232,7 @@ def safe_extract(archive: Path, out_dir: Path, max_total_bytes: int = 50 * 10**9
                 reason = "its name appears twice: one would replace the other"
             seen.add(info.filename.rstrip("/"))
             if reason:
-                raise UserError(f"{archive}: refusing to extract member '{info.filename}' ({reason})")
+                raise UserError(f"{archive}: refusing to extract member '{info.filename[:200]}' ({reason})")
         check_sizes(archive, members, out_dir, max_total_bytes, max_ratio)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()

@@ -727,8 +727,12 @@ def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Setti
     """run() with the labelling on the Dask cluster at `address` (ser.cluster). The model file
     is read here without torch (2-3 s to import; the workers load the weights), and a file
     that will not load is the local run's clear error."""
+    import logging
+
     from ser.cluster import connect, label_on_cluster
 
+    # dask logs each failed reconnection with a traceback; the run's own message says what happened
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     info = read_model_info(model_path)
     try:
         if info is None:  # the checked load says why

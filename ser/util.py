@@ -139,8 +139,15 @@ def read_text_table(path: str | os.PathLike, what: str) -> "pd.DataFrame":
     try:
         table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(
             path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+            where = "somewhere"
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            where = f"line {line}, byte {e.start}"
+        raise UserError(f"{what}: not UTF-8 text ({where}); save it as UTF-8") from None
     except (OSError, ValueError) as e:  # pandas' and pyarrow's parse errors are ValueErrors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what}: cannot be read as a table ({reason})") from None

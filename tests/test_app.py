@@ -190,7 +190,7 @@ runpy.run_module("ser", run_name="__main__")
 """
 
 
-def _upload(url: str, path: Path) -> str:
+def _upload(url: str, path: Path, opener=None) -> str:
     boundary = "----ser-test-boundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
             f"Content-Type: audio/wav\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
@@ -198,7 +198,7 @@ def _upload(url: str, path: Path) -> str:
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     import json
 
-    return json.loads(urllib.request.urlopen(request, timeout=30).read())[0]
+    return json.loads((opener.open if opener else urllib.request.urlopen)(request, timeout=30).read())[0]
 
 
 def test_the_page_contacts_nobody_and_removes_its_uploads(tiny_checkpoint, tmp_path):
@@ -388,3 +388,91 @@ def test_page_refuses_a_too_large_upload_with_a_message(page_server):
         assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()
+
+
+def test_the_password_rule_decides_on_the_resolved_address(monkeypatch):
+    from ser import app
+
+    real = socket.getaddrinfo
+    fake = {"127.0.0.1.example": "0.0.0.0", "intranet.example": "10.1.2.3", "lo.example": "127.0.0.5"}
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                        (fake[host], 0))] if host in fake else real(host, *a, **k))
+    for host in ("127.0.0.1.example", "intranet.example", "0.0.0.0", "", "no-such-host.invalid"):
+        with pytest.raises(ValueError, match="reachable from other machines"):
+            app.login(host, None)
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "lo.example"):
+        assert app.login(host, None) is None
+    assert app.login("127.0.0.1", "s3cret") == [("ser", "s3cret")]  # asked for: kept on this machine too
+
+
+def _wait_for_page(proc, url: str) -> None:
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:  # answering (a login page, a 401): up
+            return
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+
+
+def test_with_a_password_a_request_without_it_is_refused(tiny_checkpoint, tmp_path):
+    import http.cookiejar
+    import urllib.parse
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(tiny_checkpoint), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SER_APP_PASSWORD": "s3cret"})
+    try:
+        _wait_for_page(proc, url)
+        clip = write_tone(tmp_path / "mine.wav", seconds=1.0)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _upload(url, clip)
+        assert refused.value.code == 401
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        for password, accepted in (("wrong", False), ("s3cret", True)):
+            form = urllib.parse.urlencode({"username": "ser", "password": password}).encode()
+            try:
+                opener.open(url + "login", data=form, timeout=30).read()
+                assert accepted
+            except urllib.error.HTTPError as e:
+                assert not accepted and e.code in (400, 401), e.code
+        assert Path(_upload(url, clip, opener)).is_file()  # logged in: the same request goes through
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_uploads_of_a_page_killed_with_9_are_removed_by_the_next_start(tiny_checkpoint, tmp_path):
+    import signal
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (temp / "ser-app-uploads-notmine").mkdir()  # no process id in the name: not a folder this code made
+    (temp / "users-file.wav").write_bytes(b"keep")
+    runs = []
+    for _ in range(2):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(tiny_checkpoint), "--port",
+                                 str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "TMPDIR": str(temp)})
+        first_line = proc.stdout.readline()
+        assert first_line.startswith("uploads are kept in "), first_line
+        runs.append((proc, Path(first_line.split()[4])))
+        _wait_for_page(proc, f"http://127.0.0.1:{port}/")
+        if len(runs) == 1:
+            (runs[0][1] / "upload.wav").write_bytes(b"an upload")
+            proc.send_signal(signal.SIGKILL)  # no `finally` runs
+            proc.wait(timeout=30)
+            assert runs[0][1].exists()
+    try:
+        assert not runs[0][1].exists() and runs[1][1].is_dir()  # the dead run's, not the live one's
+        assert (temp / "ser-app-uploads-notmine").is_dir() and (temp / "users-file.wav").read_bytes() == b"keep"
+    finally:
+        runs[1][0].terminate()
+        runs[1][0].wait(timeout=30)
+    assert not runs[1][1].exists()

@@ -239,3 +239,82 @@ def test_md5_is_compared_as_lower_case_text(tmp_path):
     for bad in ("abc", None, "g" * 32, True):
         with pytest.raises(UserError, match="is not an md5 checksum"):
             normalise_md5(bad)
+
+
+class EndlessServer:
+    """A local HTTP server that sends bytes for ever, with no length (or a false, huge one)."""
+
+    def __init__(self, declared: int | None = None) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                if declared is not None:
+                    self.send_header("Content-Length", str(declared))
+                self.end_headers()
+                block = b"\0" * 65536
+                try:
+                    for _ in range(100_000):  # 6.5 GB at most: bounded even if the client never stops
+                        self.wfile.write(block)
+                except OSError:  # the client hung up: what it should do
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("declared", [None, 10**12])
+def test_a_download_is_bounded_whatever_the_server_sends(tmp_path, declared):
+    server = EndlessServer(declared)
+    try:
+        with pytest.raises(UserError, match="more than download.max_extract_gb"):
+            fetch(server.url, tmp_path / "a.zip", None, retries=2, backoff_s=0.01, timeout_s=5, chunk_bytes=65536,
+                  max_bytes=2 << 20)
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []  # neither the archive nor a partial file
+
+
+def test_a_local_archive_over_the_bound_is_refused(tmp_path):
+    (tmp_path / "big.zip").write_bytes(b"\0" * (3 << 20))
+    with pytest.raises(UserError, match="more than download.max_extract_gb"):
+        fetch(str(tmp_path / "big.zip"), tmp_path / "a.zip", None, retries=0, backoff_s=0.01, timeout_s=5,
+              chunk_bytes=65536, max_bytes=2 << 20)
+    assert not (tmp_path / "a.zip").exists()
+
+
+def _raw_zip(path, members):
+    """A zip of (name, data) written as given: names zipfile itself would refuse to write twice."""
+    import warnings
+
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        for name, data in members:
+            info = zipfile.ZipInfo(name)
+            if name.endswith("/"):
+                info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10
+            zf.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize("members, message", [
+    ([("a.wav", b"1"), ("", b"2")], "refusing to extract member '' (empty name)"),
+    ([("a.wav", b"1"), ("a.wav", b"2")], "refusing to extract member 'a.wav' (its name appears twice"),
+    ([("x", b"1"), ("x/", b"")], "refusing to extract member 'x/' (its name appears twice"),
+    ([("x", b"1"), ("x/y.wav", b"2")], "cannot extract member 'x/y.wav' (File exists)"),
+    ([("/".join(["d"] * 2000) + "/a.wav", b"1")], "refusing to extract member 'd/d/d"),
+])
+def test_odd_members_are_one_clear_message_and_nothing_is_extracted(tmp_path, members, message):
+    archive = _raw_zip(tmp_path / "odd.zip", members)
+    with pytest.raises(UserError) as raised:
+        safe_extract(archive, tmp_path / "out")
+    assert message in str(raised.value) and len(str(raised.value)) < 600
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["odd.zip"]  # no temp folder left either

@@ -193,3 +193,167 @@ def test_a_bad_model_file_is_the_local_runs_clear_error(cluster, recordings, tmp
     assert main([str(recordings), "-o", str(tmp_path / "o.csv"), "--model", str(bad), "--cluster",
                  cluster.scheduler_address]) == 2
     assert f"{bad}: not a loadable model file" in capsys.readouterr().err
+
+
+def _tls_cluster(certs: Path, n_workers: int = 1):
+    cert, key = str(certs / "cluster.pem"), str(certs / "cluster.key")
+    security = distributed.Security(tls_ca_file=cert, tls_scheduler_cert=cert, tls_scheduler_key=key,
+                                    tls_worker_cert=cert, tls_worker_key=key, tls_client_cert=cert,
+                                    tls_client_key=key, require_encryption=True)
+    return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                    protocol="tls", security=security, dashboard_address=None, silence_logs=40)
+
+
+def test_a_tls_cluster_labels_with_its_certificates_and_refuses_everyone_else(recordings, tiny_checkpoint, tmp_path,
+                                                                              capsys):
+    from ser.cluster import make_certificates
+
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    make_certificates(certs)
+    make_certificates(other)  # another cluster's: signed by another authority
+    assert (certs / "cluster.key").stat().st_mode & 0o777 == 0o600
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    common = [str(recordings), "--model", str(tiny_checkpoint), "--precision", "float32", "--speakers", "folder"]
+    assert main(common + ["-o", str(local), "--jobs", "1"]) == 1
+    with _tls_cluster(certs) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        assert main(common + ["-o", str(remote), "--cluster", address, "--cluster-certs", str(certs)]) == 1
+        a, b = pd.read_csv(remote), pd.read_csv(local)
+        pd.testing.assert_frame_equal(a.drop(columns=PROBS + ["confidence"]), b.drop(columns=PROBS + ["confidence"]))
+        capsys.readouterr()
+        refused = {"no certificates": ["--cluster", address],
+                   "another cluster's": ["--cluster", address, "--cluster-certs", str(other)],
+                   "plain tcp": ["--cluster", address.replace("tls://", "tcp://")]}
+        for why, args in refused.items():
+            out = tmp_path / "refused.csv"
+            assert main(common + ["-o", str(out)] + args) == 2, why
+            err = capsys.readouterr().err
+            assert err.startswith("error: --cluster") and "Traceback" not in err and not out.exists(), (why, err)
+        with pytest.raises(OSError):  # nor can a plain dask client in, to run code on the workers
+            distributed.Client(address.replace("tls://", "tcp://"), timeout=5, set_as_default=False)
+
+
+def test_certificates_are_never_overwritten(tmp_path):
+    from ser.cluster import make_certificates
+    from ser.util import UserError
+
+    make_certificates(tmp_path)
+    key = (tmp_path / "cluster.key").read_bytes()
+    with pytest.raises(UserError, match="refusing to replace a cluster's key"):
+        make_certificates(tmp_path)
+    assert (tmp_path / "cluster.key").read_bytes() == key
+
+
+def test_an_unauthenticated_scheduler_beyond_this_machine_is_refused_before_connecting(recordings, tiny_checkpoint,
+                                                                                       tmp_path, capsys, monkeypatch):
+    import socket
+
+    from ser.cluster import check_address
+    from ser.util import UserError
+
+    common = [str(recordings), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_checkpoint)]
+    assert main(common + ["--cluster", "tcp://0.0.0.0:9"]) == 2  # every interface, not this machine's loopback
+    assert "lets anyone who reaches it run code on its workers" in capsys.readouterr().err
+    assert main(common + ["--cluster", "tcp://0.0.0.0:9", "--insecure-cluster"]) == 2  # allowed: then nobody answers
+    assert "no Dask scheduler answers there" in capsys.readouterr().err
+    # the name is resolved, not read: a name that looks local but is not
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                        ("10.1.2.3", 0))] if host == "127.0.0.1.example" else real(host, *a, **k))
+    with pytest.raises(UserError, match="beyond this machine"):
+        check_address("tcp://127.0.0.1.example:8786")
+    assert check_address("tcp://localhost:8786") == ("tcp", "localhost")
+
+
+@pytest.mark.parametrize("address", ["foo://127.0.0.1:8786", "127.0.0.1:8786", "tcp://", "tls://127.0.0.1:8786"])
+def test_an_address_that_is_not_a_usable_scheduler_is_one_line(recordings, tiny_checkpoint, tmp_path, capsys, address):
+    assert main([str(recordings), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_checkpoint), "--cluster",
+                 address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --cluster {address}: ") and "Traceback" not in err
+
+
+def test_a_peer_that_accepts_and_never_answers_is_a_clear_error_in_time(recordings, tiny_checkpoint, tmp_path,
+                                                                        capsys, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    import ser.cluster
+
+    monkeypatch.setattr(ser.cluster, "CONNECT_TIMEOUT_S", 2)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    try:
+        started = time.time()
+        code = main([str(recordings), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_checkpoint), "--cluster",
+                     f"tcp://127.0.0.1:{server.getsockname()[1]}"])
+        took = time.time() - started
+    finally:
+        for connection, _ in held:
+            connection.close()
+        server.close()
+    assert code == 2 and took < 15, took
+    assert "no Dask scheduler answered in 2 s" in capsys.readouterr().err
+
+
+def test_the_only_worker_killed_mid_run_loses_no_row(recordings, tiny_checkpoint):
+    from ser.labeller import collect_inputs
+
+    paths = collect_inputs([str(recordings)])
+    killed = []
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        def kill_the_worker(done, total):
+            if not killed:  # the model's bytes, sent once, die with it
+                [worker] = cluster.scheduler.workers.values()
+                killed.append(worker.pid)
+                os.kill(worker.pid, signal.SIGKILL)
+
+        files, _ = label_on_cluster(client, paths, tiny_checkpoint, EMOTIONS, SETTINGS, files_per_shard=1,
+                                    on_shard=kill_the_worker)
+    assert killed
+    assert [r["path"] for r in files.rows] == [str(p) for p in paths]  # each file once, in order
+    _same(files, _local(paths, tiny_checkpoint)[0])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_scheduler_lost_mid_run_is_a_clear_error(recordings, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    from ser.cluster import connect
+    from ser.labeller import collect_inputs
+    from ser.util import UserError
+
+    port = _free_port()
+    processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                   "--port", str(port), "--no-dashboard"], stderr=subprocess.DEVNULL)]
+    try:
+        processes.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                           f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
+                                           "--host", "127.0.0.1"], stderr=subprocess.DEVNULL))
+        paths = collect_inputs([str(recordings)])
+        with connect(f"tcp://127.0.0.1:{port}") as client:
+            def kill_the_scheduler(done, total):
+                processes[0].kill()
+
+            with pytest.raises(UserError, match="scheduler was lost mid-run; nothing written"):
+                label_on_cluster(client, paths, tiny_checkpoint, EMOTIONS, SETTINGS, files_per_shard=1,
+                                 on_shard=kill_the_scheduler)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)

@@ -243,3 +243,50 @@ def test_a_bad_manifest_fails_with_one_message_naming_the_row(tmp_path, rows, he
     manifest = _manifest(tmp_path, rows, header or "path,emotion,speaker")
     with pytest.raises(UserError, match=message):
         collect_corpus("mine", "manifest", manifest, [])
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "folder_link"])
+def test_a_manifest_path_that_leaves_the_corpus_folder_is_refused(tmp_path, kind):
+    corpus = tmp_path / "raw" / "mine"
+    write_tone(corpus / "a.wav", seconds=0.5)
+    outside = write_tone(tmp_path / "elsewhere" / "b.wav", seconds=0.5)  # a file DVC does not track
+    (corpus / "linked").symlink_to(outside.parent, target_is_directory=True)
+    path = {"parent": "../../elsewhere/b.wav", "absolute": str(outside), "folder_link": "linked/b.wav"}[kind]
+    manifest = corpus / "labels.csv"
+    manifest.write_text(f"path,emotion,speaker\na.wav,happy,ann\n{path},sad,bob\n")
+    with pytest.raises(UserError, match=f"row 2 \\(path '{path}'\\): the path leads out of the corpus's folder"):
+        collect_corpus("mine", "manifest", manifest, [], corpus_root=corpus)
+
+
+def test_a_manifest_may_reach_up_to_its_corpus_folder_but_not_beyond(tmp_path):
+    from ser.corpora import collect_corpora
+
+    raw = tmp_path / "raw"
+    write_tone(raw / "mine" / "audio" / "a.wav", seconds=0.5)
+    (raw / "mine" / "meta").mkdir()
+    (raw / "mine" / "meta" / "labels.csv").write_text("path,emotion,speaker\n../audio/a.wav,happy,ann\n")
+    clips, _ = collect_corpora(raw, {"mine": {"kind": "manifest", "manifest": "meta/labels.csv", "test_speakers": []}})
+    assert clips["path"].tolist() == [str(raw / "mine" / "meta" / "../audio/a.wav")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,emotion,speaker\ncaf\xe9.wav,happy,ann\n".encode("latin-1"), "not UTF-8 text \\(line 2, byte 24\\)"),
+    (b"path,emotion,speaker\n\"a.wav,happy\n", "cannot be read as a table"),
+    (b"PAR1 not parquet", "cannot be read as a table"),
+])
+def test_a_manifest_that_is_not_utf8_or_does_not_parse_is_one_message(tmp_path, content, message):
+    manifest = tmp_path / ("labels.parquet" if content.startswith(b"PAR1") else "labels.csv")
+    manifest.write_bytes(content)
+    with pytest.raises(UserError, match=f"{manifest.name}: {message}"):
+        collect_corpus("mine", "manifest", manifest, [])
+
+
+def test_nulls_in_a_parquet_manifest_are_empty_cells_not_the_text_none(tmp_path):
+    import pandas as pd
+
+    write_tone(tmp_path / "a.wav", seconds=0.5)
+    write_tone(tmp_path / "b.wav", seconds=0.5)
+    pd.DataFrame({"path": ["a.wav", "b.wav"], "emotion": ["happy", "sad"], "speaker": ["ann", None],
+                  "sex": [None, "f"]}).to_parquet(tmp_path / "labels.parquet")
+    with pytest.raises(UserError, match="row 2 \\(path 'b.wav'\\): no speaker"):
+        collect_corpus("mine", "manifest", tmp_path / "labels.parquet", [])

@@ -81,3 +81,25 @@ def test_a_groups_statistics_come_from_a_seeded_sample_of_at_most_max_files():
     assert sample == sorted(sample)  # in the order of the paths
     assert sample == statistics_sample(paths, keys, max_files=30)  # the same files every run
     assert statistics_sample(paths, keys, max_files=150) == paths
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("who.csv", "path,speaker\nb\xe9.wav,ann\n".encode("latin-1"), "not UTF-8 text \\(line 2, byte 14\\)"),
+    ("who.csv", b"path,speaker\n\"a.wav,ann\n", "cannot be read as a table"),
+    ("who.parquet", b"not parquet", "cannot be read as a table"),
+])
+def test_a_speaker_manifest_that_does_not_read_is_one_message(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=f"--speakers {tmp_path / name}: {message}"):
+        speaker_keys([tmp_path / "a.wav"], str(tmp_path / name))
+
+
+def test_nulls_in_a_parquet_speaker_manifest_are_empty_not_the_speaker_none(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"path": ["a.wav", "b.wav"], "speaker": ["ann", None]}).to_parquet(tmp_path / "who.parquet")
+    with pytest.raises(UserError, match="row 3 \\(b.wav\\): the speaker is empty"):
+        speaker_keys([tmp_path / "a.wav", tmp_path / "b.wav"], str(tmp_path / "who.parquet"))
+    pd.DataFrame({"path": ["a.wav", None], "speaker": ["ann", "bob"]}).to_parquet(tmp_path / "who.parquet")
+    with pytest.raises(UserError, match="row 3: the path is empty"):
+        speaker_keys([tmp_path / "a.wav"], str(tmp_path / "who.parquet"))

@@ -211,3 +211,38 @@ def test_speaker_normalisation_standardises_each_speaker_over_its_sounding_frame
     torch.testing.assert_close(b.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     # a speaker's gain (another microphone) is gone: only the voice relative to itself remains
     torch.testing.assert_close(speaker_normalise(x[2:] + 12.0, ["b", "b"]), out[2:], atol=1e-4, rtol=0)
+
+
+def _checkpoint(tmp_path, feature_params, **changes):
+    """A model file's record with `changes`, saved as torch.save writes it."""
+    from ser.models import CHECKPOINT_FORMAT
+
+    model = build_model(TINY_ARCH, feature_params.n_mels, len(EMOTIONS))
+    record = {"format": CHECKPOINT_FORMAT, "members": [model.state_dict()], "arch": dict(TINY_ARCH),
+              "classes": list(EMOTIONS), "feature_params": feature_params.to_dict(), "extra": {}}
+    record.update(changes)
+    record = {k: v for k, v in record.items() if v is not ...}
+    torch.save(record, tmp_path / "m.pt")
+    return tmp_path / "m.pt"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"extra": ...}, "no extra record"),
+    ({"members": []}, "1-32 members' weights"),
+    ({"members": [{}]}, "a member has no weights"),
+    ({"classes": []}, "class list is not two or more names"),
+    ({"extra": {"temperature": "hot"}}, "temperature hot is not a number"),
+    ({"extra": {"temperature": -1.0}}, "temperature -1.0 is not a number"),
+    ({"extra": {"temperature": float("nan")}}, "temperature nan is not a number"),
+    ({"arch": {**TINY_ARCH, "channels": [4] * 50}}, "is not a list of 1-8 widths"),
+    ({"arch": {**TINY_ARCH, "head_hidden": 10**9}}, "head_hidden 1000000000 is not a width"),
+    ({"arch": {**TINY_ARCH, "channels": [1024] * 8, "head_hidden": 8192}}, "weights \\(at most 50,000,000\\)"),
+])
+def test_a_malformed_model_file_is_refused_before_anything_is_built(tmp_path, feature_params, changes, message):
+    import resource
+
+    path = _checkpoint(tmp_path, feature_params, **changes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match=f"m.pt: not a usable model file \\(.*{message}"):
+        load_checkpoint(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing big was built

@@ -91,3 +91,56 @@ def test_write_json_and_run_stage(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_stage(failing)
     assert stop.value.code == 1 and capsys.readouterr().err == "error: train.classes: unknown class set 'seven'\n"
+
+
+def test_atomic_path_never_replaces_a_device_or_pipe(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is a device, pipe or socket"):
+        with atomic_path(fifo) as tmp:
+            tmp.write_text("x")
+    assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_full_disk_in_a_stage_is_one_line(capsys):
+    import errno
+
+    def stage():
+        raise OSError(errno.ENOSPC, "No space left on device", "data/features/x.npy")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(stage)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == ("error: data/features/x.npy: No space left on device; "
+                                       "nothing half-written was kept\n")
+
+    def bug():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):  # other OSErrors are bugs: their traceback is wanted
+        run_stage(bug)
+
+
+def test_a_text_table_reads_nulls_and_empty_cells_as_empty_text(tmp_path):
+    import pandas as pd
+
+    from ser.util import read_text_table
+
+    pd.DataFrame({"a": ["x", None], "b": [1, 2]}).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("a,b\nx,1\n,2\n")
+    for name in ("t.parquet", "t.csv"):
+        table = read_text_table(tmp_path / name, name)
+        assert table.to_dict("list") == {"a": ["x", ""], "b": ["1", "2"]}
+
+
+def test_loopback_is_decided_on_every_resolved_address(monkeypatch):
+    import socket
+
+    from ser.util import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.9.9.9")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("no-such-host.invalid")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", 0, 0, 0))])
+    assert not is_loopback("half-local.example")  # one address elsewhere is enough to be reachable
