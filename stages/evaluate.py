@@ -39,7 +39,8 @@ def main() -> None:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     # a linear model's input: the speakers' standardised functionals (ser.fusion)
     functionals = load_functionals(args.features, clips["path"]) if meta["extra"].get("fusion") else None
-    metrics, frame, cm, probs = score_test_speakers(model, trainable, meta, raw, y, clips, functionals, p["batch_size"], device)
+    metrics, frame, cm, probs = score_test_speakers(model, trainable, meta, raw, y, clips, functionals,
+                                                    p["batch_size"], device)
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:
         pd.DataFrame(reliability(probs, y.numpy())).to_csv(tmp, index=False)

@@ -47,7 +47,8 @@ def test_scoring_four_clips_of_two_speakers():
                           "speaker": ["c:1", "c:1", "c:2", "c:2"], "sex": ["f", "f", "m", "m"],
                           "intensity": [None] * 4, "actor": [1, 1, 2, 2]})
     meta = {"classes": CLASSES, "extra": {}}
-    metrics, frame, cm, probs = score_test_speakers(Oracle(), Oracle(), meta, raw, y, clips, None, 2, torch.device("cpu"))
+    metrics, frame, cm, probs = score_test_speakers(Oracle(), Oracle(), meta, raw, y, clips, None, 2,
+                                                    torch.device("cpu"))
     assert metrics["test_accuracy"] == pytest.approx(0.75) and metrics["test_clips"] == 4
     assert metrics["test_uar"] == pytest.approx((0.5 + 1.0) / 2)
     assert cm.tolist() == [[1, 1], [0, 2]]
