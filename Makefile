@@ -63,8 +63,9 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "warning: could not install chromium + chromium-driver; browser tests will be skipped (fail in CI)"
 
+# -rs: each skipped test and why (under CI=true a skip fails the run: tests/conftest.py)
 test: setup browser
-	python -m pytest -q tests
+	python -m pytest -q -rs tests
 
 # The demo page on http://127.0.0.1:7860 (ARGS="--port 8080 --model path.pt").
 app: setup

@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-from bench.hostile import as_in_a_terminal, descendants, gone, make_hostile_folder
+from bench.hostile import as_in_a_terminal, descendants, gone, make_hostile_folder, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,21 +33,9 @@ def tiny_model(path: Path) -> Path:
     from ser.models import build_model, save_checkpoint
 
     fp = FeatureParams.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["features"])
-    arch = {"channels": [4, 8], "convs_per_block": 1, "batch_norm": True, "block_dropout": 0.0,
-            "head_dropout": 0.1, "head_hidden": 8, "pooling": "meanmax", "lstm_hidden": 0}
+    arch = {"channels": [4, 8], "batch_norm": True, "block_dropout": 0.0, "head_dropout": 0.1, "head_hidden": 8}
     save_checkpoint(path, build_model(arch, fp.n_mels, len(EMOTIONS)), arch, EMOTIONS, fp, extra={})
     return path
-
-
-def peak_rss_mb(args: list[str]) -> tuple[float, int, float]:
-    """(peak RSS in MB of the largest process of the run, exit code, seconds), in a fresh child."""
-    code = ("import resource, subprocess, sys, time; t = time.time(); "
-            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc, time.time() - t)")
-    done = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "ser", "label", *args],
-                          cwd=ROOT, capture_output=True, text=True, check=True)
-    rss, rc, seconds = done.stdout.split()
-    return float(rss), int(rc), float(seconds)
 
 
 def interrupt_once(folder: Path, model: Path, out: Path, delay_s: float) -> tuple[float, int, int]:
@@ -76,7 +64,7 @@ def main() -> None:
         ordinary.parent.mkdir()
         sf.write(str(ordinary), (0.1 * np.random.default_rng(0).standard_normal(48000)).astype(np.float32), 16000)
         for name, folder in (("one ordinary 3 s clip", ordinary.parent), ("the hostile files", tmp / "hostile")):
-            rss, rc, seconds = peak_rss_mb([str(folder), "-o", str(tmp / "o.csv"), "--model", str(model)])
+            rss, rc, seconds = peak_rss_mb(["label", str(folder), "-o", str(tmp / "o.csv"), "--model", str(model)])
             print(f"peak RSS labelling {name}: {rss:.0f} MB (exit {rc}, {seconds:.1f} s)")
 
         many = tmp / "many"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,15 @@ def as_in_a_terminal() -> None:
     background jobs so, and Python then keeps ignoring it)."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def peak_rss_mb(args: list[str], module: str = "ser") -> tuple[float, int, float]:
+    """(peak RSS in MB of the largest process of `python -m module *args`, exit code, seconds),
+    measured in a fresh child: no earlier work's peak counts."""
+    code = ("import resource, subprocess, sys, time; t = time.time(); "
+            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, rc, time.time() - t)")
+    done = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", module, *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    rss, rc, seconds = done.stdout.split()
+    return float(rss), int(rc), float(seconds)

@@ -32,8 +32,8 @@ from ser.util import is_loopback, process_alive
 for _name, _value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
                       ("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "1")):
     os.environ[_name] = _value
-# Uploads and recordings: every UPLOAD_SWEEP_S, those older than UPLOAD_MAX_AGE_S are deleted
-# (Gradio's delete_cache); the whole folder goes when the page stops.
+# Uploads and recordings older than --keep-uploads-s (default UPLOAD_MAX_AGE_S) are deleted by a
+# sweep at least every UPLOAD_SWEEP_S (Gradio's delete_cache); the whole folder goes when the page stops.
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 60, 600
 MAX_DURATION_S = 600  # longer clips get a message (the batch labeller takes any length)
 
@@ -125,7 +125,7 @@ def timeline_figure(result: dict[str, Any], classes: list[str]):
     return fig
 
 
-def build_page(analyser: Analyser):
+def build_page(analyser: Analyser, keep_uploads_s: float = UPLOAD_MAX_AGE_S):
     import gradio as gr
 
     def on_submit(path: str | None, calibration: GroupStatistics | None):
@@ -147,7 +147,7 @@ def build_page(analyser: Analyser):
         return stats, message
 
     with gr.Blocks(title="Speech emotion recognition", analytics_enabled=False,
-                   delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as page:
+                   delete_cache=(max(1, min(UPLOAD_SWEEP_S, int(keep_uploads_s / 2))), int(keep_uploads_s))) as page:
         gr.Markdown("# Speech emotion recognition\nUpload a clip (WAV, FLAC, OGG) or record one; "
                     "the model trained by this project's pipeline labels it with one of "
                     f"{len(analyser.classes)} emotions.")
@@ -211,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="log-in password (user: ser), asked on any host; needed beyond this machine; "
                         "default: $SER_APP_PASSWORD")
     parser.add_argument("--max-upload-mb", type=float, default=50)
+    parser.add_argument("--keep-uploads-s", type=float, default=UPLOAD_MAX_AGE_S,
+                        help="uploads and recordings older than this are deleted (default %(default)s)")
     parser.add_argument("--max-duration-s", type=float, default=MAX_DURATION_S,
                         help="longer clips get a message (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.keep_uploads_s < 2:
+        parser.error("--keep-uploads-s must be 2 seconds or more")
     try:
         auth = login(args.host, args.password)
     except ValueError as e:
@@ -229,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     uploads = uploads_folder()
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # this run's own folder, removed when it stops
-    print(f"uploads are kept in {uploads} for at most {UPLOAD_MAX_AGE_S} s and removed when the page stops",
+    print(f"uploads are kept in {uploads} for at most {args.keep_uploads_s:g} s and removed when the page stops",
           flush=True)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    page = build_page(analyser)
+    page = build_page(analyser, args.keep_uploads_s)
     try:
         page.launch(server_name=args.host, server_port=args.port, auth=auth,
                     max_file_size=int(args.max_upload_mb * 1024 * 1024), show_error=False)

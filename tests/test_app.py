@@ -201,30 +201,20 @@ def _upload(url: str, path: Path, opener=None) -> str:
     return json.loads((opener.open if opener else urllib.request.urlopen)(request, timeout=30).read())[0]
 
 
-def test_the_page_contacts_nobody_and_removes_its_uploads(tiny_checkpoint, tmp_path):
-    log = tmp_path / "network.log"
-    log.write_text("")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", NETWORK_AUDIT, "--model", str(tiny_checkpoint), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NETWORK_AUDIT_LOG": str(log)})
-    first_line = proc.stdout.readline()
-    assert first_line.startswith("uploads are kept in "), first_line + proc.stdout.read()
-    uploads = Path(first_line.split()[4])
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+def test_uploads_expire_while_the_page_runs_and_go_when_it_stops(tiny_checkpoint, tmp_path):
+    proc, url, log, uploads = _start_app(tiny_checkpoint, tmp_path, "--keep-uploads-s", "2")
+    try:
+        stored = Path(_upload(url, write_tone(tmp_path / "mine.wav", seconds=1.0)))
+        assert stored.is_file() and uploads in stored.parents
+        deadline = time.time() + 30
+        while stored.exists() and time.time() < deadline:
             time.sleep(0.5)
-    stored = Path(_upload(url, write_tone(tmp_path / "mine.wav", seconds=1.0)))
-    assert stored.is_file() and uploads in stored.parents
-    time.sleep(3)  # analytics and version checks start in threads at launch
-    proc.terminate()
-    proc.wait(timeout=30)
+        assert not stored.exists()  # swept while the page still runs
+        again = Path(_upload(url, write_tone(tmp_path / "again.wav", seconds=1.0)))
+        assert again.is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
     assert not uploads.exists()  # nothing of the user's left behind in the temp folder
     assert log.read_text() == "", log.read_text()
 
@@ -237,22 +227,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_app(model_path: Path, *args: str):
+def _start_app(model_path: Path, work: Path, *args: str, env: dict | None = None):
+    """The page in a process whose every look-up and connection beyond this machine is logged
+    (NETWORK_AUDIT): (process, url, the log, its uploads folder)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(model_path), "--port", str(port), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"app exited: {proc.stdout.read()}")
-            time.sleep(1)
-    proc.kill()
-    pytest.fail("app did not start within 120 s")
+    log = work / f"network-{port}.log"
+    log.write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", NETWORK_AUDIT, "--model", str(model_path), "--port", str(port),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {}), "NETWORK_AUDIT_LOG": str(log)})
+    try:
+        first_line = proc.stdout.readline()
+        assert first_line.startswith("uploads are kept in "), first_line + proc.stdout.read()
+        url = f"http://127.0.0.1:{port}/"
+        _wait_for_page(proc, url)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    return proc, url, log, Path(first_line.split()[4])
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +274,8 @@ def page_server(tmp_path_factory):
         clip = work / "clip.wav"
         clip.write_bytes(zf.read("Actor_01/03-01-05-02-01-01-01.wav"))
     # uploads over 1 MB are refused: small enough for a test file, far above a clip's size
-    proc, url = _start_app(model_path, "--max-upload-mb", "1")
-    yield url, clip, work
+    proc, url, log, _ = _start_app(model_path, work, "--max-upload-mb", "1")
+    yield url, clip, work, log
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -300,6 +293,7 @@ def _browser(work: Path, fake_audio: Path | None = None):
         options.add_argument(flag)
     if fake_audio:
         options.add_argument(f"--use-file-for-fake-audio-capture={fake_audio}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
@@ -322,11 +316,27 @@ def _shown_emotion(headline: str) -> str:
     return headline.split()[0]
 
 
-def test_page_upload_shows_label_and_chart(page_server):
+def _requested_hosts(driver) -> set[str]:
+    """The hosts of every network request the browser made (Chrome's performance log; its own
+    chrome:// pages, data: and blob: URLs go nowhere)."""
+    import json
+    import urllib.parse
+
+    hosts = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            parsed = urllib.parse.urlparse(message["params"]["request"]["url"])
+            if parsed.scheme in ("http", "https", "ws", "wss", "ftp"):
+                hosts.add(parsed.hostname)
+    return hosts
+
+
+def test_page_upload_shows_label_and_chart_and_nobody_else_is_contacted(page_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, clip, work = page_server
+    url, clip, work, log = page_server
     driver = _browser(work)
     try:
         driver.get(url)
@@ -337,18 +347,20 @@ def test_page_upload_shows_label_and_chart(page_server):
         label = _wait_for_label(driver)
         chart = driver.find_element(By.ID, "probabilities").text
         assert sum(e in chart for e in EMOTIONS) == len(EMOTIONS), chart
-        (ROOT / "reports").mkdir(exist_ok=True)
-        driver.save_screenshot(str(ROOT / "reports" / "app_test_screenshot.png"))
+        driver.save_screenshot(str(work / "app_test_screenshot.png"))  # never into the tracked tree
         assert _shown_emotion(label) in EMOTIONS
+        hosts = _requested_hosts(driver)
+        assert hosts == {"127.0.0.1"}, hosts  # no font, script or beacon from elsewhere
     finally:
         driver.quit()
+    assert log.read_text() == "", log.read_text()  # nor did the server, analysing it
 
 
 def test_page_records_from_the_fake_microphone(page_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, clip, work = page_server
+    url, clip, work, _ = page_server
     driver = _browser(work, fake_audio=clip)
     try:
         driver.get(url)
@@ -375,7 +387,7 @@ def test_page_refuses_a_too_large_upload_with_a_message(page_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _, work = page_server
+    url, _, work, _ = page_server
     big = work / "big.wav"
     sf.write(str(big), np.zeros(16000 * 40, dtype=np.float32), 16000)  # 2.6 MB > 1 MB
     driver = _browser(work)
@@ -422,13 +434,8 @@ def test_with_a_password_a_request_without_it_is_refused(tiny_checkpoint, tmp_pa
     import http.cookiejar
     import urllib.parse
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(tiny_checkpoint), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "SER_APP_PASSWORD": "s3cret"})
+    proc, url, _, _ = _start_app(tiny_checkpoint, tmp_path, env={"SER_APP_PASSWORD": "s3cret"})
     try:
-        _wait_for_page(proc, url)
         clip = write_tone(tmp_path / "mine.wav", seconds=1.0)
         with pytest.raises(urllib.error.HTTPError) as refused:
             _upload(url, clip)
@@ -456,19 +463,14 @@ def test_uploads_of_a_page_killed_with_9_are_removed_by_the_next_start(tiny_chec
     (temp / "users-file.wav").write_bytes(b"keep")
     runs = []
     for _ in range(2):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "ser", "app", "--model", str(tiny_checkpoint), "--port",
-                                 str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "TMPDIR": str(temp)})
-        first_line = proc.stdout.readline()
-        assert first_line.startswith("uploads are kept in "), first_line
-        runs.append((proc, Path(first_line.split()[4])))
-        _wait_for_page(proc, f"http://127.0.0.1:{port}/")
+        runs.append(_start_app(tiny_checkpoint, tmp_path, env={"TMPDIR": str(temp)}))
         if len(runs) == 1:
-            (runs[0][1] / "upload.wav").write_bytes(b"an upload")
+            proc, _, _, uploads = runs[0]
+            (uploads / "upload.wav").write_bytes(b"an upload")
             proc.send_signal(signal.SIGKILL)  # no `finally` runs
             proc.wait(timeout=30)
-            assert runs[0][1].exists()
+            assert uploads.exists()
+    runs = [(proc, uploads) for proc, _, _, uploads in runs]
     try:
         assert not runs[0][1].exists() and runs[1][1].is_dir()  # the dead run's, not the live one's
         assert (temp / "ser-app-uploads-notmine").is_dir() and (temp / "users-file.wav").read_bytes() == b"keep"

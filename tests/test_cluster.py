@@ -357,3 +357,35 @@ def test_a_scheduler_lost_mid_run_is_a_clear_error(recordings, tiny_checkpoint):
         for process in processes:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("grouping", ["folder", "manifest"])
+def test_the_cluster_adapts_to_each_group_as_the_local_run_does(cluster, recordings, tmp_path, feature_params,
+                                                                grouping):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    model = tmp_path / "spk.pt"
+    population = [[-40.0] * feature_params.n_mels, [8.0] * feature_params.n_mels]
+    save_checkpoint(model, build_model(arch, feature_params.n_mels, len(EMOTIONS)), arch, EMOTIONS, feature_params,
+                    extra={"normalisation": "speaker", "population": population})
+    speakers = "folder"
+    if grouping == "manifest":
+        speakers = str(tmp_path / "who.csv")
+        rows = [f"{p.relative_to(recordings)},{'one' if 'anna' in p.parts or 'long' in p.name else 'two'}"
+                for p in sorted(recordings.rglob("*.wav"))]
+        (tmp_path / "who.csv").write_text("path,speaker\n" + "\n".join(f"{recordings.name}/{r}" for r in rows) + "\n")
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    common = [str(recordings), "--model", str(model), "--precision", "float32", "--speakers", speakers,
+              "--min-group-windows", "1"]  # adaptation on: the default
+    assert main(common + ["-o", str(local), "--jobs", "1"]) == 1
+    assert main(common + ["-o", str(remote), "--cluster", cluster.scheduler_address]) == 1
+    a, b = pd.read_csv(remote), pd.read_csv(local)
+    assert a["adapted"].any() and a["adapted"].tolist() == b["adapted"].tolist()
+    assert (a["emotion"].fillna("error") == b["emotion"].fillna("error")).mean() >= 0.99
+    pd.testing.assert_frame_equal(a.drop(columns=PROBS + ["confidence"]), b.drop(columns=PROBS + ["confidence"]))
+    np.testing.assert_allclose(a[PROBS].to_numpy(float), b[PROBS].to_numpy(float), atol=1e-4)

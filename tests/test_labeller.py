@@ -278,22 +278,24 @@ def test_command_line_with_worker_processes(folder, tiny_checkpoint, tmp_path):
 
 def test_hostile_headers_get_error_rows_not_allocations(tmp_path, tiny_checkpoint):
     """A 55 kB FLAC claiming 2^36 frames and a 12 kB WAV at 1 Hz are refused from their
-    headers; a long (valid) recording over max_duration_s too."""
-    import resource
-
-    from bench.hostile import make_hostile_folder
+    headers; a long (valid) recording over max_duration_s too. Peak memory is measured in a
+    fresh process, against the same run on one ordinary clip."""
+    from bench.hostile import make_hostile_folder, peak_rss_mb
 
     make_hostile_folder(tmp_path / "in", silence_s=600)
+    write_tone(tmp_path / "ordinary" / "clip.wav", seconds=3.0)
     out = tmp_path / "o.csv"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert _run([tmp_path / "in", "-o", out, "--model", tiny_checkpoint, "--max-duration-s", 300]) == 1
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    common = ["--model", str(tiny_checkpoint), "--max-duration-s", "300", "--jobs", "2"]
+    hostile_mb, code, _ = peak_rss_mb(["label", str(tmp_path / "in"), "-o", str(out), *common])
+    ordinary_mb, ordinary_code, _ = peak_rss_mb(["label", str(tmp_path / "ordinary"), "-o",
+                                                 str(tmp_path / "ordinary.csv"), *common])
+    assert (code, ordinary_code) == (1, 0)
     frame = pd.read_csv(out).set_index(pd.read_csv(out)["path"].map(lambda p: p.split("/")[-1]))
     assert "implausible header: 68719476735 frames claimed in a file of" in frame.loc["header_bomb.flac", "error"]
     assert "sample rate 1 Hz is below the minimum of 4000 Hz" in frame.loc["one_hertz.wav", "error"]
     assert "too long (600 s > 300 s" in frame.loc["long_silence.flac", "error"]
     assert (frame["status"] == "error").all()
-    assert grown_mb < 100, grown_mb
+    assert hostile_mb - ordinary_mb < 50, (hostile_mb, ordinary_mb)  # believed, the headers would cost gigabytes
 
 
 def test_a_long_file_streams_in_pieces_with_the_same_labels(tmp_path, tiny_checkpoint, monkeypatch):
@@ -370,13 +372,18 @@ def _start_labelling(folder: Path, out: Path, model: Path):
     proc = subprocess.Popen([_sys.executable, "-m", "ser", "label", str(folder), "-o", str(out), "--model",
                              str(model), "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=as_in_a_terminal)
-    deadline = time.time() + 60
-    while len(descendants(proc.pid)) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(3)  # torch loaded, labelling under way
-    workers = descendants(proc.pid)
-    assert proc.poll() is None, proc.communicate()
-    assert len(workers) >= 2
+    try:
+        deadline = time.time() + 60
+        while len(descendants(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(3)  # torch loaded, labelling under way
+        workers = descendants(proc.pid)
+        assert proc.poll() is None, proc.communicate()
+        assert len(workers) >= 2
+    except BaseException:  # never leave a labeller running behind a failed test
+        os.killpg(proc.pid, 9)
+        proc.communicate(timeout=30)
+        raise
     return proc, workers
 
 
@@ -409,7 +416,7 @@ def test_ctrl_c_stops_labelling_leaves_no_worker_and_keeps_the_old_output(many_f
         time.sleep(0.5)
         assert all(gone(pid) for pid in workers), workers
         assert out.read_text() == "the previous run's labels\n"
-        assert stopped_s < 10, stopped_s  # the 2 s target is measured by bench/bench_hostile.py
+        assert stopped_s < 2, stopped_s  # measured 0.06-0.32 s (bench/bench_hostile.py)
 
 
 def test_workers_die_with_a_killed_labeller(many_files, tiny_checkpoint, tmp_path):
@@ -849,3 +856,13 @@ def test_a_full_disk_is_one_line_exit_2_and_keeps_the_previous_output(tmp_path, 
     assert "No space left on device" in err and "nothing half-written was kept" in err and "Traceback" not in err
     assert out.read_text() == "the previous run's labels\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".labels")] == []  # no temp left
+
+
+def test_segments_to_the_same_file_as_the_labels_is_refused(tmp_path, tiny_checkpoint, capsys):
+    write_tone(tmp_path / "a.wav")
+    out = tmp_path / "labels.csv"
+    out.write_text("the previous run's labels\n")
+    assert _run([tmp_path / "a.wav", "-o", out, "--segments", tmp_path / "." / "labels.csv", "--model",
+                 tiny_checkpoint]) == 2
+    assert "is the same file as -o" in capsys.readouterr().err
+    assert out.read_text() == "the previous run's labels\n"
