@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ser.fusion import LinearHead, log_softmax
-from ser.models import Ensemble, EmotionCNN, TemperatureScaled, autocast_dtype, infer
+from ser.device import autocast_dtype
+from ser.models import Ensemble, EmotionCNN, TemperatureScaled, infer
 from ser.training import calibrate_batch_norm, scored_probs
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def adapt_member(model: EmotionCNN, head: LinearHead | None, temperature: float,
                  z: np.ndarray | None, seed: int = 0, precision: str = "float32") -> EmotionCNN:
     """A copy of one trained (unfused) CNN adapted to the group of clips x (model input,
     normalised as it expects; z: their standardised functionals for the linear model, if any).
-    precision: the steps' forward passes as ser.models.autocast_dtype on the CPU (the weights stay float32)."""
+    precision: the steps' forward passes as ser.device.autocast_dtype on the CPU (the weights stay float32)."""
     # channels-last, as training stores it: oneDNN runs the steps about twice as fast on CPU
     adapted = copy.deepcopy(model).cpu().float().to(memory_format=torch.channels_last)
     norms = batch_norms(adapted)

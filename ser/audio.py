@@ -13,6 +13,7 @@ import scipy.fft
 import soundfile as sf
 
 from ser import encoder, prosody
+from ser.dsp import fix_length, mel_filterbank, resample
 
 # What libsndfile (soundfile's bundled 1.2) decodes: read by content, listed by extension so that
 # a folder's other files are left alone. .ogg/.oga/.opus: Vorbis or Opus in Ogg.
@@ -230,57 +231,6 @@ def read_windows(path: str | Path, sample_rate: int, segment_s: float, hop_s: fl
         yield from f.windows(sample_rate, segment_s, hop_s)
 
 
-def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    if orig_sr == target_sr:
-        return np.ascontiguousarray(y, dtype=np.float32)
-    import soxr
-
-    return soxr.resample(y, orig_sr, target_sr, quality="HQ").astype(np.float32)
-
-
-def fix_length(y: np.ndarray, n_samples: int) -> np.ndarray:
-    """Centre-crop or centre-pad with zeros to exactly n_samples."""
-    if len(y) > n_samples:
-        start = (len(y) - n_samples) // 2
-        return y[start : start + n_samples]
-    pad = n_samples - len(y)
-    return np.pad(y, (pad // 2, pad - pad // 2))
-
-
-def hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, log above."""
-    hz = np.asarray(hz, dtype=np.float64)
-    linear = hz / (200.0 / 3)
-    log = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
-    return np.where(hz >= 1000.0, log, linear)
-
-
-def mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    mel = np.asarray(mel, dtype=np.float64)
-    return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), mel * (200.0 / 3))
-
-
-def mel_band_edges(n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """The n_mels + 2 edge frequencies (Hz) of the mel filters, evenly spaced on Slaney's mel
-    scale: band i rises from edge i, peaks at edge i + 1 (its centre) and falls to edge i + 2."""
-    return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-
-
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """(n_mels, n_fft // 2 + 1) triangular filters on Slaney's mel scale with Slaney's
-    area normalisation: librosa.filters.mel's defaults (tested equal), without importing
-    librosa, which costs about a second per process (scipy.signal, numba)."""
-    fft_hz = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
-    edges_hz = mel_band_edges(n_mels, fmin, fmax)
-    ramps = edges_hz[:, None] - fft_hz[None, :]
-    widths = np.diff(edges_hz)
-    lower = -ramps[:-2] / widths[:-1, None]
-    upper = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
-    return weights.astype(np.float32)
-
-
 class LogMel:
     """Log-Mel in dB, numerically the same as librosa's melspectrogram + power_to_db
     (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
@@ -377,7 +327,7 @@ class Settings:
     segment_s: float  # recordings longer than this are cut into windows of this length
     hop_s: float  # step between windows
     max_queued_windows: int  # features computed ahead of the model, at most (bounds memory)
-    precision: str = "float32"  # of the model's arithmetic: float32 | bfloat16 | auto (models.autocast_dtype)
+    precision: str = "float32"  # of the model's arithmetic: float32 | bfloat16 | auto (ser.device.autocast_dtype)
     max_duration_s: float = 14400.0  # longer files are refused from their header (bounds the work per file)
     min_sample_rate: int = 4000  # files below this rate are refused (a 1 Hz header makes thousands of windows)
     uncertain_below: float = 0.5  # a file label less confident than this is flagged uncertain (ser.calibration)

@@ -24,7 +24,8 @@ from ser.models import infer
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
                           grouped_statistics, grouping_keys, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
-from ser.util import UserError, pick_device
+from ser.device import pick_device
+from ser.util import UserError
 
 
 def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]

@@ -35,7 +35,8 @@ from ser.fusion import LinearHead
 from ser.models import load_checkpoint
 from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
                           sampling_weights, scored_probs, train_classes)
-from ser.util import UserError, pick_device
+from ser.device import pick_device
+from ser.util import UserError
 
 
 def make_folds(actors: list[int], fold_size: int) -> list[list[int]]:

@@ -168,7 +168,7 @@ class WhisperEncoder:
         reflected), floored 8 below its peak, scaled as (x + 4) / 4; padded to an even number of frames."""
         import torch
 
-        from ser.audio import mel_filterbank
+        from ser.dsp import mel_filterbank
 
         if self.filterbank is None:  # Whisper's (Slaney) filterbank, as librosa.filters.mel makes it
             self.filterbank = torch.from_numpy(mel_filterbank(SAMPLE_RATE, 400, 80, 0.0, SAMPLE_RATE / 2))
@@ -194,13 +194,13 @@ class WhisperEncoder:
 
 def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float32") -> np.ndarray:
     """The encoder `name`'s summary of the mono signal y at sample_rate (resampled to 16 kHz), in
-    `precision` (ser.models.autocast_dtype's: the features stage's float32; the labeller's auto)."""
+    `precision` (ser.device.autocast_dtype's: the features stage's float32; the labeller's auto)."""
     import torch
 
-    from ser.models import autocast_dtype
+    from ser.device import autocast_dtype
 
     if sample_rate != SAMPLE_RATE:
-        from ser.audio import resample
+        from ser.dsp import resample
 
         y = resample(np.asarray(y, dtype=np.float32), sample_rate, SAMPLE_RATE)
     bfloat16 = precision != "float32" and autocast_dtype(torch.device("cpu"), precision) == torch.bfloat16

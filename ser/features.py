@@ -46,16 +46,21 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str
     yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
 
 
+def feature_code() -> tuple:
+    """The modules whose code decides a clip's features."""
+    from ser import audio, device, dsp, prosody
+
+    return audio, prosody, encoder, dsp, device
+
+
 def cache_key(fp: FeatureParams) -> str:
-    """Names the per-clip cache of the code that computes features (ser/audio.py,
-    ser/prosody.py, ser/encoder.py; the encoder's weights are pinned by hash) and of these feature params, `<code>-<params>`: a change to either starts a
-    new cache, never reuses stale features."""
+    """Names the per-clip cache of the code that computes features (feature_code(); the
+    encoder's weights are pinned by hash) and of these feature params, `<code>-<params>`: a
+    change to either starts a new cache, never reuses stale features."""
     import hashlib
     import json
 
-    from ser import audio, prosody
-
-    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (audio, prosody, encoder)))
+    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in feature_code()))
     params = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
     return f"{code.hexdigest()[:12]}-{params.hexdigest()[:12]}"
 

@@ -45,7 +45,8 @@ from ser.fusion import LinearHead, fused_log_probs, standardise
 from ser.grouping import (GROUPINGS, MAX_GROUP_FILES, MIN_GROUP_WINDOWS, GroupStatistics, SpeakerStatistics,
                           speaker_keys, statistics_sample)
 from ser.modelfile import is_fused, read_model_info
-from ser.util import UserError, atomic_path, pick_device
+from ser.device import pick_device
+from ser.util import UserError, atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd

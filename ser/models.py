@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ser.audio import FeatureParams
+from ser.device import autocast_dtype
 from ser.util import atomic_path
 
 CHECKPOINT_FORMAT = 2  # 2: a list of member weights (one for a single model)
@@ -335,31 +336,6 @@ def fused_copy(model: nn.Module) -> nn.Module:
         if isinstance(m, EmotionCNN):
             m.eval().fuse_for_inference()
     return copied.eval()
-
-
-PRECISIONS = ("float32", "bfloat16", "auto")
-
-
-def autocast_dtype(device: torch.device, precision: str = "float32") -> torch.dtype | None:
-    """The reduced precision inference runs in, None for float32. CUDA: float16 always.
-    CPU: bfloat16 when asked, or with "auto" when the CPU has native bfloat16 units
-    (AMX / AVX512-BF16; measured 3.5x faster for the default CNN on our 2-core machines,
-    99.3-99.7% of the mirror's labels the same as float32, the rest near-ties; elsewhere
-    bfloat16 is emulated and slower, so auto keeps float32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if device.type == "cuda":
-        return torch.float16
-    if precision == "bfloat16" or (precision == "auto" and _native_bfloat16()):
-        return torch.bfloat16
-    return None
-
-
-def _native_bfloat16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
 
 
 @torch.no_grad()

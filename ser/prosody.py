@@ -78,7 +78,7 @@ def pitch_functionals(y: np.ndarray, sample_rate: int) -> np.ndarray:
     """The 15 PITCH_NAMES of a mono signal (its silence already trimmed): pitch in semitones
     over the voiced frames, its change between voiced neighbours, how much is voiced and in how
     many stretches, the duration, the level."""
-    from ser.audio import resample
+    from ser.dsp import resample
 
     y8 = resample(np.asarray(y, dtype=np.float32), sample_rate, PITCH_RATE)
     f0, _, level = yin(y8)

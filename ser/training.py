@@ -17,10 +17,12 @@ import torchaudio.transforms as T
 from ser import ddp
 from ser import features as feature_store
 from ser.corpora import resolve_classes
-from ser.audio import FeatureParams, hz_to_mel, mel_band_edges
+from ser.audio import FeatureParams
+from ser.dsp import hz_to_mel, mel_band_edges
 from ser.calibration import expected_calibration_error, fit_temperature
 from ser.fusion import LinearHead, average_speaker, fused_log_probs, group_statistics, standardise, train_head
-from ser.models import Ensemble, autocast_dtype, build_model, infer, speaker_statistics
+from ser.device import autocast_dtype
+from ser.models import Ensemble, build_model, infer, speaker_statistics
 from ser.util import UserError, seed_everything
 
 

@@ -165,17 +165,6 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def pick_device(preference: str = "auto") -> "torch.device":
-    """CUDA when present (or asked for), else CPU."""
-    import torch
-
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{preference}' requested but CUDA is not available")
-    return torch.device(preference)
-
-
 # OSErrors that are the machine's state, not a bug: one line, not a traceback
 MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 

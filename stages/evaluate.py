@@ -21,7 +21,8 @@ from ser.features import load_functionals
 from ser.metrics import plot_confusion, round_floats
 from ser.models import load_checkpoint
 from ser.training import load_raw
-from ser.util import UserError, atomic_path, pick_device, run_stage, write_json
+from ser.device import pick_device
+from ser.util import UserError, atomic_path, run_stage, write_json
 
 
 def main() -> None:

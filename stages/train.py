@@ -18,7 +18,8 @@ from ser import ddp
 from ser.features import load
 from ser.models import count_parameters, save_checkpoint
 from ser.training import model_arch, train
-from ser.util import atomic_path, pick_device, run_stage, write_json
+from ser.device import pick_device
+from ser.util import atomic_path, run_stage, write_json
 
 
 def main() -> None:

@@ -170,21 +170,6 @@ def test_the_pool_takes_the_fast_path_only_where_no_gradient_flows_with_the_same
     assert calls == [1]  # a gradient flows: max_pool2d's backward, as before
 
 
-def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    from ser import models
-
-    cpu = torch.device("cpu")
-    assert models.autocast_dtype(cpu, "float32") is None
-    assert models.autocast_dtype(cpu, "bfloat16") == torch.bfloat16
-    monkeypatch.setattr(models, "_native_bfloat16", lambda: False)
-    assert models.autocast_dtype(cpu, "auto") is None
-    monkeypatch.setattr(models, "_native_bfloat16", lambda: True)
-    assert models.autocast_dtype(cpu, "auto") == torch.bfloat16
-    assert models.autocast_dtype(torch.device("cuda"), "float32") == torch.float16
-    with pytest.raises(ValueError, match="precision"):
-        models.autocast_dtype(cpu, "int8")
-
-
 def test_bfloat16_labels_of_a_trained_model_agree_with_float32(tmp_path, feature_params):
     """A seeded, trained model on its test clips, clean and with seeded noise up to where it is
     right half the time (near-ties included): bfloat16 gives float32's labels (measured: all of
@@ -266,23 +251,3 @@ def test_a_model_file_that_asks_for_a_huge_model_costs_no_memory(tmp_path, featu
     assert runs["huge"][0] - runs["tiny"][0] < 50, runs  # MB; built, it would take 2-3 GB
 
 
-def test_device_and_mixed_precision_follow_what_cuda_reports(monkeypatch):
-    """No GPU here: CUDA's answer is monkeypatched, and the choices that follow it are checked."""
-    from ser import models
-    from ser.training import one_cycle
-    from ser.util import UserError, pick_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device("auto") == torch.device("cpu") and pick_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="CUDA is not available"):
-        pick_device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pick_device("auto") == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
-    gpu = pick_device("auto")
-    for precision in ("float32", "bfloat16", "auto"):  # on a GPU: float16 whatever the CPU setting says
-        assert models.autocast_dtype(gpu, precision) == torch.float16
-    model = build_model(TINY_ARCH, 32, len(EMOTIONS))
-    recipe = {"lr": 0.01, "weight_decay": 0.0, "warmup_fraction": 0.3}
-    assert one_cycle(model, recipe, 10, torch.float16)[2].is_enabled()  # float16 needs its loss scaled
-    for dtype in (torch.bfloat16, None):
-        assert not one_cycle(model, recipe, 10, dtype)[2].is_enabled()
