@@ -22,7 +22,7 @@ import torch
 
 from ser.audio import AudioError, LogMel, Settings, audio_info
 from ser.grouping import GroupStatistics
-from ser.labeller import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
+from ser.labelling import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
 from ser.modelfile import is_fused
 from ser.models import ModelFileError, load_checkpoint
 from ser.util import is_loopback, process_alive

@@ -2,7 +2,7 @@
 
 The cluster runs the same code as the local run: files are cut into shards, each worker
 loads the model once (its bytes are sent to every worker, so workers need the audio at the
-same paths but not the model file) and labels a shard with ser.labeller.label_rows, one
+same paths but not the model file) and labels a shard with ser.labelling.label_rows, one
 process decoding and inferring; the rows come back and are put in path order, so the output
 has the local run's columns, error rows and order. A speaker group is never split between
 shards, so speaker statistics are those of the local run.
@@ -35,7 +35,7 @@ from ser.util import UserError, is_loopback
 if TYPE_CHECKING:
     from distributed import Client, Security
 
-    from ser.labeller import Table
+    from ser.labelling import Table
 
 FILES_PER_SHARD = 64  # 0.2 s of one core's work for 3.7-s clips; the cluster path costs 0.4 ms a file
 CONNECT_TIMEOUT_S = 30
@@ -171,7 +171,7 @@ def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool 
 
         import torch
 
-        from ser.labeller import one_core_worker
+        from ser.labelling import one_core_worker
         from ser.models import load_checkpoint
         from ser.device import pick_device
 
@@ -195,7 +195,7 @@ def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, 
     """On a worker: label_rows of one shard in this process (file rows, window rows)."""
     import dataclasses
 
-    from ser.labeller import label_rows
+    from ser.labelling import label_rows
 
     model, meta, device = _worker_model(model_bytes, digest, device_name, fuse=not (settings.adapt and groups))
     serial = dataclasses.replace(settings, n_jobs=1)  # the worker is the parallelism
@@ -212,7 +212,7 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
     on_shard(done, total) is called as each shard's rows arrive."""
     from distributed import as_completed
 
-    from ser.labeller import file_table, segment_table
+    from ser.labelling import file_table, segment_table
 
     model_bytes = Path(model_path).read_bytes()
     digest = hashlib.sha256(model_bytes).hexdigest()
@@ -275,6 +275,18 @@ def _shard_result(future: Any, shard: list[Path]) -> Any:
     except KilledWorker:
         raise UserError(f"the cluster's workers died each time they labelled the shard of {shard[0]} ... "
                         f"{shard[-1]} (a file there may crash its decoder: try it locally); nothing written") from None
+
+
+def cluster_features(client: "Client", fp: FeatureParams, clips_per_task: int = 32
+                     ) -> Callable[[list[str]], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """What ser.features.build computes its clips with on the cluster (compute_on_cluster)."""
+    from tqdm import tqdm
+
+    def compute(paths: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from tqdm(compute_on_cluster(client, paths, fp, clips_per_task), total=len(paths),
+                        desc="features (cluster)", unit="clip")
+
+    return compute
 
 
 def compute_on_cluster(client: "Client", paths: list[str], fp: FeatureParams, clips_per_task: int,

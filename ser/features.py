@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,23 +27,18 @@ FUNCTIONALS_NAME = "functionals.npy"
 CLIPS_PER_TASK = 32
 
 
-def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features",
-                     cluster: str | None = None, cluster_certs: str | None = None
+def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features"
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes, or by the
-    workers of the Dask scheduler at `cluster` (ser.cluster: the same code, the same bytes;
-    tls:// with the certificates in `cluster_certs`, or tcp:// on this machine)."""
-    if cluster:
-        from ser.cluster import compute_on_cluster, connect
-
-        with connect(cluster, cluster_certs) as client:
-            yield from tqdm(compute_on_cluster(client, paths, fp, CLIPS_PER_TASK), total=len(paths),
-                            desc=f"{desc} (cluster)", unit="clip")
-        return
+    """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes."""
     extractor = LogMel(fp)
     jobs: Iterable = (delayed(extractor.clip_features)(path) for path in paths)
     results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
     yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
+
+
+# what computes the features of a list of paths, in order: compute_parallel, or a cluster's
+# (ser.cluster.cluster_features: the same code, the same bytes)
+Compute = Callable[[list[str]], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 def feature_code() -> tuple:
@@ -91,10 +86,10 @@ def _file_md5(path: str) -> str:
 
 
 def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
-          cache_dir: Path | None = None, cluster: str | None = None, cluster_certs: str | None = None
-          ) -> tuple[float, int]:
+          cache_dir: Path | None = None, compute: Compute | None = None) -> tuple[float, int]:
     """Write the feature directory for `paths`; return (clips per second, clips computed).
-    With cache_dir, each clip's features are kept there under its audio's md5, so a clip
+    `compute`: what computes the clips not cached (default: compute_parallel on n_jobs
+    processes; a cluster's: ser.cluster.cluster_features). With cache_dir, each clip's features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
     not recomputed; the caches of older code are then deleted (prune_cache)."""
     start = time.perf_counter()
@@ -112,7 +107,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
             with np.load(store / f"{digests[i]}.npz") as cached:
                 array[i], functionals[i] = cached["logmel"], cached["functionals"]
         try:
-            computed = compute_parallel([paths[i] for i in missing], fp, n_jobs, "features", cluster, cluster_certs)
+            todo = [paths[i] for i in missing]
+            computed = compute_parallel(todo, fp, n_jobs) if compute is None else compute(todo)
             for i, (logmel, described) in zip(missing, computed):
                 array[i], functionals[i] = logmel, described
                 if store is not None:

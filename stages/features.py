@@ -9,12 +9,14 @@ corpus computes only its clips.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from ser.audio import FeatureParams
+from ser.cluster import cluster_features, connect
 from ser.features import build
 from ser.util import run_stage
 
@@ -28,8 +30,10 @@ def main() -> None:
     p = yaml.safe_load(Path("params.yaml").read_text())["features"]
     fp = FeatureParams.from_dict(p)
     clips = pd.read_parquet(args.metadata)
-    rate, computed = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"], args.cache and Path(args.cache),
-                           p["cluster"], p.get("cluster_certs"))
+    with connect(p["cluster"], p.get("cluster_certs")) if p["cluster"] else nullcontext() as client:
+        compute = None if client is None else cluster_features(client, fp)  # on the workers: the same bytes
+        rate, computed = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"],
+                               args.cache and Path(args.cache), compute)
     print(f"features: {len(clips)} clips -> {args.out} ({computed} computed, {len(clips) - computed} from the cache; "
           f"{fp.n_mels} mels x {fp.n_frames} frames, {rate:.0f} clips/s)")
 

@@ -16,7 +16,7 @@ import soundfile as sf
 from conftest import MIRROR, ROOT, write_tone
 from ser.app import Analyser, timeline_figure
 from ser.corpora import EMOTIONS
-from ser.labeller import Settings
+from ser.audio import Settings
 
 # float32: "auto" is bfloat16 on CPUs with native units, whose rounding depends on the batch
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,

@@ -14,7 +14,8 @@ from ser.audio import LogMel, Settings
 from ser.cluster import compute_on_cluster, label_on_cluster, shards_of
 from ser.corpora import EMOTIONS
 from ser.features import compute_parallel
-from ser.labeller import label_rows, main
+from ser.labeller import main
+from ser.labelling import label_rows
 
 distributed = pytest.importorskip("distributed")
 
@@ -76,7 +77,7 @@ def test_shards_follow_path_order_and_keep_each_speaker_whole():
 
 
 def test_the_cluster_gives_the_local_run_labels_rows_and_order(cluster, recordings, tiny_checkpoint):
-    from ser.labeller import collect_inputs
+    from ser.labelling import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     with distributed.Client(cluster) as client:
@@ -95,7 +96,7 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
 
     from conftest import TINY_ARCH
     from ser.grouping import speaker_keys
-    from ser.labeller import collect_inputs
+    from ser.labelling import collect_inputs
     from ser.models import build_model, save_checkpoint
 
     torch.manual_seed(1)
@@ -113,7 +114,7 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
 
 
 def test_a_worker_killed_mid_run_loses_no_row_and_doubles_none(recordings, tiny_checkpoint):
-    from ser.labeller import collect_inputs
+    from ser.labelling import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     killed = []
@@ -182,7 +183,11 @@ def test_the_features_store_built_on_the_cluster_is_the_local_one(cluster, recor
 
     paths = [str(p) for p in sorted(recordings.rglob("*.wav")) if p.name not in ("empty.wav", "text.wav")]
     build(paths, feature_params, tmp_path / "local", n_jobs=1)
-    _, computed = build(paths, feature_params, tmp_path / "remote", n_jobs=1, cluster=cluster.scheduler_address)
+    from ser.cluster import cluster_features, connect
+
+    with connect(cluster.scheduler_address) as client:
+        _, computed = build(paths, feature_params, tmp_path / "remote", n_jobs=1,
+                            compute=cluster_features(client, feature_params, clips_per_task=4))
     assert computed == len(paths)
     assert (tmp_path / "local" / ARRAY_NAME).read_bytes() == (tmp_path / "remote" / ARRAY_NAME).read_bytes()
 
@@ -302,7 +307,7 @@ def test_a_peer_that_accepts_and_never_answers_is_a_clear_error_in_time(recordin
 
 
 def test_the_only_worker_killed_mid_run_loses_no_row(recordings, tiny_checkpoint):
-    from ser.labeller import collect_inputs
+    from ser.labelling import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     killed = []
@@ -335,7 +340,7 @@ def test_a_scheduler_lost_mid_run_is_a_clear_error(recordings, tiny_checkpoint):
     import sys
 
     from ser.cluster import connect
-    from ser.labeller import collect_inputs
+    from ser.labelling import collect_inputs
     from ser.util import UserError
 
     port = _free_port()

@@ -11,8 +11,8 @@ from conftest import fused_model, write_tone
 from ser.corpora import EMOTIONS
 from ser.grouping import statistics_sample
 from ser.audio import LogMel, window_bounds
-from ser.labeller import (FILES_PER_TASK, WINDOWS_PER_TASK, FeatureStream, Settings, Table, _worker_context, main, prepare,
-                          write_table)
+from ser.labeller import main, write_table
+from ser.labelling import FILES_PER_TASK, WINDOWS_PER_TASK, FeatureStream, Settings, Table, _worker_context, prepare
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
                     max_queued_windows=256)
@@ -303,7 +303,7 @@ def test_a_long_file_streams_in_pieces_with_the_same_labels(tmp_path, tiny_check
     WINDOWS_PER_TASK of them): same file label and segments as in one piece."""
     import torch
 
-    from ser import labeller as predict
+    from ser import labelling as predict
     from ser.models import load_checkpoint
 
     paths = [write_tone(tmp_path / "a_long.wav", seconds=40.0, sr=8000, freq=300),

@@ -102,3 +102,37 @@ def test_params_survive_dvc_rewriting_them(tmp_path, override, key, value):
     section[key[-1]] = value
     apply_overrides(params, [override])
     assert yaml.safe_load(params.read_text()) == expected
+
+
+def library_imports() -> dict[str, set[str]]:
+    """Each module of ser/ and the ser modules it imports anywhere in it, inside functions too."""
+    graph = {}
+    for path in sorted((ROOT / "ser").glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "ser":
+                found |= {f"ser.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ser."):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("ser.")}
+        graph[f"ser.{path.stem}"] = {m for m in found if (ROOT / f"{m.replace('.', '/')}.py").is_file()} - {
+            f"ser.{path.stem}"}
+    return graph
+
+
+def test_the_library_has_no_import_circle_even_through_imports_inside_functions():
+    graph = library_imports()
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != "open", "import circle: " + " -> ".join(trail[trail.index(dep):] + [dep])
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
