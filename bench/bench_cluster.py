@@ -62,7 +62,7 @@ def in_one_process(clips: Path, model: Path) -> float:
 
     import torch
 
-    from ser.cluster import FILES_PER_SHARD
+    from ser.cluster_labelling import FILES_PER_SHARD
     from ser.labelling import DEFAULTS, collect_inputs, label_rows
     from ser.models import load_checkpoint
 

@@ -89,7 +89,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
           cache_dir: Path | None = None, compute: Compute | None = None) -> tuple[float, int]:
     """Write the feature directory for `paths`; return (clips per second, clips computed).
     `compute`: what computes the clips not cached (default: compute_parallel on n_jobs
-    processes; a cluster's: ser.cluster.cluster_features). With cache_dir, each clip's features are kept there under its audio's md5, so a clip
+    processes; a cluster's: ser.cluster.cluster_features). With cache_dir, each clip's
+    features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
     not recomputed; the caches of older code are then deleted (prune_cache)."""
     start = time.perf_counter()

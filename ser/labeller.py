@@ -183,7 +183,8 @@ def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Setti
     that will not load is the local run's clear error."""
     import logging
 
-    from ser.cluster import connect, label_on_cluster
+    from ser.cluster import connect
+    from ser.cluster_labelling import label_on_cluster
 
     # dask logs each failed reconnection with a traceback; the run's own message says what happened
     logging.getLogger("distributed.client").setLevel(logging.CRITICAL)

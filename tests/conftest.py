@@ -142,3 +142,30 @@ def fused_model(tmp_path, feature_params, pitch_st: float):
                     feature_params, extra={"normalisation": "speaker", "population": population,
                                            "fusion": head.to_record()})
     return tmp_path / "fused.pt", head
+
+
+def local_cluster(n_workers: int = 2):
+    """A Dask scheduler and n_workers worker processes on 127.0.0.1 (dashboards there too)."""
+    import distributed
+
+    return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                    dashboard_address="127.0.0.1:0", silence_logs=40)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def recordings(tmp_path):
+    """Two speakers' folders of short clips, a long recording, and files that cannot be labelled."""
+    d = tmp_path / "in"
+    for speaker, freq in (("anna", 200), ("bob", 500)):
+        for i in range(9):
+            write_tone(d / speaker / f"{i}.wav", seconds=1.0 + 0.1 * i, freq=freq + 37 * i)
+    write_tone(d / "long.wav", seconds=14, freq=330)
+    (d / "empty.wav").write_bytes(b"")
+    (d / "text.wav").write_text("not audio")
+    return d

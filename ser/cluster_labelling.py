@@ -1,0 +1,168 @@
+"""Labelling on a Dask cluster (`ser label --cluster tls://host:8786`; the connection and its
+security: ser.cluster).
+
+The cluster runs the same code as the local run: files are cut into shards, each worker
+loads the model once (its bytes are sent to every worker, so workers need the audio at the
+same paths but not the model file) and labels a shard with ser.labelling.label_rows, one
+process decoding and inferring; the rows come back and are put in path order, so the output
+has the local run's columns, error rows and order. A speaker group is never split between
+shards, so speaker statistics are those of the local run.
+
+A worker that dies mid-shard loses nothing: the scheduler runs its shard again on another
+worker (Dask's `distributed.scheduler.allowed-failures`, 3 by default, before it gives up),
+and each shard's rows are taken once, from its one result, so none is lost or doubled. When
+the only worker dies the model's bytes die with it: the shards not done are sent again, with
+the model, once a worker is back (RESUBMITS times at most).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ser.audio import Settings
+from ser.util import UserError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from ser.labelling import Table
+
+FILES_PER_SHARD = 64  # 0.2 s of one core's work for 3.7-s clips; the cluster path costs 0.4 ms a file
+WORKER_WAIT_S = 120  # how long a run with no worker left waits for one to come (back)
+RESUBMITS = 3  # rounds of resending the shards not done after the model's bytes were lost
+_models: dict[str, tuple[Any, dict[str, Any], Any]] = {}  # on a worker: model digest -> (model, meta, device)
+_tuning: Any = None  # on a worker: its BLAS thread limit, held
+
+
+def shards_of(paths: list[Path], groups: list[str] | None, files_per_shard: int = FILES_PER_SHARD
+              ) -> list[list[int]]:
+    """Indices of `paths` cut into shards of about files_per_shard, in path order; with
+    speaker `groups`, each group whole in one shard (a group bigger than a shard is one)."""
+    if groups is None:
+        return [list(range(i, min(i + files_per_shard, len(paths)))) for i in range(0, len(paths), files_per_shard)]
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    shards: list[list[int]] = [[]]
+    for indices in members.values():
+        if shards[-1] and len(shards[-1]) + len(indices) > files_per_shard:
+            shards.append([])
+        shards[-1].extend(indices)
+    return [s for s in shards if s]
+
+
+def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool = True
+                  ) -> tuple[Any, dict[str, Any], Any]:
+    """The model, loaded once per worker process (kept by its digest); fuse: False keeps it
+    trainable, to adapt to each speaker group (Settings.adapt)."""
+    digest = f"{digest} {'fused' if fuse else 'trainable'}"
+    if digest not in _models:
+        import tempfile
+
+        import torch
+
+        from ser.labelling import one_core_worker
+        from ser.models import load_checkpoint
+        from ser.device import pick_device
+
+        # One thread a worker, as the local labeller's feature workers: and glibc's heap kept,
+        # which Dask's workers otherwise trim at 64 kB (MALLOC_TRIM_THRESHOLD_): 2x slower, measured.
+        global _tuning
+        _tuning = one_core_worker()
+        torch.set_num_threads(1)
+        device = pick_device(device_name)
+        with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+            f.write(model_bytes)
+            f.flush()
+            model, meta = load_checkpoint(f.name, device, fuse=fuse)
+        _models.clear()
+        _models[digest] = (model, meta, device)
+    return _models[digest]
+
+
+def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, digest: str,
+                settings: Settings, speakers: str, device_name: str) -> tuple[list[dict], list[dict]]:
+    """On a worker: label_rows of one shard in this process (file rows, window rows)."""
+    import dataclasses
+
+    from ser.labelling import label_rows
+
+    model, meta, device = _worker_model(model_bytes, digest, device_name, fuse=not (settings.adapt and groups))
+    serial = dataclasses.replace(settings, n_jobs=1)  # the worker is the parallelism
+    files, segments = label_rows([Path(p) for p in paths], model, meta, serial, device, None, speakers,
+                                 groups=groups)
+    return files.rows, segments.rows
+
+
+def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path, classes: list[str],
+                     settings: Settings, speakers: str = "none", groups: list[str] | None = None,
+                     device_name: str = "auto", files_per_shard: int = FILES_PER_SHARD,
+                     on_shard: Callable[[int, int], None] | None = None) -> tuple["Table", "Table"]:
+    """label_rows of `paths` on the cluster: (file rows, window rows), in path order.
+    on_shard(done, total) is called as each shard's rows arrive."""
+    from distributed import as_completed
+
+    from ser.labelling import file_table, segment_table
+
+    model_bytes = Path(model_path).read_bytes()
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    shards = shards_of(paths, groups, files_per_shard)
+    results: list[tuple[list[dict], list[dict]] | None] = [None] * len(shards)
+    done = 0
+    for _ in range(RESUBMITS + 1):
+        todo = [n for n, result in enumerate(results) if result is None]
+        if not todo:
+            break
+        _wait_for_a_worker(client)
+        [model_future] = client.scatter([model_bytes], broadcast=True, hash=False)
+        futures = {client.submit(label_shard, [str(paths[i]) for i in shards[n]],
+                                 None if groups is None else [groups[i] for i in shards[n]], model_future, digest,
+                                 settings, speakers, device_name, pure=False): n for n in todo}
+        try:
+            for future in as_completed(list(futures), loop=client.loop):
+                results[futures[future]] = _shard_result(future, [paths[i] for i in shards[futures[future]]])
+                if results[futures[future]] is None:
+                    continue  # the model's bytes died with the only worker: sent again next round
+                done += 1
+                if on_shard is not None:
+                    on_shard(done, len(shards))
+        except (OSError, TimeoutError):  # distributed's CommClosedError is an OSError
+            raise UserError("the cluster's scheduler was lost mid-run; nothing written") from None
+        finally:
+            client.cancel(list(futures) + [model_future])
+    if any(result is None for result in results):
+        raise UserError(f"the cluster lost its workers {RESUBMITS + 1} times; nothing written")
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows = sorted((r for files, _ in results for r in files), key=lambda r: order[r["path"]])
+    segments = sorted((r for _, segs in results for r in segs), key=lambda r: order[r["path"]])  # stable
+    if len(rows) != len(paths):
+        raise RuntimeError(f"the cluster returned {len(rows)} rows for {len(paths)} files")
+    return file_table(classes, rows), segment_table(classes, segments)
+
+
+def _wait_for_a_worker(client: "Client") -> None:
+    if client.status != "running":
+        raise UserError("the cluster's scheduler was lost mid-run; nothing written")
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except (OSError, TimeoutError):
+        raise UserError(f"the cluster has no worker (waited {WORKER_WAIT_S} s); nothing written") from None
+
+
+def _shard_result(future: Any, shard: list[Path]) -> Any:
+    """A shard's rows, or None when its task was cancelled because the model's bytes were lost
+    with a worker; a shard that killed every worker it ran on is a clear error."""
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+
+    if future.status in ("cancelled", "lost"):
+        return None
+    try:
+        return future.result()
+    except CancelledError:  # finished, then forgotten with the lost data before it was gathered
+        return None
+    except KilledWorker:
+        raise UserError(f"the cluster's workers died each time they labelled the shard of {shard[0]} ... "
+                        f"{shard[-1]} (a file there may crash its decoder: try it locally); nothing written") from None
