@@ -15,7 +15,20 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
 
 
-class RangeServer:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 in a thread, for one handler; close() stops it."""
+
+    def serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RangeServer(LocalServer):
     """A local HTTP server for PAYLOAD that honours Range and can drop the connection
     part-way through the first response, to force a resume."""
 
@@ -49,13 +62,7 @@ class RangeServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.zip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 def _fetch(url, archive, md5=PAYLOAD_MD5, retries=3):
@@ -241,7 +248,7 @@ def test_md5_is_compared_as_lower_case_text(tmp_path):
             normalise_md5(bad)
 
 
-class EndlessServer:
+class EndlessServer(LocalServer):
     """A local HTTP server that sends bytes for ever, with no length (or a false, huge one)."""
 
     def __init__(self, declared: int | None = None) -> None:
@@ -261,13 +268,7 @@ class EndlessServer:
                 except OSError:  # the client hung up: what it should do
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.zip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.parametrize("declared", [None, 10**12])
