@@ -62,9 +62,9 @@ def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool 
 
         import torch
 
+        from ser.device import pick_device
         from ser.labelling import one_core_worker
         from ser.models import load_checkpoint
-        from ser.device import pick_device
 
         # One thread a worker, as the local labeller's feature workers: and glibc's heap kept,
         # which Dask's workers otherwise trim at 64 kB (MALLOC_TRIM_THRESHOLD_): 2x slower, measured.
