@@ -62,18 +62,20 @@ def in_one_process(clips: Path, model: Path) -> float:
 
     import torch
 
-    from ser.cluster_labelling import FILES_PER_SHARD
-    from ser.labelling import DEFAULTS, collect_inputs, label_rows
-    from ser.models import load_checkpoint
+    from ser.labeller.cluster import FILES_PER_SHARD
+    from ser.labeller.loop import label_rows
+    from ser.labeller.reading import collect_inputs
+    from ser.labeller.settings import DEFAULTS
+    from ser.trained import TrainedModel
 
     torch.set_num_threads(1)
     paths = collect_inputs([str(clips)])
-    net, meta = load_checkpoint(model, torch.device("cpu"))
+    trained = TrainedModel.load(model)
     settings = dataclasses.replace(DEFAULTS, n_jobs=1)
-    label_rows(paths[:FILES_PER_SHARD], net, meta, settings, torch.device("cpu"))  # warm
+    label_rows(paths[:FILES_PER_SHARD], trained, settings)  # warm
     start = time.perf_counter()
     for i in range(0, len(paths), FILES_PER_SHARD):
-        label_rows(paths[i : i + FILES_PER_SHARD], net, meta, settings, torch.device("cpu"))
+        label_rows(paths[i : i + FILES_PER_SHARD], trained, settings)
     return time.perf_counter() - start
 
 

@@ -5,7 +5,6 @@ worker start included)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -12,12 +12,12 @@ moves: convolutions, dense head and linear model are the trained ones.
 The entropy term makes every adapted prediction confident, right or wrong; each group's adapted
 logits are therefore divided by the temperature at which the group's mean confidence is the
 trained model's (matched_temperature: no labels, only the group's clips). On a CPU with bfloat16
-units the labeller runs the adaptation's forward passes in bfloat16 (1.3x faster; the same UAR
-to within 0.4 points on the corpora left out); evaluate and leave-one-corpus-out use float32.
+units the labeller runs the adaptation's forward passes in bfloat16 (faster, the same UAR within
+rounding on the corpora left out); evaluate and leave-one-corpus-out use float32.
 
 The spread term assumes that a group holds several emotions; a group of one emotion is pushed
-towards others. Measured in docs/experiments.md (sixteenth session), leave one corpus out and on
-groups where one emotion is scarce or dominant. Seeded: the same clips give the same model.
+towards others (docs/decisions.md, "Adapt the model to each speaker group"). Seeded: the same
+clips give the same model.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import torch
 
 from ser.fusion import LinearHead, log_softmax
 from ser.device import autocast_dtype
-from ser.models import Ensemble, EmotionCNN, TemperatureScaled, infer
-from ser.training import calibrate_batch_norm, scored_probs
+from ser.models import Ensemble, EmotionCNN, TemperatureScaled, calibrate_batch_norm, fused_copy, infer
+from ser.trained import TrainedModel, scored_probs
 
 CPU = torch.device("cpu")
 
@@ -170,12 +170,13 @@ def matched_temperature(trained: torch.nn.Module, adapted: torch.nn.Module, head
     """The temperature for the adapted model's logits at which the group's mean fused confidence
     equals the trained model's (at its own temperature) on the same clips, x and z as adapt_to_group.
     The entropy term makes every adapted prediction confident whether right or not (calibration
-    error on the test speakers 2.6% -> 10.4%); this gives the group back the trained model's
+    error on the test speakers quadrupled); this gives the group back the trained model's
     confidence, no labels needed. Confidence falls as the temperature rises: bisection."""
     if len(x) < MIN_CLIPS:
         return temperature
     weight, linear = fusion_weight(head), linear_log_probs(head, z)
-    target = mean_confidence(infer(trained, x, BATCH_SIZE, CPU, precision) / temperature, linear, weight)
+    device = next(trained.parameters()).device  # the trained model may sit on a GPU; the adapted one is on the CPU
+    target = mean_confidence(infer(trained, x, BATCH_SIZE, device, precision) / temperature, linear, weight)
     logits = infer(adapted, x, BATCH_SIZE, CPU, precision)
     low, high = temperature * MATCH_RANGE[0], temperature * MATCH_RANGE[1]
     for _ in range(MATCH_STEPS):
@@ -196,7 +197,7 @@ def adapted_probs(model: torch.nn.Module, head: LinearHead | None, temperature: 
                   z: np.ndarray | None, keys: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
     """Fused log-probabilities of clips x (model input; z: standardised functionals) with the model
     adapted to each group of `keys` by itself (on its adaptation_sample) at its matched temperature
-    (adapt_and_match), as ser.training.scored_probs."""
+    (adapt_and_match), as ser.trained.scored_probs."""
     out = torch.zeros(len(x), model_classes(model))
     for key in np.unique(keys):
         rows = np.flatnonzero(keys == key)
@@ -253,40 +254,31 @@ class WindowSample:
 
 class GroupModels:
     """The model each speaker group is heard by: the trained one (key None, or a group that was
-    not adapted) or its adaptation to the group, fused for inference when asked for; a group's
-    adaptation is kept as its BatchNorm values and matched temperature only (a few kB), the last
-    model built is cached. With no group adapted, the trained model is used as it was given."""
+    not adapted; its fused `inference`) or its adaptation to the group, fused for inference; a
+    group's adaptation is kept as its BatchNorm values and matched temperature only (a few kB),
+    the last model built is cached."""
 
-    def __init__(self, model: torch.nn.Module,
+    def __init__(self, trained: TrainedModel,
                  states: dict[str, tuple[dict[str, torch.Tensor], float]] | None = None) -> None:
-        self.model, self.states = model, states or {}
-        self.cached: tuple[str | None, torch.nn.Module] | None = None
+        self.trained, self.states = trained, states or {}
+        self.cached: tuple[str, torch.nn.Module] | None = None
 
     def adapted(self, key: str | None) -> bool:
         return key in self.states
 
     def model_for(self, key: str | None) -> torch.nn.Module:
-        from ser.models import fused_copy
-
-        key = key if key in self.states else None
-        if not self.states:
-            return self.model
+        if key not in self.states:
+            return self.trained.inference
         if self.cached is None or self.cached[0] != key:
-            model = fused_copy(self.model) if key is None else fused_copy(self.with_state(*self.states[key]))
-            self.cached = (key, model)
+            self.cached = (key, fused_copy(self.with_state(*self.states[key])))
         return self.cached[1]
 
     def with_state(self, state: dict[str, torch.Tensor], temperature: float) -> torch.nn.Module:
-        inner = copy.deepcopy(unscaled(self.model)[0])
+        inner = copy.deepcopy(self.trained.network)
         unexpected = inner.load_state_dict(state, strict=False).unexpected_keys  # BatchNorm keys only
         if unexpected:
             raise ValueError(f"not this model's BatchNorm state: {unexpected[:3]}")
         return TemperatureScaled(inner, temperature)
-
-
-def unscaled(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
-    """(the model inside a TemperatureScaled wrapper, its temperature); (model, 1.0) otherwise."""
-    return (model.model, model.temperature) if isinstance(model, TemperatureScaled) else (model, 1.0)
 
 
 def batch_norm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -295,10 +287,10 @@ def batch_norm_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in names}
 
 
-def adapted_state(model: torch.nn.Module, head: LinearHead | None, x: torch.Tensor, z: np.ndarray | None,
-                  precision: str = "float32") -> tuple[dict[str, torch.Tensor], float]:
-    """(the BatchNorm state, the matched temperature) of the loaded (unfused, maybe temperature-
-    scaled) model adapted to the group of clips x, the state keyed as the unscaled model's (GroupModels)."""
-    inner, temperature = unscaled(model)
-    adapted, matched = adapt_and_match(inner, head, temperature, x, z, precision=precision)
+def adapted_state(trained: TrainedModel, x: torch.Tensor, z: np.ndarray | None, precision: str = "float32"
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """(the BatchNorm state, the matched temperature) of the trained model adapted to the group of
+    clips x (z: their standardised functionals), the state keyed as its network's (GroupModels)."""
+    adapted, matched = adapt_and_match(trained.network, trained.head, trained.temperature or 1.0, x, z,
+                                       precision=precision)
     return batch_norm_state(adapted), matched

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ser.audio import AudioError, LogMel, Settings, audio_info
+from ser.audio import AudioError, audio_info
 from ser.grouping import GroupStatistics
-from ser.labelling import DEFAULT_MODEL, DEFAULTS, FeatureStream, gather_statistics, label_files
-from ser.modelfile import is_fused
-from ser.models import ModelFileError, load_checkpoint
+from ser.labeller.loop import label_files
+from ser.labeller.settings import DEFAULT_MODEL, DEFAULTS, Settings
+from ser.labeller.speakers import gather_statistics
+from ser.labeller.stream import FeatureStream
+from ser.models import ModelFileError
+from ser.trained import TrainedModel
 from ser.util import is_loopback, process_alive
 
 # A local tool contacts nobody: no usage analytics, no version check, no hub telemetry.
@@ -42,11 +44,11 @@ class Analyser:
     """Loads the model once; turns one audio file into a label, probabilities and a timeline."""
 
     def __init__(self, model_path: str | Path, settings: Settings, max_duration_s: float) -> None:
-        self.model, self.meta = load_checkpoint(model_path, "cpu")
-        self.classes: list[str] = self.meta["classes"]
+        self.model = TrainedModel.load(model_path, "cpu")
+        self.classes: list[str] = self.model.classes
         self.settings = settings
         self.max_duration_s = max_duration_s
-        self.by_speaker = self.meta["extra"].get("normalisation") == "speaker"
+        self.by_speaker = self.model.by_speaker
 
     def too_long(self, path: Path) -> str | None:
         """A message for a clip over max_duration_s, judged from its header before decoding."""
@@ -66,17 +68,16 @@ class Analyser:
             return None, "This model normalises every clip by itself; it needs no calibration."
         if not path:
             return None, "No calibration recording yet: record a few seconds of yourself speaking calmly."
-        path, fp = Path(path), self.meta["feature_params"]
+        path = Path(path)
         problem = self.too_long(path)
         # decoded once, by the labeller's own workers' code; a page recording is short (too_long)
-        extractor = LogMel(fp, functionals=is_fused(self.meta["extra"]))
-        pieces = [] if problem else list(FeatureStream([path], extractor, self.settings))
+        pieces = [] if problem else list(FeatureStream([path], self.model.extractor(), self.settings))
         problem = problem or next((p["error"].replace(f"{path}: ", "", 1) for p in pieces if p["error"]), None)
         if not problem and all(p["features"] is None for p in pieces):
             problem = f"silent (peak below {self.settings.silence_peak})"
         if problem:
             return None, f"Cannot calibrate with this recording: {problem}"
-        stats = gather_statistics([path], ["you"], pieces, fp, min_windows=1)["you"]  # a reference, however short
+        stats = gather_statistics([path], ["you"], pieces, self.model.feature_params, min_windows=1)["you"]  # a reference, however short
         return stats, f"Calibrated on {pieces[0]['duration']:.1f} s of your voice: clips are now heard relative to it."
 
     def analyse(self, path: str | Path | None, calibration: GroupStatistics | None = None
@@ -90,8 +91,7 @@ class Analyser:
         message = self.too_long(path)
         if message:
             return {"error": message}
-        files, segments = label_files([path], self.model, self.meta, self.settings, torch.device("cpu"),
-                                      calibration=calibration)
+        files, segments = label_files([path], self.model, self.settings, calibration=calibration)
         row = files.iloc[0]
         if row["status"] != "ok":
             return {"error": "Cannot use this file: " + row["error"].replace(f"{path}: ", "", 1)}

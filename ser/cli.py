@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "label":
-        from ser import labeller  # imports no torch: its feature workers may start by fork
+        from ser.labeller import cli as labeller  # imports no torch: its feature workers may start by fork
 
         labeller.exit_now(labeller.main(rest))
     elif command == "app":

@@ -19,11 +19,12 @@ from ser import features as feature_store
 from ser.adaptation import adapted_probs
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
 from ser.fusion import average_speaker
-from ser.metrics import confusion_matrix, scores_from_confusion
+from ser.metrics import balanced_share, confusion_matrix, scores_from_confusion
 from ser.models import infer
+from ser.trained import scored_probs
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
                           grouped_statistics, grouping_keys, input_statistics, load_clips, load_raw,
-                          sampling_weights, scored_probs, train_classes)
+                          sampling_weights, train_classes)
 from ser.device import pick_device
 from ser.util import UserError
 
@@ -43,14 +44,6 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
 
 ADAPTED_GROUPINGS = ("speaker", "corpus")  # also scored adapted to each group: by speaker, one flat folder
 NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "fusion_temperature", "train_minutes")  # in the table only
-
-
-def balanced_share(cm: np.ndarray) -> np.ndarray:
-    """Each class's share of the predictions on a balanced set: the rows of the confusion
-    matrix (actual classes) as rates, averaged. A model that collapses onto one class shows it
-    here whatever the corpus's class counts."""
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    return rates[cm.sum(axis=1) > 0].mean(axis=0)
 
 
 def left_out_scores(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]

@@ -31,10 +31,9 @@ from ser import features as feature_store
 from ser.audio import FeatureParams
 from ser.metrics import confusion_matrix, scores_from_confusion
 from ser.features import load_functionals
-from ser.fusion import LinearHead
-from ser.models import load_checkpoint
+from ser.trained import TrainedModel, scored_probs
 from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
-                          sampling_weights, scored_probs, train_classes)
+                          sampling_weights, train_classes)
 from ser.device import pick_device
 from ser.util import UserError
 
@@ -94,23 +93,22 @@ def cv_folds(clips: pd.DataFrame, scheme: str, fold_size: int, n_folds: int) -> 
 
 
 def train_stage_model(model_path: str, recipe: dict[str, Any], features_dir: str, device: torch.device
-                      ) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+                      ) -> TrainedModel | None:
     """The train stage's model and its record when it was trained by this very recipe on the
     features now in features_dir; else None (the folds all train)."""
     if not Path(model_path).is_file():
         return None
-    model, meta = load_checkpoint(model_path, device)
+    trained = TrainedModel.load(model_path, device)
     # feature params too: run by hand after a features change, the model file can be stale
-    same_features = meta["feature_params"] == feature_store.load(features_dir)[2]
-    return (model, meta["extra"]) if same_features and meta["extra"].get("recipe") == recipe else None
+    same_features = trained.feature_params == feature_store.load(features_dir)[2]
+    return trained if same_features and trained.extra.get("recipe") == recipe else None
 
 
 def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k: int,
              classes: list[str], fp: FeatureParams, device: torch.device,
-             trained: tuple[torch.nn.Module, LinearHead | None] | None = None, threads: int | None = None
+             trained: TrainedModel | None = None, threads: int | None = None
              ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train on fold k's training speakers (`trained`: the train stage's model and linear model, scored
-    instead) and score on its test speakers; return the fold's table row and its test clips'
+    """Train on fold k's training speakers (`trained`: the train stage's model, scored instead) and score on its test speakers; return the fold's table row and its test clips'
     predictions (path, corpus, fold, actual, predicted, one probability column per class).
     `data`: (features dir, metadata file); `threads`: torch threads for this fold."""
     if threads is not None:
@@ -126,7 +124,7 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k
         # the linear model fused as the train stage does; no held-out speakers here, so uncalibrated
         head = fit_head(recipe, data[0], clips, y, len(classes), weights, None)
     else:
-        model, head = trained
+        model, head = trained.inference, trained.head
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
     minutes = (time.perf_counter() - start) / 60 if trained is None else 0.0
     z = None if head is None else grouped_functionals(
@@ -182,10 +180,9 @@ def cross_validate(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fo
     trained = train_stage_model(train_model, recipe, data[0], device) if train_model else None
     start = time.perf_counter()
     reused = [k for k, fold in enumerate(folds)
-              if trained is not None and trained[1].get("train_speakers") == fold.train]
+              if trained is not None and trained.extra.get("train_speakers") == fold.train]
     to_train = [k for k in range(len(folds)) if k not in reused]
-    results = {k: run_fold(data, recipe, folds, k, classes, fp, device,
-                           (trained[0], LinearHead.from_record(trained[1].get("fusion")))) for k in reused}
+    results = {k: run_fold(data, recipe, folds, k, classes, fp, device, trained) for k in reused}
     workers = fold_workers(n_jobs, device, len(to_train))
     if workers == 1:
         results.update({k: run_fold(data, recipe, folds, k, classes, fp, device) for k in to_train})

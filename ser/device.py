@@ -29,9 +29,8 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 def autocast_dtype(device: "torch.device", precision: str = "float32") -> "torch.dtype | None":
     """The reduced precision inference runs in, None for float32. CUDA: float16 always.
     CPU: bfloat16 when asked, or with "auto" when the CPU has native bfloat16 units
-    (AMX / AVX512-BF16; measured 3.5x faster for the default CNN on our 2-core machines,
-    99.3-99.7% of the mirror's labels the same as float32, the rest near-ties; elsewhere
-    bfloat16 is emulated and slower, so auto keeps float32)."""
+    (AMX / AVX512-BF16: several times faster, labels the same but for near-ties, figures in
+    docs/performance.md; elsewhere bfloat16 is emulated and slower, so auto keeps float32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     import torch

@@ -5,8 +5,7 @@ speech), read from the CTranslate2 conversion (Systran/faster-whisper-base) that
 carry, pinned by hash in requirements-weights.txt, and run here in plain torch, float32 (the same
 numbers on every CPU). Every layer's states are mean- and std-pooled over the clip's frames and
 the six layers' vectors averaged: the middle layers carry the emotion, the last one the words
-(docs/experiments.md, nineteenth session). Leaving one corpus out this moved RAVDESS from 43% to
-54% UAR, where no augmentation or label-free lever had moved it.
+(docs/decisions.md, "A pretrained speech encoder's states"); no layer is chosen on the corpora.
 """
 from __future__ import annotations
 
@@ -183,7 +182,7 @@ class WhisperEncoder:
     def summary(self, y: np.ndarray, bfloat16: bool = False) -> np.ndarray:
         """(2 * width,) float32: every layer's states mean- and std-pooled over the frames of the
         16 kHz signal y (its first 30 s), the layers averaged. bfloat16: the layers run under
-        bfloat16 autocast (1.8x faster on CPUs with native units; the summary moves by about 0.2%)."""
+        bfloat16 autocast (faster on CPUs with native units; the summary moves within what a test bounds)."""
         import torch
 
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):

@@ -11,13 +11,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ser.adaptation import adapted_probs, unscaled
+from ser.adaptation import adapted_probs
 from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error
-from ser.crosscorpus import balanced_share
-from ser.fusion import LinearHead
-from ser.metrics import confusion_matrix, group_accuracy, scores_from_confusion
-from ser.training import (apply_statistics, grouped_functionals, grouped_statistics, grouping_keys, input_statistics,
-                          scored_probs)
+from ser.metrics import balanced_share, confusion_matrix, group_accuracy, scores_from_confusion
+from ser.trained import TrainedModel, scored_probs
+from ser.training import apply_statistics, grouped_functionals, grouped_statistics, grouping_keys, input_statistics
 
 
 def per_corpus(frame: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, float]]:
@@ -46,19 +44,16 @@ def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | No
 ADAPTED = ("adapted_speaker", "adapted_corpus")  # the model adapted to each speaker / to each corpus's test clips
 
 
-def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals: np.ndarray, batch_size: int,
-                device) -> dict[str, Any]:
+def by_grouping(trained: TrainedModel, raw: tuple, functionals: np.ndarray, batch_size: int) -> dict[str, Any]:
     """A speaker-normalised model's test figures when the labeller knows less than who is who:
     each corpus's test clips as one group (a flat folder), each clip alone, the average training
     speaker (population, when the model file has it): accuracy, UAR and the most predicted class
     on a balanced set; and by speaker and as one folder with the model adapted to each group
-    (ser.adaptation; `trainable`: the model loaded unfused). `raw`: the test clips' (features as
-    written, class indices, clips)."""
-    classes, extra = meta["classes"], meta["extra"]
-    if extra.get("normalisation") != "speaker":
+    (ser.adaptation). `raw`: the test clips' (features as written, class indices, clips)."""
+    classes, extra, head, device = trained.classes, trained.extra, trained.head, trained.device
+    if not trained.by_speaker:
         return {}
     x, y, clips = raw
-    head = LinearHead.from_record(extra.get("fusion"))
     population = tuple(map(torch.tensor, extra["population"])) if "population" in extra else None
     result = {}
     groupings = ("corpus", "clip") + (("population",) if population is not None else ()) + ADAPTED
@@ -67,11 +62,10 @@ def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals:
         stats = grouped_statistics(x, clips, keys, population)
         z = grouped_functionals(functionals, clips, keys, head)
         if grouping in ADAPTED:
-            inner, temperature = unscaled(trainable)
-            probs = adapted_probs(inner, head, temperature, apply_statistics(x, stats), z,
+            probs = adapted_probs(trained.network, head, trained.temperature or 1.0, apply_statistics(x, stats), z,
                                   grouping_keys(clips, keys), batch_size, device)
         else:
-            probs = scored_probs(model, head, apply_statistics(x, stats), z, batch_size, device)
+            probs = scored_probs(trained.inference, head, apply_statistics(x, stats), z, batch_size, device)
         predicted = probs.argmax(1).numpy()
         cm = confusion_matrix(y.numpy(), predicted, len(classes))
         scores, share = scores_from_confusion(cm, classes), balanced_share(cm)
@@ -84,18 +78,17 @@ def by_grouping(model, trainable, meta: dict[str, Any], raw: tuple, functionals:
     return result
 
 
-def score_test_speakers(model: torch.nn.Module, trainable: torch.nn.Module, meta: dict[str, Any], raw: torch.Tensor,
-                 y: torch.Tensor, clips: pd.DataFrame, functionals: np.ndarray | None, batch_size: int,
-                 device: torch.device) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, np.ndarray]:
+def score_test_speakers(trained: TrainedModel, raw: torch.Tensor, y: torch.Tensor, clips: pd.DataFrame,
+                        functionals: np.ndarray | None, batch_size: int
+                        ) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, np.ndarray]:
     """(metrics, one row per test clip with its calibrated probabilities, confusion matrix,
     probabilities) of the model on the test clips: `raw` their features as written, `y` their
-    class indices, `clips` their metadata, `functionals` theirs (a fused model's) or None;
-    `trainable`: the same model loaded unfused, to adapt (by_grouping)."""
-    classes = meta["classes"]
+    class indices, `clips` their metadata, `functionals` theirs (a fused model's) or None."""
+    classes, head = trained.classes, trained.head
     # a speaker-normalised model hears each test speaker relative to that speaker's own clips
-    x = apply_statistics(raw, input_statistics(raw, clips, meta["extra"].get("normalisation", "clip")))
-    head = LinearHead.from_record(meta["extra"].get("fusion"))
-    logits = scored_probs(model, head, x, grouped_functionals(functionals, clips, "speaker", head), batch_size, device)
+    x = apply_statistics(raw, input_statistics(raw, clips, trained.normalisation))
+    logits = scored_probs(trained.inference, head, x, grouped_functionals(functionals, clips, "speaker", head),
+                          batch_size, trained.device)
     probs, predicted = logits.softmax(dim=1).numpy(), logits.argmax(1).numpy()
     cm = confusion_matrix(y.numpy(), predicted, len(classes))
     frame = clips[["path", "corpus", "speaker", "sex", "intensity"]].assign(
@@ -112,7 +105,7 @@ def score_test_speakers(model: torch.nn.Module, trainable: torch.nn.Module, meta
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
-        **confidence_figures(probs, y.numpy(), meta["extra"].get("temperature")),
-        "by_grouping": by_grouping(model, trainable, meta, (raw, y, clips), functionals, batch_size, device),
+        **confidence_figures(probs, y.numpy(), trained.temperature),
+        "by_grouping": by_grouping(trained, (raw, y, clips), functionals, batch_size),
     }
     return metrics, frame, cm, probs

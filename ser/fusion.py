@@ -6,8 +6,8 @@ mean and spread, clipped to +-CLIP_Z, and a multinomial logistic regression (L2,
 weighted as the CNN's epochs draw them) maps them to the classes. Its logits are calibrated by
 their own temperature on the calibration speakers, and the fused prediction is the weighted mean
 of the two calibrated log-probabilities, renormalised: weight w on the linear model, 1 - w on the
-CNN. Measured in docs/experiments.md (fifth and sixth sessions): leave one corpus out mean UAR
-43.7% -> 51%, every corpus left out gains. Needs no torch to read (the labeller's fast start).
+CNN. Why: docs/decisions.md ("A linear model on functionals"). Needs no torch to read (the
+labeller's fast start).
 """
 from __future__ import annotations
 

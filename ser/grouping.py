@@ -15,8 +15,8 @@ each group's files (sums per band, so memory does not grow with the number of fi
 the model labels every file in a second pass. A group of
 fewer than MIN_GROUP_WINDOWS windows, and every file under `none`, is heard relative to the
 average training speaker (the model file's population statistics): one clip's own statistics
-carry its emotion, and normalising it by itself erased it (docs/experiments.md: the default
-model fell to 31% on the test speakers that way, against 62-63% grouped).
+carry its emotion, and normalising it by itself erased it (docs/decisions.md, "A flat folder is
+one speaker group").
 """
 from __future__ import annotations
 
@@ -32,9 +32,8 @@ GROUPINGS = ("all", "none", "file", "folder")
 # normalised by themselves or by the average training speaker, cross over at about 10 clips.
 MIN_GROUP_WINDOWS = 10
 # The first pass reads at most this many files of a group (a seeded sample), so a big folder is
-# not read twice. Measured (no labels needed): a flat folder of the 2,622 training clips, labelled
-# with statistics from k random clips, agrees with all clips' statistics on 97.0% of the files at
-# k = 50, 97.7% at 100 and 98.5% at 200 (mean of 4 draws).
+# not read twice; a sample this large labels nearly every file as all of the group's files would
+# (docs/performance.md).
 MAX_GROUP_FILES = 200
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 # A group's functionals need this many windows for their spread to mean anything (their mean is

@@ -76,3 +76,11 @@ def round_floats(value: Any, digits: int = 5) -> Any:
     if isinstance(value, dict):
         return {k: round_floats(v, digits) for k, v in value.items()}
     return value
+
+
+def balanced_share(cm: np.ndarray) -> np.ndarray:
+    """Each class's share of the predictions on a balanced set: the rows of the confusion
+    matrix (actual classes) as rates, averaged. A model that collapses onto one class shows it
+    here whatever the corpus's class counts."""
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    return rates[cm.sum(axis=1) > 0].mean(axis=0)

@@ -44,8 +44,9 @@ def is_fused(extra: dict[str, Any]) -> bool:
 
 
 def read_model_info(path: str | Path) -> dict[str, Any] | None:
-    """{"classes", "feature_params", "normalisation", "fused"} of a model file written by
-    ser.models.save_checkpoint (fused: it has a linear model on functionals, ser.fusion), or None
+    """{"classes", "feature_params", "normalisation", "fused", "population"} of a model file written
+    by ser.models.save_checkpoint (fused: it has a linear model on functionals, ser.fusion;
+    population: it has the average training speaker's statistics), or None
     when it cannot be read this way (ser.models.load_checkpoint then says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -55,6 +56,7 @@ def read_model_info(path: str | Path) -> dict[str, Any] | None:
         extra = dict(checkpoint.get("extra") or {})
         return {"classes": list(checkpoint["classes"]),
                 "feature_params": FeatureParams.from_dict(checkpoint["feature_params"]),
-                "normalisation": extra.get("normalisation", "clip"), "fused": is_fused(extra)}
+                "normalisation": extra.get("normalisation", "clip"), "fused": is_fused(extra),
+                "population": extra.get("population") is not None}
     except Exception:  # any problem: fall back to the full, checked load
         return None

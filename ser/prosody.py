@@ -7,7 +7,7 @@ librosa in the labeller's workers):
 - 15 of a YIN pitch track (de Cheveigne & Kawahara 2002) at 8 kHz, 60-450 Hz, 16 ms hop;
 - 384 of the log-Mel the CNN gets: per band over the sounding frames, mean, spread, 10th and
   90th percentiles, mean absolute and spread of the frame-to-frame change.
-docs/experiments.md (fifth and sixth sessions) has what they are worth.
+docs/decisions.md ("A linear model on functionals") has what they are worth.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ PITCH_WINDOW = 256  # samples (32 ms) integrated per lag
 PITCH_HOP = 128  # samples (16 ms)
 YIN_THRESHOLD = 0.1  # the first dip of the normalised difference below this is the period
 # A voiced frame is within VOICED_DB of the loudest frame, its pitch inside the search range (not
-# at its edges, where YIN lands when it finds none). Also requiring YIN's dip below 0.35 (periodic)
-# lost 1 point of fused leave-one-corpus-out UAR (docs/experiments.md, sixth session).
+# at its edges, where YIN lands when it finds none). YIN's dip is not required below a threshold
+# as well: that lost frames the linear model needed (measured when the pitch track was built).
 VOICED_DB = 30.0
 PITCH_NAMES = ("pitch_mean", "pitch_std", "pitch_p10", "pitch_p50", "pitch_p90", "pitch_range",
                "pitch_change", "pitch_rise", "pitch_fall", "voiced_share", "voiced_segments_per_s",
@@ -46,8 +46,8 @@ def yin(y: np.ndarray, sample_rate: int = PITCH_RATE) -> tuple[np.ndarray, np.nd
         y = np.pad(y, (0, span - len(y)))
     frames = np.lib.stride_tricks.sliding_window_view(y, span)[::PITCH_HOP]
     n_fft = 1 << int(np.ceil(np.log2(span)))  # no wrap-around for lags up to tau_max
-    # float32 FFTs (scipy's pocketfft, as the log-Mel): 30% faster than NumPy's float64, pitch
-    # within 0.001 Hz; the energies are summed in float64, where the differences cancel
+    # float32 FFTs (scipy's pocketfft, as the log-Mel): faster than NumPy's float64, the pitch the
+    # same to rounding; the energies are summed in float64, where the differences cancel
     head = scipy.fft.rfft(frames[:, :PITCH_WINDOW], n_fft, workers=1)
     whole = scipy.fft.rfft(frames, n_fft, workers=1)
     correlation = scipy.fft.irfft(np.conj(head) * whole, n_fft, workers=1)[:, : tau_max + 1]

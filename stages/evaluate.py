@@ -19,7 +19,7 @@ from ser.calibration import reliability
 from ser.evaluation import score_test_speakers
 from ser.features import load_functionals
 from ser.metrics import plot_confusion, round_floats
-from ser.models import load_checkpoint
+from ser.trained import TrainedModel
 from ser.training import load_raw
 from ser.device import pick_device
 from ser.util import UserError, atomic_path, run_stage, write_json
@@ -32,16 +32,14 @@ def main() -> None:
     args = parser.parse_args()
     p = yaml.safe_load(Path("params.yaml").read_text())["evaluate"]
     device = pick_device(p["device"])
-    model, meta = load_checkpoint(args.model, device)
-    trainable, _ = load_checkpoint(args.model, "cpu", fuse=False)  # to adapt (ser.adaptation)
-    classes = meta["classes"]
+    trained = TrainedModel.load(args.model, device)
+    classes = trained.classes
     raw, y, clips = load_raw(args.features, args.metadata, classes, split="test")
     if len(raw) == 0:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     # a linear model's input: the speakers' standardised functionals (ser.fusion)
-    functionals = load_functionals(args.features, clips["path"]) if meta["extra"].get("fusion") else None
-    metrics, frame, cm, probs = score_test_speakers(model, trainable, meta, raw, y, clips, functionals,
-                                                    p["batch_size"], device)
+    functionals = load_functionals(args.features, clips["path"]) if trained.head else None
+    metrics, frame, cm, probs = score_test_speakers(trained, raw, y, clips, functionals, p["batch_size"])
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:
         pd.DataFrame(reliability(probs, y.numpy())).to_csv(tmp, index=False)

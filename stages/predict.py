@@ -12,9 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from ser.audio import Settings
-from ser.labeller import EXIT_SOME_FAILED, exit_now, run_safely
+from ser.labeller.cli import EXIT_SOME_FAILED, exit_now, run_safely
+from ser.labeller.settings import Settings
+from ser.util import UserError
 
+RUN_OPTIONS = ("device", "speakers", "cluster", "cluster_certs")  # the rest of the section: Settings
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -22,11 +24,11 @@ def main() -> int:
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args()
     p = yaml.safe_load(Path("params.yaml").read_text())["predict"]
-    settings = Settings(batch_size=p["batch_size"], n_jobs=p["n_jobs"], min_duration_s=p["min_duration_s"],
-                        silence_peak=p["silence_peak"], segment_s=p["segment_s"], hop_s=p["hop_s"],
-                        max_queued_windows=p["max_queued_windows"], precision=p["precision"],
-                        max_duration_s=p["max_duration_s"], min_sample_rate=p["min_sample_rate"],
-                        uncertain_below=p["uncertain_below"], adapt=p["adapt"])
+    try:
+        settings = Settings.from_dict({k: v for k, v in p.items() if k not in RUN_OPTIONS})
+    except UserError as e:
+        print(f"error: params.yaml predict: {e}", file=sys.stderr)
+        return 2
     code = run_safely([args.input], args.out, args.model, settings, p["device"], args.segments,
                       speakers=p["speakers"], cluster=p["cluster"], cluster_certs=p.get("cluster_certs"))
     # files that cannot be labelled are rows of the output, not a failed stage

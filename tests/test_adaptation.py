@@ -9,6 +9,7 @@ from ser.adaptation import (MIN_CLIPS, MIN_STEPS, Adam, GroupModels, adapt_and_m
                             fused_log_probs_torch, information_loss)
 from ser.fusion import LinearHead, fused_log_probs
 from ser.models import Ensemble, TemperatureScaled, build_model, infer
+from ser.trained import TrainedModel
 
 ARCH = {"channels": [4, 8], "batch_norm": True, "block_dropout": 0.0, "head_dropout": 0.3, "head_hidden": 16}
 
@@ -167,10 +168,10 @@ def test_bfloat16_steps_adapt_too_seeded_and_close_to_float32():
     assert agree > 0.9
 
 
-def test_group_models_hear_a_group_by_its_adapted_state_at_its_matched_temperature():
+def test_group_models_hear_a_group_by_its_adapted_state_at_its_matched_temperature(feature_params):
     trained, (x, _) = model(), group()
-    loaded = TemperatureScaled(trained, 1.5)
-    state, matched = adapted_state(loaded, None, x, None)
+    loaded = TrainedModel(trained, ["a", "b", "c"], feature_params, {"temperature": 1.5})
+    state, matched = adapted_state(loaded, x, None)
     adapted, expected_temperature = adapt_and_match(trained, None, 1.5, x, None)
     assert matched == expected_temperature
     models = GroupModels(loaded, {"anna": (state, matched)})
@@ -178,7 +179,7 @@ def test_group_models_hear_a_group_by_its_adapted_state_at_its_matched_temperatu
     np.testing.assert_allclose(infer(models.model_for("anna"), x, 16, cpu).numpy(),
                                (infer(adapted, x, 16, cpu) / matched).numpy(), atol=1e-4)
     np.testing.assert_allclose(infer(models.model_for("bob"), x, 16, cpu).numpy(),  # not adapted: as trained
-                               infer(loaded, x, 16, cpu).numpy(), atol=1e-4)
+                               infer(TemperatureScaled(trained, 1.5), x, 16, cpu).numpy(), atol=1e-4)
     assert models.adapted("anna") and not models.adapted("bob") and not models.adapted(None)
     with pytest.raises(ValueError, match="BatchNorm state"):
         models.with_state({"not.a.key": torch.zeros(1)}, 1.0)

@@ -16,11 +16,11 @@ import soundfile as sf
 from conftest import MIRROR, ROOT, write_tone
 from ser.app import Analyser, timeline_figure
 from ser.corpora import EMOTIONS
-from ser.audio import Settings
+from ser.labeller.settings import Settings
 
 # float32: "auto" is bfloat16 on CPUs with native units, whose rounding depends on the batch
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
-                    max_queued_windows=256, precision="float32")
+                    max_queued_windows=256, precision="float32", adapt=False)
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def speaker_analyser(tmp_path, feature_params):
 
 
 def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp_path):
-    from ser.labeller import main
+    from ser.labeller.cli import main
 
     voice = write_tone(tmp_path / "voice.wav", seconds=8.0, freq=180)
     clip = write_tone(tmp_path / "clip.wav", seconds=2.0, freq=260)
@@ -95,7 +95,8 @@ def test_calibrating_to_a_voice_hears_clips_relative_to_it(speaker_analyser, tmp
 
 def test_a_fused_model_hears_a_clip_relative_to_the_calibrated_voices_pitch(tmp_path, feature_params):
     from conftest import fused_model
-    from ser.audio import LogMel, prepare
+    from ser.audio import LogMel
+    from ser.labeller.reading import prepare
     from ser.fusion import log_softmax, standardise
     from ser.prosody import n_functionals
 

@@ -69,5 +69,5 @@ def test_the_labellers_import_of_this_module_loads_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, ser.labeller; print('torch' in sys.modules)"
+    code = "import sys, ser.labeller.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

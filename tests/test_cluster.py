@@ -10,7 +10,7 @@ from ser.audio import LogMel
 from ser.cluster import compute_on_cluster
 from ser.corpora import EMOTIONS
 from ser.features import compute_parallel
-from ser.labeller import main
+from ser.labeller.cli import main
 
 PROBS = [f"prob_{c}" for c in EMOTIONS]
 

@@ -10,26 +10,23 @@ import pandas as pd
 import pytest
 
 from conftest import local_cluster
-from ser.audio import Settings
-from ser.cluster_labelling import label_on_cluster, shards_of
+from ser.labeller.settings import Settings
+from ser.labeller.cluster import label_on_cluster, shards_of
 from ser.corpora import EMOTIONS
-from ser.labeller import main
-from ser.labelling import label_rows
+from ser.labeller.cli import main
+from ser.labeller.loop import label_rows
 
 distributed = pytest.importorskip("distributed")
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
-                    max_queued_windows=256, precision="float32")
+                    max_queued_windows=256, precision="float32", adapt=False)
 PROBS = [f"prob_{c}" for c in EMOTIONS]
 
 
 def _local(paths, model_path, speakers="none", groups=None, settings=None):
-    import torch
+    from ser.trained import TrainedModel
 
-    from ser.models import load_checkpoint
-
-    model, meta = load_checkpoint(model_path, torch.device("cpu"))
-    return label_rows(paths, model, meta, settings or SETTINGS, torch.device("cpu"), None, speakers, groups=groups)
+    return label_rows(paths, TrainedModel.load(model_path), settings or SETTINGS, None, speakers, groups=groups)
 
 
 def _same(cluster_table, local_table):
@@ -52,7 +49,7 @@ def test_shards_follow_path_order_and_keep_each_speaker_whole():
 
 
 def test_the_cluster_gives_the_local_run_labels_rows_and_order(cluster, recordings, tiny_checkpoint):
-    from ser.labelling import collect_inputs
+    from ser.labeller.reading import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     with distributed.Client(cluster) as client:
@@ -71,7 +68,7 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
 
     from conftest import TINY_ARCH
     from ser.grouping import speaker_keys
-    from ser.labelling import collect_inputs
+    from ser.labeller.reading import collect_inputs
     from ser.models import build_model, save_checkpoint
 
     torch.manual_seed(1)
@@ -89,7 +86,7 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
 
 
 def test_a_worker_killed_mid_run_loses_no_row_and_doubles_none(recordings, tiny_checkpoint):
-    from ser.labelling import collect_inputs
+    from ser.labeller.reading import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     killed = []
@@ -130,7 +127,7 @@ def test_a_bad_model_file_is_the_local_runs_clear_error(cluster, recordings, tmp
 
 
 def test_the_only_worker_killed_mid_run_loses_no_row(recordings, tiny_checkpoint):
-    from ser.labelling import collect_inputs
+    from ser.labeller.reading import collect_inputs
 
     paths = collect_inputs([str(recordings)])
     killed = []
@@ -163,7 +160,7 @@ def test_a_scheduler_lost_mid_run_is_a_clear_error(recordings, tiny_checkpoint):
     import sys
 
     from ser.cluster import connect
-    from ser.labelling import collect_inputs
+    from ser.labeller.reading import collect_inputs
     from ser.util import UserError
 
     port = _free_port()

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import synthetic_dataset, train_params
-from ser.crosscorpus import balanced_share, leave_one_corpus_out, score_shared
+from ser.crosscorpus import leave_one_corpus_out, score_shared
 from ser.util import UserError
 
 
@@ -69,13 +69,6 @@ def test_a_clip_normalised_model_is_scored_once(tmp_path, feature_params):
     table, summary, _ = leave_one_corpus_out(_two_corpora(tmp_path, feature_params), train_params(epochs=2))
     assert "clip_uar" not in table.columns and "uar" in summary["per_corpus"]["studio_a"]
     assert "adapted_speaker_uar" not in table.columns  # adaptation is to a speaker group
-
-
-def test_the_balanced_share_shows_a_collapse_whatever_the_class_counts():
-    # 90 clips of class 0 all right, 10 of class 1 all called 0: half of a balanced set is 0
-    assert balanced_share(np.array([[90, 0], [10, 0]])).tolist() == [1.0, 0.0]
-    assert balanced_share(np.array([[9, 1], [0, 10]])).tolist() == [0.45, 0.55]
-    assert balanced_share(np.array([[5, 5, 0], [0, 0, 0], [0, 0, 4]])).tolist() == [0.25, 0.25, 0.5]
 
 
 def test_one_corpus_is_not_enough(tmp_path, feature_params):

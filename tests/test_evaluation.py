@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ser.evaluation import confidence_figures, per_corpus, score_test_speakers
+from ser.trained import TrainedModel
 
 CLASSES = ["angry", "sad"]
 
@@ -39,16 +40,15 @@ class Oracle(torch.nn.Module):
         return torch.stack([2 - 4 * sad, 4 * sad - 2], dim=1)
 
 
-def test_scoring_four_clips_of_two_speakers():
+def test_scoring_four_clips_of_two_speakers(feature_params):
     raw = torch.zeros(4, 3, 5)
     raw[:, 0, 0] = torch.tensor([0.0, 1.0, 1.0, 1.0])  # the model's calls: angry, sad, sad, sad
     y = torch.tensor([0, 1, 1, 0])  # the last call is wrong
     clips = pd.DataFrame({"path": [f"{i}.wav" for i in range(4)], "corpus": ["c"] * 4,
                           "speaker": ["c:1", "c:1", "c:2", "c:2"], "sex": ["f", "f", "m", "m"],
                           "intensity": [None] * 4, "actor": [1, 1, 2, 2]})
-    meta = {"classes": CLASSES, "extra": {}}
-    metrics, frame, cm, probs = score_test_speakers(Oracle(), Oracle(), meta, raw, y, clips, None, 2,
-                                                    torch.device("cpu"))
+    trained = TrainedModel(Oracle(), CLASSES, feature_params, {})
+    metrics, frame, cm, probs = score_test_speakers(trained, raw, y, clips, None, 2)
     assert metrics["test_accuracy"] == pytest.approx(0.75) and metrics["test_clips"] == 4
     assert metrics["test_uar"] == pytest.approx((0.5 + 1.0) / 2)
     assert cm.tolist() == [[1, 1], [0, 2]]

@@ -11,11 +11,16 @@ from conftest import fused_model, write_tone
 from ser.corpora import EMOTIONS
 from ser.grouping import statistics_sample
 from ser.audio import LogMel, window_bounds
-from ser.labeller import main, write_table
-from ser.labelling import FILES_PER_TASK, WINDOWS_PER_TASK, FeatureStream, Settings, Table, _worker_context, prepare
+from ser.labeller.cli import main
+from ser.labeller.output import write_table
+from ser.labeller.output import Table
+from ser.labeller.reading import prepare
+from ser.labeller.settings import Settings
+from ser.labeller.stream import FILES_PER_TASK, WINDOWS_PER_TASK, FeatureStream
+from ser.labeller.workers import worker_context
 
 SETTINGS = Settings(batch_size=16, n_jobs=1, min_duration_s=0.1, silence_peak=1e-4, segment_s=6.0, hop_s=3.0,
-                    max_queued_windows=256)
+                    max_queued_windows=256, precision="float32", adapt=False)
 
 
 def _run(args):
@@ -217,7 +222,7 @@ def test_workers_fork_only_when_safe():
     import sys as _sys
 
     assert "torch" in _sys.modules  # pytest has loaded it: a fork server, not a plain fork
-    assert _worker_context().get_start_method() == "forkserver"
+    assert worker_context().get_start_method() == "forkserver"
 
 
 def test_csv_and_parquet_hold_the_same_table(tmp_path):
@@ -248,7 +253,7 @@ def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
 
     from conftest import ROOT
 
-    code = "import os, ser.labeller, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, ser.labeller.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         run_env = env if preset is None else {**env, "OMP_WAIT_POLICY": preset}
@@ -301,21 +306,20 @@ def test_hostile_headers_get_error_rows_not_allocations(tmp_path, tiny_checkpoin
 def test_a_long_file_streams_in_pieces_with_the_same_labels(tmp_path, tiny_checkpoint, monkeypatch):
     """Windows of one file reach the model piece by piece (a task holds at most
     WINDOWS_PER_TASK of them): same file label and segments as in one piece."""
-    import torch
-
-    from ser import labelling as predict
-    from ser.models import load_checkpoint
+    from ser.labeller import stream
+    from ser.labeller.loop import label_rows
+    from ser.trained import TrainedModel
 
     paths = [write_tone(tmp_path / "a_long.wav", seconds=40.0, sr=8000, freq=300),
              write_tone(tmp_path / "b_short.wav", seconds=2.0), write_tone(tmp_path / "c_long.wav", seconds=31.0)]
-    model, meta = load_checkpoint(tiny_checkpoint)
-    whole = predict.label_rows(paths, model, meta, SETTINGS, torch.device("cpu"))
-    monkeypatch.setattr(predict, "WINDOWS_PER_TASK", 3)
-    pieces = list(predict.FeatureStream(paths, LogMel(meta["feature_params"]), SETTINGS))
+    trained = TrainedModel.load(tiny_checkpoint)
+    whole = label_rows(paths, trained, SETTINGS)
+    monkeypatch.setattr(stream, "WINDOWS_PER_TASK", 3)
+    pieces = list(stream.FeatureStream(paths, LogMel(trained.feature_params), SETTINGS))
     # 40 s: 13 windows (3+3+3+3+1); 2 s: 1 (the task's budget goes on); 31 s: 10 (1+3+3+3)
     assert [p["windows_read"] for p in pieces] == [3, 3, 3, 3, 1, 1, 1, 3, 3, 3]
     assert max(len(p["starts"]) for p in pieces) <= 3
-    streamed = predict.label_rows(paths, model, meta, SETTINGS, torch.device("cpu"))
+    streamed = label_rows(paths, trained, SETTINGS)
     assert [r["path"] for r in streamed[0].rows] == [str(p) for p in paths]
     for a, b in zip(whole[0].rows, streamed[0].rows):
         assert a["emotion"] == b["emotion"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-6)
@@ -474,7 +478,7 @@ def test_by_default_all_files_are_one_group_and_a_small_group_is_heard_as_the_av
         tmp_path, feature_params, two_speakers, capsys):
     import torch
 
-    from ser.audio import prepare
+    from ser.labeller.reading import prepare
     from ser.models import infer, load_checkpoint
 
     model_path, (mean, std) = _population_model(tmp_path, feature_params)
@@ -506,7 +510,7 @@ def test_by_default_all_files_are_one_group_and_a_small_group_is_heard_as_the_av
 
 
 def test_a_crash_is_exit_3_with_the_traceback_and_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch, capsys):
-    from ser import labeller
+    from ser.labeller import cli as labeller
 
     write_tone(tmp_path / "a.wav")
 
@@ -538,7 +542,7 @@ def _expected(paths_by_speaker, model_path, feature_params):
     standardised by the speaker's statistics (ser.models), through the model, averaged."""
     import torch
 
-    from ser.audio import prepare
+    from ser.labeller.reading import prepare
     from ser.models import infer, load_checkpoint, speaker_statistics
 
     model, _ = load_checkpoint(model_path, torch.device("cpu"))
@@ -706,7 +710,7 @@ def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, f
     import torch
 
     from ser.adaptation import MIN_CLIPS, adapt_and_match
-    from ser.audio import prepare
+    from ser.labeller.reading import prepare
     from ser.models import infer, load_checkpoint, speaker_statistics
 
     anna = [write_tone(tmp_path / "in" / "anna" / "1.wav", seconds=30, freq=220),
@@ -767,7 +771,7 @@ def test_a_special_file_or_a_link_at_the_output_is_refused_not_replaced(tmp_path
 
 
 def test_dev_null_and_dev_stdout_are_refused_without_touching_them(tiny_checkpoint, tmp_path):
-    from ser.labeller import check_output
+    from ser.labeller.output import check_output
     from ser.util import UserError
 
     for out, reason in (("/dev/null", "not a regular file"), ("/dev/stdout", "symbolic link")):
@@ -794,7 +798,7 @@ def test_a_file_name_that_is_not_utf8_is_labelled_and_written(tmp_path, feature_
 def test_cells_a_spreadsheet_would_run_as_formulas_are_quoted(tmp_path, feature_params, monkeypatch):
     import csv
 
-    from ser.labeller import csv_safe
+    from ser.labeller.output import csv_safe
 
     monkeypatch.chdir(tmp_path)
     names = ["=HYPERLINK(1).wav", "+1.wav", "@SUM(2).wav", "-3.wav"]
@@ -838,7 +842,7 @@ def test_a_tampered_encoder_is_exit_2_and_keeps_the_previous_output(tmp_path, fe
 def test_a_full_disk_is_one_line_exit_2_and_keeps_the_previous_output(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     import errno
 
-    import ser.labeller
+    import ser.labeller.output
 
     write_tone(tmp_path / "a.wav")
     out = tmp_path / "labels.csv"
@@ -850,7 +854,7 @@ def test_a_full_disk_is_one_line_exit_2_and_keeps_the_previous_output(tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(ser.labeller, "open", full_disk, raising=False)
+    monkeypatch.setattr(ser.labeller.output, "open", full_disk, raising=False)
     assert _run([tmp_path / "a.wav", "-o", out, "--model", tiny_checkpoint]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "nothing half-written was kept" in err and "Traceback" not in err

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ser.metrics import confusion_matrix, group_accuracy, scores_from_confusion
+from ser.metrics import balanced_share, confusion_matrix, group_accuracy, scores_from_confusion
 
 
 def test_confusion_matrix_counts_pairs():
@@ -36,3 +36,10 @@ def test_group_accuracy():
     frame = pd.DataFrame({"actual": ["x", "y", "x", "y"], "predicted": ["x", "x", "x", "y"],
                           "sex": ["male", "male", "female", "female"]})
     assert group_accuracy(frame, "sex") == {"female": 1.0, "male": 0.5}
+
+
+def test_the_balanced_share_shows_a_collapse_whatever_the_class_counts():
+    # 90 clips of class 0 all right, 10 of class 1 all called 0: half of a balanced set is 0
+    assert balanced_share(np.array([[90, 0], [10, 0]])).tolist() == [1.0, 0.0]
+    assert balanced_share(np.array([[9, 1], [0, 10]])).tolist() == [0.45, 0.55]
+    assert balanced_share(np.array([[5, 5, 0], [0, 0, 0], [0, 0, 4]])).tolist() == [0.25, 0.25, 0.5]

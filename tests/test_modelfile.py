@@ -9,7 +9,8 @@ def test_reads_what_the_full_load_reads(tiny_checkpoint):
     info = read_model_info(tiny_checkpoint)
     _, meta = load_checkpoint(tiny_checkpoint)
     assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"],
-                    "normalisation": meta["extra"].get("normalisation", "clip"), "fused": False}
+                    "normalisation": meta["extra"].get("normalisation", "clip"), "fused": False,
+                    "population": False}
 
 
 def test_says_whether_the_model_fuses_a_linear_model(tmp_path, feature_params):
@@ -39,3 +40,12 @@ def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path):
         archive.writestr("archive/data.pkl", pickle.dumps({"classes": _Payload(), "feature_params": {}}))
     assert read_model_info(path) is None
     assert not (tmp_path / "ran").exists()
+
+
+def test_says_whether_the_file_has_the_average_training_speaker(tmp_path, feature_params):
+    """What the cluster run's message is chosen by (it reads the file without torch)."""
+    from conftest import fused_model
+
+    path, _ = fused_model(tmp_path, feature_params, pitch_st=0.0)
+    info = read_model_info(path)
+    assert info["population"] and info["fused"] and info["normalisation"] == "speaker"

@@ -3,7 +3,7 @@ import torch
 
 from conftest import TINY_ARCH
 from ser.corpora import EMOTIONS
-from ser.models import ModelFileError, build_model, count_parameters, infer, load_checkpoint
+from ser.models import ModelFileError, build_model, calibrate_batch_norm, count_parameters, infer, load_checkpoint
 
 
 @pytest.mark.parametrize("change", [{}, {"batch_norm": False}, {"channels": [4, 8, 16], "block_dropout": 0.2}])
@@ -251,3 +251,22 @@ def test_a_model_file_that_asks_for_a_huge_model_costs_no_memory(tmp_path, featu
     assert runs["huge"][0] - runs["tiny"][0] < 50, runs  # MB; built, it would take 2-3 GB
 
 
+
+
+def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    model[0].running_mean.fill_(100.0)
+    x = torch.randn(49, 3) + torch.tensor([1.0, 2.0, 3.0])
+    calibrate_batch_norm(model, x, batch_size=7, device=torch.device("cpu"))
+    torch.testing.assert_close(model[0].running_mean, x.mean(dim=0))
+    assert not model.training and model[0].momentum == 0.1
+
+
+def test_batch_norm_calibration_runs_without_dropout_and_draws_no_random_numbers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(3))
+    x = torch.randn(20, 3) + 5
+    state = torch.get_rng_state()
+    calibrate_batch_norm(model, x, batch_size=5, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(model[1].running_mean, x.mean(dim=0))  # dropout would scale by 2 or zero

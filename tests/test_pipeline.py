@@ -184,7 +184,8 @@ def test_cv_is_its_own_pipeline_over_the_ravdess_actors(project):
 def test_a_library_change_stales_exactly_the_stages_that_run_it(project):
     repo, env, dvc, _ = project
     for module, stale in (("audio.py", set(MAIN_STAGES) - {"download"}),  # decoding: every stage that reads audio
-                          ("labeller.py", {"predict"}),  # the command: no retraining
+                          ("labeller/cli.py", {"predict"}),  # the command: no retraining
+                          ("training.py", {"train", "evaluate"}),  # the training loop: no relabelling
                           ("metrics.py", {"evaluate"})):
         library_file = repo / "ser" / module
         original = library_file.read_text()

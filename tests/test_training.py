@@ -4,7 +4,7 @@ import torch
 import ser.training as train_module
 from conftest import synthetic_dataset, train_params
 from ser.audio import FeatureParams
-from ser.training import Augment, calibrate_batch_norm, fit_ensemble, load_clips, train, train_classes, warp_frequency
+from ser.training import Augment, fit_ensemble, load_clips, train, train_classes, warp_frequency
 from ser.util import UserError
 
 CPU = torch.device("cpu")
@@ -99,25 +99,6 @@ def test_a_vtlp_recipe_trains_with_the_warp_and_is_deterministic(tmp_path, featu
     _, warped, _ = train(train_params(epochs=2, augment=augment), *data, CPU)
     _, again, _ = train(train_params(epochs=2, augment=augment), *data, CPU)
     assert warped == again and warped != plain
-
-
-def test_batch_norm_calibration_gives_the_exact_mean_of_clean_clips():
-    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
-    model[0].running_mean.fill_(100.0)
-    x = torch.randn(49, 3) + torch.tensor([1.0, 2.0, 3.0])
-    calibrate_batch_norm(model, x, batch_size=7, device=torch.device("cpu"))
-    torch.testing.assert_close(model[0].running_mean, x.mean(dim=0))
-    assert not model.training and model[0].momentum == 0.1
-
-
-def test_batch_norm_calibration_runs_without_dropout_and_draws_no_random_numbers():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(3))
-    x = torch.randn(20, 3) + 5
-    state = torch.get_rng_state()
-    calibrate_batch_norm(model, x, batch_size=5, device=torch.device("cpu"))
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.testing.assert_close(model[1].running_mean, x.mean(dim=0))  # dropout would scale by 2 or zero
 
 
 def test_batch_norm_is_calibrated_once_at_the_end(tmp_path, feature_params, monkeypatch):

@@ -3,7 +3,7 @@ security: ser.cluster).
 
 The cluster runs the same code as the local run: files are cut into shards, each worker
 loads the model once (its bytes are sent to every worker, so workers need the audio at the
-same paths but not the model file) and labels a shard with ser.labelling.label_rows, one
+same paths but not the model file) and labels a shard with ser.labeller.loop.label_rows, one
 process decoding and inferring; the rows come back and are put in path order, so the output
 has the local run's columns, error rows and order. A speaker group is never split between
 shards, so speaker statistics are those of the local run.
@@ -20,18 +20,23 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ser.audio import Settings
+from tqdm import tqdm
+
+from ser.labeller.output import Table, file_table, segment_table
+from ser.labeller.settings import Settings
+from ser.labeller.speakers import normalised_by
+from ser.modelfile import read_model_info
 from ser.util import UserError
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from ser.labelling import Table
+    from ser.trained import TrainedModel
 
-FILES_PER_SHARD = 64  # 0.2 s of one core's work for 3.7-s clips; the cluster path costs 0.4 ms a file
+FILES_PER_SHARD = 64  # enough work per task that the cluster's overhead per file is small
 WORKER_WAIT_S = 120  # how long a run with no worker left waits for one to come (back)
 RESUBMITS = 3  # rounds of resending the shards not done after the model's bytes were lost
-_models: dict[str, tuple[Any, dict[str, Any], Any]] = {}  # on a worker: model digest -> (model, meta, device)
+_models: dict[str, "TrainedModel"] = {}  # on a worker: model digest and device -> the model
 _tuning: Any = None  # on a worker: its BLAS thread limit, held
 
 
@@ -52,22 +57,20 @@ def shards_of(paths: list[Path], groups: list[str] | None, files_per_shard: int 
     return [s for s in shards if s]
 
 
-def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool = True
-                  ) -> tuple[Any, dict[str, Any], Any]:
-    """The model, loaded once per worker process (kept by its digest); fuse: False keeps it
-    trainable, to adapt to each speaker group (Settings.adapt)."""
-    digest = f"{digest} {'fused' if fuse else 'trainable'}"
+def _worker_model(model_bytes: bytes, digest: str, device_name: str) -> "TrainedModel":
+    """The model, loaded once per worker process (kept by its digest)."""
+    digest = f"{digest} {device_name}"
     if digest not in _models:
         import tempfile
 
         import torch
 
         from ser.device import pick_device
-        from ser.labelling import one_core_worker
-        from ser.models import load_checkpoint
+        from ser.labeller.workers import one_core_worker
+        from ser.trained import TrainedModel
 
         # One thread a worker, as the local labeller's feature workers: and glibc's heap kept,
-        # which Dask's workers otherwise trim at 64 kB (MALLOC_TRIM_THRESHOLD_): 2x slower, measured.
+        # which Dask's workers otherwise trim at 64 kB (MALLOC_TRIM_THRESHOLD_), much slower.
         global _tuning
         _tuning = one_core_worker()
         torch.set_num_threads(1)
@@ -75,9 +78,9 @@ def _worker_model(model_bytes: bytes, digest: str, device_name: str, fuse: bool 
         with tempfile.NamedTemporaryFile(suffix=".pt") as f:
             f.write(model_bytes)
             f.flush()
-            model, meta = load_checkpoint(f.name, device, fuse=fuse)
+            trained = TrainedModel.load(f.name, device)
         _models.clear()
-        _models[digest] = (model, meta, device)
+        _models[digest] = trained
     return _models[digest]
 
 
@@ -86,12 +89,11 @@ def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, 
     """On a worker: label_rows of one shard in this process (file rows, window rows)."""
     import dataclasses
 
-    from ser.labelling import label_rows
+    from ser.labeller.loop import label_rows
 
-    model, meta, device = _worker_model(model_bytes, digest, device_name, fuse=not (settings.adapt and groups))
+    trained = _worker_model(model_bytes, digest, device_name)
     serial = dataclasses.replace(settings, n_jobs=1)  # the worker is the parallelism
-    files, segments = label_rows([Path(p) for p in paths], model, meta, serial, device, None, speakers,
-                                 groups=groups)
+    files, segments = label_rows([Path(p) for p in paths], trained, serial, None, speakers, groups=groups)
     return files.rows, segments.rows
 
 
@@ -102,8 +104,6 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
     """label_rows of `paths` on the cluster: (file rows, window rows), in path order.
     on_shard(done, total) is called as each shard's rows arrive."""
     from distributed import as_completed
-
-    from ser.labelling import file_table, segment_table
 
     model_bytes = Path(model_path).read_bytes()
     digest = hashlib.sha256(model_bytes).hexdigest()
@@ -166,3 +166,35 @@ def _shard_result(future: Any, shard: list[Path]) -> Any:
     except KilledWorker:
         raise UserError(f"the cluster's workers died each time they labelled the shard of {shard[0]} ... "
                         f"{shard[-1]} (a file there may crash its decoder: try it locally); nothing written") from None
+
+
+def label_files_on_cluster(paths: list[Path], model_path: str, settings: Settings, device_name: str,
+                           speakers: str, groups: list[str] | None, address: str, certs: str | None = None,
+                           insecure: bool = False) -> tuple[Table, Table, str]:
+    """(file rows, window rows, what the input was normalised by) of `paths` labelled on the Dask
+    cluster at `address` (ser.cluster: the connection and its security). The model file is read
+    here without torch (2-3 s to import; the workers load the weights), and a file that will not
+    load is the local run's clear error."""
+    import logging
+
+    from ser.cluster import connect
+
+    # dask logs each failed reconnection with a traceback; the run's own message says what happened
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+    info = read_model_info(model_path)
+    try:
+        if info is None:  # the checked load says why
+            from ser.trained import TrainedModel
+
+            TrainedModel.load(model_path)
+            raise UserError(f"{model_path}: not a model file")
+        with connect(address, certs, insecure) as client, \
+                tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
+            files, segments = label_on_cluster(client, paths, model_path, info["classes"], settings, speakers, groups,
+                                               device_name, on_shard=lambda done, total: progress.update(
+                                                   round(len(paths) * done / total) - progress.n))
+    except Exception as e:
+        if type(e).__name__ == "ModelFileError":  # raised on a worker too; ser.models imports torch
+            raise UserError(str(e)) from None
+        raise
+    return files, segments, normalised_by(info["normalisation"], info["population"], speakers)

@@ -3,36 +3,34 @@
     ser label INPUT [INPUT ...] -o OUT.csv     # files or folders (recursive); or python -m ser label
 
 One output row per input file, sorted by path; a file that cannot be labelled gets
-status `error` and the reason instead of stopping the run (the work: ser.labelling; on a
-cluster: ser.cluster). This module is the command: its options, the outputs' safety and
-writing, and one exit code for every way of ending.
+status `error` and the reason instead of stopping the run (the work: ser.labeller.loop; on a
+cluster: ser.labeller.cluster). This module is the command: its options, and one exit code
+for every way of ending.
 Exit code: 0 all labelled, 1 some files could not be, 2 usage, input or machine error, 3 crash,
 130 interrupted (Ctrl-C); only 0 and 1 write the output.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import math
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
-# ser.labelling first: it sets what must be set before torch loads, and imports no torch
-from ser.labelling import (DEFAULT_MODEL, DEFAULTS, NORMALISED_BY, FeatureStream, Table, collect_inputs,
-                           first_pass_paths, keep_freed_memory, label_rows, normalised_by)
-from ser.audio import AUDIO_EXTENSIONS, LogMel, Settings
+# the stream first: it imports ser.labeller.workers, which sets what must be set before torch loads
+from ser.labeller.stream import FeatureStream
+from ser.audio import LogMel
 from ser.device import pick_device
 from ser.grouping import GROUPINGS, speaker_keys
+from ser.labeller.loop import label_rows
+from ser.labeller.output import Table, check_output, printable_text, write_table
+from ser.labeller.reading import collect_inputs
+from ser.labeller.settings import DEFAULT_MODEL, DEFAULTS, PRECISIONS, Settings
+from ser.labeller.speakers import NORMALISED_BY, first_pass_paths, normalised_by
+from ser.labeller.workers import keep_freed_memory
 from ser.modelfile import read_model_info
-from ser.util import UserError, atomic_path
+from ser.util import UserError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
@@ -43,86 +41,6 @@ EXIT_CODES_HELP = """exit codes:
   3    the labeller crashed (a bug: the traceback is printed); nothing written
   130  interrupted (Ctrl-C); nothing written, a previous output is left as it was
 """
-
-
-def write_table(table: Table, out: str | Path) -> None:
-    """CSV (floats to 5 decimals, missing values empty) or, by extension, Parquet. CSV is
-    written without pandas, whose import costs the labeller ~0.5 s of its critical path.
-    Text is made writable first (printable_text); CSV cells are also kept from reading as
-    spreadsheet formulas (csv_safe)."""
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        if out.suffix.lower() == ".parquet":
-            rows = [{c: printable_text(v) if isinstance(v, str) else v for c, v in row.items()} for row in table.rows]
-            Table(table.columns, rows).to_frame().to_parquet(tmp, index=False)
-            return
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow([csv_safe(c) for c in table.columns])
-            writer.writerows([_csv_cell(row.get(c)) for c in table.columns] for row in table.rows)
-
-
-# A spreadsheet reads a cell that starts with one of these as a formula (OWASP: CSV injection).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def printable_text(text: str) -> str:
-    """`text` as valid UTF-8: bytes of a file name that are not UTF-8 (Python keeps them as
-    surrogates) become \\xNN, as `ls -b` shows them, instead of failing the whole write."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that no file name produces
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def csv_safe(text: str) -> str:
-    """printable_text, with a leading ' where a spreadsheet would run the cell as a formula."""
-    text = printable_text(text)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
-
-
-def _csv_cell(value: Any) -> Any:
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{value:.5f}"
-    if isinstance(value, str):
-        return csv_safe(value)
-    return "" if value is None else value
-
-
-def check_output(out: str | Path, inputs: list[str], model_path: str | Path,
-                 keep: list[str | Path] = ()) -> None:
-    """Refuse, before any work, an output path that would destroy something: an existing
-    directory, the current folder or a parent of it, an input, the model, a file named in
-    `keep` (a speaker manifest), a name with an audio extension, a link or a special file
-    (the rename would replace /dev/null or the link itself); and one that cannot be written
-    (checked by creating a temp file there)."""
-    path = Path(out)
-    resolved, here = path.resolve(), Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise UserError(f"output {out}: is the current folder or a parent of it; give a file name such as labels.csv")
-    if path.is_dir():
-        raise UserError(f"output {out}: is an existing directory; give a file name such as {path / 'labels.csv'}")
-    if any(resolved == Path(item).resolve() for item in inputs):
-        raise UserError(f"output {out}: is one of the inputs; give another file name")
-    if resolved == Path(model_path).resolve():
-        raise UserError(f"output {out}: is the model file; give another file name")
-    if any(resolved == Path(item).resolve() for item in keep):
-        raise UserError(f"output {out}: is the speaker manifest (--speakers); give another file name")
-    if path.suffix.lower() in AUDIO_EXTENSIONS:
-        raise UserError(f"output {out}: has an audio extension; labels are written as .csv or .parquet")
-    if path.is_symlink():
-        raise UserError(f"output {out}: is a symbolic link; the output would replace the link, not write "
-                        f"through it: give the file's own path ({resolved})")
-    if path.exists() and not path.is_file():
-        raise UserError(f"output {out}: exists and is not a regular file (a device, pipe or socket); "
-                        "give a file name such as labels.csv")
-    try:
-        resolved.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=resolved.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"output {out}: cannot write in {resolved.parent} ({e.strerror or e})") from None
 
 
 def run(inputs: list[str], out: str, model_path: str, settings: Settings, device_name: str,
@@ -145,8 +63,11 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         speakers = "none"
     groups = speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
     if cluster:
-        return run_on_cluster(paths, out, model_path, settings, device_name, segments_out, speakers, groups, cluster,
-                              cluster_certs, insecure_cluster)
+        from ser.labeller.cluster import label_files_on_cluster
+
+        files, segments, used = label_files_on_cluster(paths, model_path, settings, device_name, speakers, groups,
+                                                       cluster, cluster_certs, insecure_cluster)
+        return write_outputs(files, segments, out, segments_out, used)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
@@ -155,57 +76,24 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     stream = FeatureStream(paths if first is None else first, extractor, settings,
                            then=None if first is None else paths) if info else None
     try:
-        from ser.models import ModelFileError, load_checkpoint
+        from ser.models import ModelFileError
+        from ser.trained import TrainedModel
 
-        device = pick_device(device_name)
         try:
-            adapting = settings.adapt and speakers != "none"
-            model, meta = load_checkpoint(model_path, device, fuse=not adapting)  # to adapt: trainable
+            trained = TrainedModel.load(model_path, pick_device(device_name))
         except ModelFileError as e:
             raise UserError(str(e)) from None
-        if info is not None and (info["feature_params"] != meta["feature_params"] or info["classes"] != meta["classes"]):
+        if info is not None and (info["feature_params"] != trained.feature_params or info["classes"] != trained.classes):
             raise UserError(f"{model_path}: the file's metadata reads differently with and without torch")
-        files, segments = label_rows(paths, model, meta, settings, device, stream, speakers)
+        files, segments = label_rows(paths, trained, settings, stream, speakers)
     except BaseException:
         if stream is not None:
             stream.close_passes(kill=True)  # an interrupt or an error: stop the workers now
         raise
     if stream is not None:
         stream.close_passes()
-    return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
-
-
-def run_on_cluster(paths: list[Path], out: str, model_path: str, settings: Settings, device_name: str,
-                   segments_out: str | None, speakers: str, groups: list[str] | None, address: str,
-                   certs: str | None = None, insecure: bool = False) -> int:
-    """run() with the labelling on the Dask cluster at `address` (ser.cluster). The model file
-    is read here without torch (2-3 s to import; the workers load the weights), and a file
-    that will not load is the local run's clear error."""
-    import logging
-
-    from ser.cluster import connect
-    from ser.cluster_labelling import label_on_cluster
-
-    # dask logs each failed reconnection with a traceback; the run's own message says what happened
-    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-    info = read_model_info(model_path)
-    try:
-        if info is None:  # the checked load says why
-            from ser.models import load_checkpoint
-
-            load_checkpoint(model_path, pick_device("cpu"))
-            raise UserError(f"{model_path}: not a model file")
-        meta = {"classes": info["classes"], "extra": {"normalisation": info["normalisation"]}}
-        with connect(address, certs, insecure) as client, \
-                tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
-            files, segments = label_on_cluster(client, paths, model_path, info["classes"], settings, speakers, groups,
-                                               device_name, on_shard=lambda done, total: progress.update(
-                                                   round(len(paths) * done / total) - progress.n))
-    except Exception as e:
-        if type(e).__name__ == "ModelFileError":  # raised on a worker too; ser.models imports torch
-            raise UserError(str(e)) from None
-        raise
-    return write_outputs(files, segments, out, segments_out, normalised_by(meta, speakers))
+    return write_outputs(files, segments, out, segments_out,
+                         normalised_by(trained.normalisation, trained.population is not None, speakers))
 
 
 def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str) -> int:
@@ -270,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure-cluster", action="store_true", help="allow a tcp:// scheduler beyond this "
                         "machine: whoever reaches it runs code on its workers")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
-    parser.add_argument("--precision", default=d.precision, choices=["float32", "bfloat16", "auto"],
+    parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                         help="auto: bfloat16 on CPUs with native support (faster), else float32")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
                                    uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows,
                                    max_group_files=args.max_group_files, adapt=args.adapt)
-    if min(settings.hop_s, settings.segment_s, settings.batch_size, settings.max_duration_s,
-           settings.max_group_files) <= 0:
-        parser.error("--segment-s, --hop-s, --batch-size, --max-duration-s and --max-group-files must be positive")
+    try:
+        settings.checked()
+    except UserError as e:
+        parser.error(str(e).replace("_", "-"))
     return run_safely(args.inputs, args.output, args.model, settings, args.device, args.segments, args.speakers,
                       args.cluster, args.cluster_certs, args.insecure_cluster)
 

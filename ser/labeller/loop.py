@@ -1,0 +1,115 @@
+"""The labelling loop: files in, one row per file and one per window out. Labels never come
+from file names.
+
+One row per input file, in path order; a file that cannot be labelled gets status `error`
+and the reason instead of stopping the run. Decoding and features run in parallel worker
+processes (ser.labeller.stream); inference is batched; memory is bounded by
+max_queued_windows, however many files. Each file is heard relative to its speaker group
+(ser.labeller.speakers), by the model adapted to that group when asked (ser.labeller.scoring).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ser.grouping import GroupStatistics
+from ser.labeller.output import Table, file_table, segment_table
+from ser.labeller.scoring import adapted_window_probabilities, group_models
+from ser.labeller.settings import Settings
+from ser.labeller.speakers import heard_as, speaker_setup
+from ser.labeller.stream import FeatureStream
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ser.trained import TrainedModel
+
+
+def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
+               stream: FeatureStream | None = None, speakers: str = "none",
+               calibration: GroupStatistics | None = None, groups: list[str] | None = None
+               ) -> tuple[Table, Table]:
+    """(one row per file, one row per window). Workers decode and compute features in
+    parallel (`stream`, started by the caller or here); windows are batched for the model as
+    they arrive, a long file's pieces included; a file's label averages its windows'
+    probabilities, so only a bounded number of windows is ever held in memory.
+    A speaker-normalised model hears each file relative to its speaker group (`speakers`,
+    ser.grouping), whose statistics are gathered in a first pass; or relative to one
+    speaker's `calibration` statistics (the page's "calibrate to my voice"); with neither,
+    each window relative to its own."""
+    classes = trained.classes
+    used, key_of, statistics, results, sample = speaker_setup(paths, trained, s, stream, speakers, calibration, groups)
+    models = group_models(trained, used, statistics, sample, s)
+    prob_columns = [f"prob_{c}" for c in classes]
+    rows: list[dict[str, Any]] = []
+    sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
+    counts: list[int] = []
+    segments: list[dict[str, Any]] = []
+    pending: list[tuple[int, dict[str, Any]]] = []
+
+    def flush() -> None:
+        pieces = [r for _, r in pending]
+        stats = [statistics.get(key_of.get(r["path"]), statistics.get(None)) for r in pieces]
+        probs = adapted_window_probabilities(models, pieces, [key_of.get(r["path"]) for r in pieces], used, stats, s)
+        offset = 0
+        for row_index, r in pending:
+            window_probs = probs[offset : offset + len(r["features"])]
+            offset += len(r["features"])
+            sums[row_index] += window_probs.sum(axis=0, dtype=np.float64)
+            counts[row_index] += len(window_probs)
+            for start, end, p in zip(r["starts"], r["ends"], window_probs):
+                segments.append({"path": rows[row_index]["path"], "start_s": start, "end_s": end,
+                                 "emotion": classes[int(p.argmax())], "confidence": float(p.max()),
+                                 **dict(zip(prob_columns, p.tolist()))})
+        pending.clear()
+
+    with tqdm(total=len(paths), desc="predict", unit="file") as progress:
+        for piece in results:
+            if piece["first"]:  # a new file's row; its later pieces add windows (or an error)
+                rows.append({"path": piece["path"], "status": "error", "error": "", "emotion": None,
+                             "confidence": math.nan, **{c: math.nan for c in prob_columns},
+                             "duration_s": math.nan if piece["duration"] is None else piece["duration"],
+                             "normalised_by": heard_as(used, key_of.get(piece["path"]), statistics),
+                             "speaker_group": key_of.get(piece["path"], ""),
+                             "adapted": models.adapted(key_of.get(piece["path"]))})
+                sums.append(np.zeros(len(classes)))
+                counts.append(0)
+                progress.update(1)
+            rows[-1]["error"] = rows[-1]["error"] or piece["error"]
+            if piece["features"] is not None:
+                pending.append((len(rows) - 1, piece))
+                if sum(len(r["features"]) for _, r in pending) >= s.batch_size:
+                    flush()
+        if pending:
+            flush()
+    return finish_rows(rows, sums, counts, segments, classes, s)
+
+
+def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list[int],
+                segments: list[dict[str, Any]], classes: list[str], s: Settings) -> tuple[Table, Table]:
+    """Each file's label from the sum and count of its windows' probabilities (the mean);
+    a file with no non-silent window is an error row, and an error row keeps no segments."""
+    prob_columns = [f"prob_{c}" for c in classes]
+    for row, total, count in zip(rows, sums, counts):
+        if not row["error"] and count == 0:
+            row["error"] = f"{row['path']}: silent (peak below {s.silence_peak})"
+        if not row["error"]:
+            mean = total / count  # file label: average over its windows
+            best = int(mean.argmax())
+            row.update(status="ok", emotion=classes[best], confidence=float(mean[best]),
+                       uncertain=bool(mean[best] < s.uncertain_below), **dict(zip(prob_columns, mean.tolist())))
+    failed = {row["path"] for row in rows if row["error"]}  # e.g. a read error in a later piece
+    segments = [seg for seg in segments if seg["path"] not in failed]
+    return file_table(classes, rows), segment_table(classes, segments)
+
+
+def label_files(paths: list[Path], trained: "TrainedModel", s: Settings, stream: FeatureStream | None = None,
+                speakers: str = "none", calibration: GroupStatistics | None = None
+                ) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """label_rows as DataFrames (one row per file, one row per window)."""
+    files, segments = label_rows(paths, trained, s, stream, speakers, calibration)
+    return files.to_frame(), segments.to_frame()
