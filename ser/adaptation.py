@@ -224,10 +224,13 @@ def model_classes(model: torch.nn.Module) -> int:
 
 class WindowSample:
     """A seeded uniform sample of at most `cap` windows per speaker group, however many the
-    group has (reservoir sampling): what the labeller adapts a group's model on, in bounded memory."""
+    group has (reservoir sampling): what the labeller adapts a group's model on, in bounded memory.
+    Each group draws from its own generator, so its sample depends on its own windows only (the
+    same whether its files are read with other groups' or alone, as on a cluster)."""
 
     def __init__(self, cap: int, seed: int = 0) -> None:
-        self.cap, self.rng = cap, np.random.default_rng(seed)
+        self.cap, self.seed = cap, seed
+        self.rngs: dict[str, np.random.Generator] = {}
         self.seen: dict[str, int] = {}
         self.kept: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {}
 
@@ -240,7 +243,8 @@ class WindowSample:
             if len(kept) < self.cap:
                 kept.append(window)
             else:
-                slot = int(self.rng.integers(seen + 1))
+                rng = self.rngs.setdefault(key, np.random.default_rng(self.seed))
+                slot = int(rng.integers(seen + 1))
                 if slot < self.cap:
                     kept[slot] = window
 

@@ -85,6 +85,52 @@ def test_speaker_groups_on_the_cluster_match_the_local_run(cluster, recordings, 
     assert set(files.to_frame()["normalised_by"]) == {"folder"}
 
 
+@pytest.mark.parametrize("speakers", ["all", "folder"])
+def test_a_grouped_adapted_run_splits_groups_over_shards_and_gives_the_local_labels(
+        cluster, recordings, tmp_path, feature_params, speakers):
+    """The defaults (one flat folder as one group, the model adapted to it) and folders: the
+    groups are heard once on the workers, then their files labelled in shards of 3."""
+    from conftest import fused_model
+    from ser.grouping import speaker_keys
+    from ser.labeller.reading import collect_inputs
+
+    model, _ = fused_model(tmp_path, feature_params, pitch_st=0.0)
+    paths = collect_inputs([str(recordings)])
+    groups = speaker_keys(paths, speakers)
+    settings = dataclasses.replace(SETTINGS, adapt=True, min_group_windows=5)
+    with distributed.Client(cluster) as client, distributed.get_task_stream(client) as tasks:
+        files, segments = label_on_cluster(client, paths, model, EMOTIONS, settings, speakers, groups,
+                                           files_per_shard=3)
+    ran = [str(task["key"]).split("-")[0] for task in tasks.data]
+    assert ran.count("label_shard") == -(-len(paths) // 3) and ran.count("hear_shard") >= 1  # groups split
+    local_files, local_segments = _local(paths, model, speakers, groups, settings)
+    _same(files, local_files)
+    frame = files.to_frame()
+    assert frame["adapted"].sum() >= 9 and set(frame["normalised_by"]) <= {speakers, "population"}
+    assert frame.loc[frame["adapted"], "normalised_by"].eq(speakers).all()
+    np.testing.assert_allclose(segments.to_frame()[PROBS].to_numpy(float),
+                               local_segments.to_frame()[PROBS].to_numpy(float), atol=1e-5)
+
+
+def test_the_command_on_a_cluster_with_default_options_writes_the_local_labels_and_says_so(
+        cluster, recordings, tmp_path, feature_params, capsys):
+    from conftest import fused_model
+
+    model, _ = fused_model(tmp_path, feature_params, pitch_st=0.0)
+    common = [str(recordings), "--model", str(model), "--precision", "float32"]
+    assert main(common + ["-o", str(tmp_path / "local.csv"), "--jobs", "1"]) == 1
+    local_said = capsys.readouterr().out
+    assert main(common + ["-o", str(tmp_path / "cluster.csv"), "--cluster", cluster.scheduler_address]) == 1
+    cluster_said = capsys.readouterr().out
+    a, b = pd.read_csv(tmp_path / "cluster.csv"), pd.read_csv(tmp_path / "local.csv")
+    pd.testing.assert_frame_equal(a.drop(columns=PROBS + ["confidence"]), b.drop(columns=PROBS + ["confidence"]))
+    np.testing.assert_allclose(a[PROBS].to_numpy(float), b[PROBS].to_numpy(float), atol=2e-5)
+    assert a["adapted"].any() and (a.loc[a["status"] == "ok", "normalised_by"] == "all").all()
+    said = [line for line in cluster_said.splitlines() if line.startswith("predict:")]
+    assert said[1:] == [line for line in local_said.splitlines() if line.startswith("predict:")][1:]
+    assert "all files normalised as one group" in said[1] and "adapted to the speaker group" in said[2]
+
+
 def test_a_worker_killed_mid_run_loses_no_row_and_doubles_none(recordings, tiny_checkpoint):
     from ser.labeller.reading import collect_inputs
 

@@ -870,3 +870,14 @@ def test_segments_to_the_same_file_as_the_labels_is_refused(tmp_path, tiny_check
                  tiny_checkpoint]) == 2
     assert "is the same file as -o" in capsys.readouterr().err
     assert out.read_text() == "the previous run's labels\n"
+
+
+def test_the_summary_says_how_many_labels_are_uncertain(tmp_path, tiny_checkpoint, capsys):
+    for i in range(3):
+        write_tone(tmp_path / "in" / f"{i}.wav", freq=200 + 100 * i)
+    out = tmp_path / "labels.csv"
+    assert _run([tmp_path / "in", "-o", out, "--model", tiny_checkpoint, "--uncertain-below", "0.9"]) == 0
+    flagged = int(pd.read_csv(out)["uncertain"].sum())
+    assert flagged == 3  # an untrained model of eight classes is sure of nothing
+    assert f"predict: {flagged} of 3 labels flagged uncertain (confidence below 0.9; column uncertain)" in \
+        capsys.readouterr().out

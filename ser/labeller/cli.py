@@ -57,17 +57,13 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
 
         check_address(cluster, cluster_certs, insecure_cluster)
     paths = collect_inputs(inputs)
-    if cluster and speakers == "all":  # one group would be one shard: no grouping on a cluster by default
-        print("predict: on a cluster every file is heard relative to the average training speaker "
-              "(--speakers all would make one shard of everything; --speakers folder or a manifest group)")
-        speakers = "none"
     groups = speaker_keys(paths, speakers)  # a bad grouping or manifest stops here, before any work
     if cluster:
         from ser.labeller.cluster import label_files_on_cluster
 
         files, segments, used = label_files_on_cluster(paths, model_path, settings, device_name, speakers, groups,
                                                        cluster, cluster_certs, insecure_cluster)
-        return write_outputs(files, segments, out, segments_out, used)
+        return write_outputs(files, segments, out, segments_out, used, settings.uncertain_below)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
@@ -93,10 +89,12 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
     if stream is not None:
         stream.close_passes()
     return write_outputs(files, segments, out, segments_out,
-                         normalised_by(trained.normalisation, trained.population is not None, speakers))
+                         normalised_by(trained.normalisation, trained.population is not None, speakers),
+                         settings.uncertain_below)
 
 
-def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str) -> int:
+def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str,
+                  uncertain_below: float) -> int:
     """Write the labels (and segments), report, and return the exit code."""
     try:
         write_table(files, out)
@@ -111,6 +109,9 @@ def write_outputs(files: Table, segments: Table, out: str, segments_out: str | N
     adapted = [row for row in files.rows if row.get("adapted")]
     if adapted:
         print(f"predict: the model adapted to the speaker group of {len(adapted)} files (column adapted)")
+    uncertain = sum(1 for row in files.rows if row.get("uncertain"))
+    print(f"predict: {uncertain} of {len(files.rows) - len(errors)} labels flagged uncertain (confidence below "
+          f"{uncertain_below:g}; column uncertain)")
     for error in errors:
         print(f"  error: {printable_text(error)}", file=sys.stderr)
     return EXIT_SOME_FAILED if errors else EXIT_OK

@@ -1,12 +1,14 @@
 """Labelling on a Dask cluster (`ser label --cluster tls://host:8786`; the connection and its
 security: ser.cluster).
 
-The cluster runs the same code as the local run: files are cut into shards, each worker
-loads the model once (its bytes are sent to every worker, so workers need the audio at the
-same paths but not the model file) and labels a shard with ser.labeller.loop.label_rows, one
-process decoding and inferring; the rows come back and are put in path order, so the output
-has the local run's columns, error rows and order. A speaker group is never split between
-shards, so speaker statistics are those of the local run.
+The cluster runs the same code as the local run, in the same two passes: each worker loads the
+model once (its bytes are sent to every worker, so workers need the audio at the same paths but
+not the model file). A speaker-normalised model's grouped run first hears each group on the
+workers (ser.labeller.loop.hear_groups: the statistics and adaptation of a sample of its files,
+the sample the local run draws, a group whole in one task); then every file is labelled in shards
+by label_rows with what was heard, so a big group (a flat folder is one) is labelled by every
+worker and each file gets the local run's label. The rows come back and are put in path order:
+the output has the local run's columns, error rows and order.
 
 A worker that dies mid-shard loses nothing: the scheduler runs its shard again on another
 worker (Dask's `distributed.scheduler.allowed-failures`, 3 by default, before it gives up),
@@ -24,7 +26,8 @@ from tqdm import tqdm
 
 from ser.labeller.output import Table, file_table, segment_table
 from ser.labeller.settings import Settings
-from ser.labeller.speakers import normalised_by
+from ser.grouping import statistics_sample
+from ser.labeller.speakers import adapt_sample_cap, normalised_by
 from ser.modelfile import read_model_info
 from ser.util import UserError
 
@@ -84,31 +87,92 @@ def _worker_model(model_bytes: bytes, digest: str, device_name: str) -> "Trained
     return _models[digest]
 
 
-def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, digest: str,
-                settings: Settings, speakers: str, device_name: str) -> tuple[list[dict], list[dict]]:
-    """On a worker: label_rows of one shard in this process (file rows, window rows)."""
+def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, digest: str, settings: Settings,
+                speakers: str, device_name: str, heard: Any = None) -> tuple[list[dict], list[dict]]:
+    """On a worker: label_rows of one shard in this process (file rows, window rows); `heard`:
+    the groups' statistics and adaptations from the first pass (hear_shard)."""
     import dataclasses
 
     from ser.labeller.loop import label_rows
 
     trained = _worker_model(model_bytes, digest, device_name)
     serial = dataclasses.replace(settings, n_jobs=1)  # the worker is the parallelism
-    files, segments = label_rows([Path(p) for p in paths], trained, serial, None, speakers, groups=groups)
+    files, segments = label_rows([Path(p) for p in paths], trained, serial, None, speakers, groups=groups,
+                                 heard=heard)
     return files.rows, segments.rows
+
+
+def hear_shard(paths: list[str], keys: list[str], model_bytes: bytes, digest: str, settings: Settings,
+               device_name: str, cap: int, used: str) -> tuple[dict, dict]:
+    """On a worker: the first pass of some whole groups (ser.labeller.loop.hear_groups)."""
+    import dataclasses
+
+    from ser.labeller.loop import hear_groups
+
+    trained = _worker_model(model_bytes, digest, device_name)
+    serial = dataclasses.replace(settings, n_jobs=1)
+    return hear_groups([Path(p) for p in paths], keys, trained, serial, cap, used)
 
 
 def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path, classes: list[str],
                      settings: Settings, speakers: str = "none", groups: list[str] | None = None,
                      device_name: str = "auto", files_per_shard: int = FILES_PER_SHARD,
                      on_shard: Callable[[int, int], None] | None = None) -> tuple["Table", "Table"]:
-    """label_rows of `paths` on the cluster: (file rows, window rows), in path order.
-    on_shard(done, total) is called as each shard's rows arrive."""
-    from distributed import as_completed
-
+    """label_rows of `paths` on the cluster: (file rows, window rows), in path order, as the
+    local run labels them. on_shard(done, total) is called as each shard's rows arrive."""
     model_bytes = Path(model_path).read_bytes()
     digest = hashlib.sha256(model_bytes).hexdigest()
-    shards = shards_of(paths, groups, files_per_shard)
-    results: list[tuple[list[dict], list[dict]] | None] = [None] * len(shards)
+    run = (client, model_bytes, digest, settings, device_name)
+    heard = _hear_groups(run, paths, model_path, speakers, groups, files_per_shard)
+    shards = shards_of(paths, groups if heard is None else None, files_per_shard)
+
+    def task(n: int, model: Any, shared: Any) -> tuple:
+        return (label_shard, [str(paths[i]) for i in shards[n]], None if groups is None else [groups[i] for i in shards[n]],
+                model, digest, settings, speakers, device_name, shared)
+
+    results = _run_rounds(run, len(shards), task, [[paths[i] for i in s] for s in shards], heard, on_shard)
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows = sorted((r for files, _ in results for r in files), key=lambda r: order[r["path"]])
+    segments = sorted((r for _, segs in results for r in segs), key=lambda r: order[r["path"]])  # stable
+    if len(rows) != len(paths):
+        raise RuntimeError(f"the cluster returned {len(rows)} rows for {len(paths)} files")
+    return file_table(classes, rows), segment_table(classes, segments)
+
+
+def _hear_groups(run: tuple, paths: list[Path], model_path: str | Path, speakers: str, groups: list[str] | None,
+                 files_per_shard: int) -> tuple[dict, dict] | None:
+    """The first pass of a speaker model's grouped run, on the workers: (each group's statistics,
+    each group's adaptation); None when the local run would make no first pass either."""
+    info = read_model_info(model_path)
+    settings = run[3]
+    if groups is None or info is None or info["normalisation"] != "speaker":
+        return None
+    key_of = {str(p): k for p, k in zip(paths, groups)}
+    sample = statistics_sample(paths, groups, settings.max_group_files)
+    keys = [key_of[str(p)] for p in sample]
+    tasks = shards_of(sample, keys, files_per_shard)
+    cap, used = adapt_sample_cap(len(set(groups))), normalised_by("speaker", info["population"], speakers)
+
+    def task(n: int, model: Any, shared: Any) -> tuple:
+        return (hear_shard, [str(sample[i]) for i in tasks[n]], [keys[i] for i in tasks[n]], model, run[2],
+                settings, run[4], cap, used)
+
+    statistics: dict = {}
+    states: dict = {}
+    for part_statistics, part_states in _run_rounds(run, len(tasks), task, [[sample[i] for i in s] for s in tasks]):
+        statistics.update(part_statistics)
+        states.update(part_states)
+    return statistics, states
+
+
+def _run_rounds(run: tuple, n_tasks: int, task: Callable[[int, Any, Any], tuple], files: list[list[Path]],
+                shared: Any = None, on_done: Callable[[int, int], None] | None = None) -> list[Any]:
+    """Each task's result, in task order. The model's bytes (and `shared`) are sent to every
+    worker each round; a round that lost them with the only worker sends its tasks again."""
+    from distributed import as_completed
+
+    client, model_bytes = run[0], run[1]
+    results: list[Any] = [None] * n_tasks
     done = 0
     for _ in range(RESUBMITS + 1):
         todo = [n for n, result in enumerate(results) if result is None]
@@ -116,29 +180,24 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
             break
         _wait_for_a_worker(client)
         [model_future] = client.scatter([model_bytes], broadcast=True, hash=False)
-        futures = {client.submit(label_shard, [str(paths[i]) for i in shards[n]],
-                                 None if groups is None else [groups[i] for i in shards[n]], model_future, digest,
-                                 settings, speakers, device_name, pure=False): n for n in todo}
+        scattered = [] if shared is None else client.scatter([shared], broadcast=True, hash=False)
+        futures = {client.submit(*task(n, model_future, scattered[0] if scattered else None), pure=False): n
+                   for n in todo}
         try:
             for future in as_completed(list(futures), loop=client.loop):
-                results[futures[future]] = _shard_result(future, [paths[i] for i in shards[futures[future]]])
+                results[futures[future]] = _shard_result(future, files[futures[future]])
                 if results[futures[future]] is None:
                     continue  # the model's bytes died with the only worker: sent again next round
                 done += 1
-                if on_shard is not None:
-                    on_shard(done, len(shards))
+                if on_done is not None:
+                    on_done(done, n_tasks)
         except (OSError, TimeoutError):  # distributed's CommClosedError is an OSError
             raise UserError("the cluster's scheduler was lost mid-run; nothing written") from None
         finally:
-            client.cancel(list(futures) + [model_future])
+            client.cancel(list(futures) + [model_future] + scattered)
     if any(result is None for result in results):
         raise UserError(f"the cluster lost its workers {RESUBMITS + 1} times; nothing written")
-    order = {str(p): i for i, p in enumerate(paths)}
-    rows = sorted((r for files, _ in results for r in files), key=lambda r: order[r["path"]])
-    segments = sorted((r for _, segs in results for r in segs), key=lambda r: order[r["path"]])  # stable
-    if len(rows) != len(paths):
-        raise RuntimeError(f"the cluster returned {len(rows)} rows for {len(paths)} files")
-    return file_table(classes, rows), segment_table(classes, segments)
+    return results
 
 
 def _wait_for_a_worker(client: "Client") -> None:

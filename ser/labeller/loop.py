@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from ser.grouping import GroupStatistics
 from ser.labeller.output import Table, file_table, segment_table
-from ser.labeller.scoring import adapted_window_probabilities, group_models
+from ser.labeller.scoring import States, adapted_states, adapted_window_probabilities, group_models
 from ser.labeller.settings import Settings
-from ser.labeller.speakers import heard_as, speaker_setup
+from ser.labeller.speakers import Statistics, first_pass, heard_as, speaker_setup
 from ser.labeller.stream import FeatureStream
 
 if TYPE_CHECKING:
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
                stream: FeatureStream | None = None, speakers: str = "none",
-               calibration: GroupStatistics | None = None, groups: list[str] | None = None
-               ) -> tuple[Table, Table]:
+               calibration: GroupStatistics | None = None, groups: list[str] | None = None,
+               heard: tuple[Statistics, States] | None = None) -> tuple[Table, Table]:
     """(one row per file, one row per window). Workers decode and compute features in
     parallel (`stream`, started by the caller or here); windows are batched for the model as
     they arrive, a long file's pieces included; a file's label averages its windows'
@@ -40,10 +40,13 @@ def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
     A speaker-normalised model hears each file relative to its speaker group (`speakers`,
     ser.grouping), whose statistics are gathered in a first pass; or relative to one
     speaker's `calibration` statistics (the page's "calibrate to my voice"); with neither,
-    each window relative to its own."""
+    each window relative to its own. `heard`: each group's statistics and adaptation from a first
+    pass elsewhere (hear_groups on a cluster's workers), so that a group's files can be labelled
+    in several shards and each gets what the local run gives."""
     classes = trained.classes
-    used, key_of, statistics, results, sample = speaker_setup(paths, trained, s, stream, speakers, calibration, groups)
-    models = group_models(trained, used, statistics, sample, s)
+    used, key_of, statistics, results, sample = speaker_setup(paths, trained, s, stream, speakers, calibration, groups,
+                                                              None if heard is None else heard[0])
+    models = group_models(trained, used, statistics, sample, s, None if heard is None else heard[1])
     prob_columns = [f"prob_{c}" for c in classes]
     rows: list[dict[str, Any]] = []
     sums: list[np.ndarray] = []  # per file: the sum of its windows' probabilities, and their count
@@ -70,12 +73,8 @@ def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
     with tqdm(total=len(paths), desc="predict", unit="file") as progress:
         for piece in results:
             if piece["first"]:  # a new file's row; its later pieces add windows (or an error)
-                rows.append({"path": piece["path"], "status": "error", "error": "", "emotion": None,
-                             "confidence": math.nan, **{c: math.nan for c in prob_columns},
-                             "duration_s": math.nan if piece["duration"] is None else piece["duration"],
-                             "normalised_by": heard_as(used, key_of.get(piece["path"]), statistics),
-                             "speaker_group": key_of.get(piece["path"], ""),
-                             "adapted": models.adapted(key_of.get(piece["path"]))})
+                key = key_of.get(piece["path"])
+                rows.append(new_row(piece, prob_columns, heard_as(used, key, statistics), key, models.adapted(key)))
                 sums.append(np.zeros(len(classes)))
                 counts.append(0)
                 progress.update(1)
@@ -87,6 +86,15 @@ def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
         if pending:
             flush()
     return finish_rows(rows, sums, counts, segments, classes, s)
+
+
+def new_row(piece: dict[str, Any], prob_columns: list[str], used: str, key: str | None, adapted: bool
+            ) -> dict[str, Any]:
+    """A file's row before its windows are scored: an error until they are."""
+    return {"path": piece["path"], "status": "error", "error": "", "emotion": None, "confidence": math.nan,
+            **{c: math.nan for c in prob_columns},
+            "duration_s": math.nan if piece["duration"] is None else piece["duration"],
+            "normalised_by": used, "speaker_group": key or "", "adapted": adapted}
 
 
 def finish_rows(rows: list[dict[str, Any]], sums: list[np.ndarray], counts: list[int],
@@ -113,3 +121,13 @@ def label_files(paths: list[Path], trained: "TrainedModel", s: Settings, stream:
     """label_rows as DataFrames (one row per file, one row per window)."""
     files, segments = label_rows(paths, trained, s, stream, speakers, calibration)
     return files.to_frame(), segments.to_frame()
+
+
+def hear_groups(sample: list[Path], keys: list[str], trained: "TrainedModel", s: Settings, cap: int, used: str
+                ) -> tuple[Statistics, States]:
+    """The first pass of a grouped run on its own (a cluster worker's share of it): the statistics
+    and adaptations of the groups of `sample` (a sample of each group's files, as
+    grouping.statistics_sample draws it; `keys`: each file's group; `cap`: windows kept a group)."""
+    statistics, window_sample = first_pass(sample, keys, FeatureStream(sample, trained.extractor(s.precision), s),
+                                           trained.feature_params, s, cap)
+    return statistics, adapted_states(trained, used, statistics, window_sample, s)

@@ -23,12 +23,26 @@ if TYPE_CHECKING:
     from ser.trained import TrainedModel
 
 
-def group_models(trained: "TrainedModel", used: str, statistics: Statistics, window_sample: Any, s: Settings
-                 ) -> "GroupModels":
+States = dict[str, tuple[dict[str, Any], float]]  # group -> its adapted BatchNorm values, matched temperature
+
+
+def group_models(trained: "TrainedModel", used: str, statistics: Statistics, window_sample: Any, s: Settings,
+                 states: States | None = None) -> "GroupModels":
     """The model each group is heard by (ser.adaptation.GroupModels): with s.adapt, adapted to
     every group that has statistics of its own from its kept windows (normalised as the model
-    hears them), else the trained one."""
-    from ser.adaptation import MIN_CLIPS, GroupModels, adapted_state
+    hears them), else the trained one. `states`: the adaptations found elsewhere (a cluster's
+    first pass) instead."""
+    from ser.adaptation import GroupModels
+
+    return GroupModels(trained, adapted_states(trained, used, statistics, window_sample, s) if states is None
+                       else states)
+
+
+def adapted_states(trained: "TrainedModel", used: str, statistics: Statistics, window_sample: Any, s: Settings
+                   ) -> States:
+    """Each group's adaptation (ser.adaptation.adapted_state) to its kept windows, for every group
+    with statistics of its own and at least MIN_CLIPS windows kept."""
+    from ser.adaptation import MIN_CLIPS, adapted_state
 
     states = {}
     keys = [] if window_sample is None else [k for k in window_sample.kept if k in statistics]
@@ -39,7 +53,7 @@ def group_models(trained: "TrainedModel", used: str, statistics: Statistics, win
         piece = {"features": features, "functionals": functionals}
         z = None if trained.head is None else functional_input([piece], [statistics[key]], trained.head)
         states[key] = adapted_state(trained, model_input([piece], used, [statistics[key]]), z, s.precision)
-    return GroupModels(trained, states)
+    return states
 
 
 def model_input(pieces: list[dict[str, Any]], used: str, stats: list[GroupStatistics | None]) -> "torch.Tensor":

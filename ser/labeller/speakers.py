@@ -82,9 +82,28 @@ def first_pass_paths(paths: list[Path], normalisation: str | None, speakers: str
     return None
 
 
+def adapt_sample_cap(n_groups: int) -> int:
+    """Windows kept per group to adapt on: at most SAMPLE_SIZE, and ADAPT_MAX_WINDOWS in all."""
+    from ser.adaptation import SAMPLE_SIZE
+
+    return max(1, min(SAMPLE_SIZE, ADAPT_MAX_WINDOWS // max(1, n_groups)))
+
+
+def first_pass(sample: list[Path], keys: list[str], stream: Iterable[dict[str, Any]], fp: FeatureParams, s: Settings,
+               cap: int) -> tuple[Statistics, Any]:
+    """(each group's statistics, the windows kept to adapt on or None) from the features of a
+    sample of each group's files (`keys`: each sample file's group)."""
+    window_sample = None
+    if s.adapt:
+        from ser.adaptation import WindowSample
+
+        window_sample = WindowSample(cap)
+    return gather_statistics(sample, keys, stream, fp, s.min_group_windows, window_sample), window_sample
+
+
 def speaker_setup(paths: list[Path], trained: "TrainedModel", s: Settings, stream: FeatureStream | None,
                   speakers: str, calibration: GroupStatistics | None,
-                  groups: list[str] | None = None
+                  groups: list[str] | None = None, heard: Statistics | None = None
                   ) -> tuple[str, dict[str, str], Statistics, FeatureStream, Any]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
     the stream the model's pass reads, the windows kept to adapt the model to each group or
@@ -92,7 +111,8 @@ def speaker_setup(paths: list[Path], trained: "TrainedModel", s: Settings, strea
     first pass over a sample of each group's files, and a stream over every file then serves the model.
     `stream`: None, or started by the caller over first_pass_paths() or every path (run() does, so the
     workers start before torch loads). `groups`: each path's speaker group already read from
-    `speakers` (a cluster worker gets them, not the manifest)."""
+    `speakers` (a cluster worker gets them, not the manifest). `heard`: each group's statistics
+    found by a first pass elsewhere (a cluster's): no first pass here."""
     extractor = trained.extractor(s.precision)
     population = trained.population
     used, statistics = normalised_by(trained.normalisation, population is not None, speakers), {}
@@ -104,17 +124,15 @@ def speaker_setup(paths: list[Path], trained: "TrainedModel", s: Settings, strea
             groups if groups is not None else speaker_keys(paths, speakers))
     key_of = {} if keys is None else {str(p): k for p, k in zip(paths, keys)}
     window_sample = None
-    if keys is not None and used != "calibration":
-        if s.adapt:
-            from ser.adaptation import SAMPLE_SIZE, WindowSample
-
-            window_sample = WindowSample(max(1, min(SAMPLE_SIZE, ADAPT_MAX_WINDOWS // len(set(keys)))))
+    if keys is not None and used != "calibration" and heard is not None:
+        statistics = {k: v for k, v in heard.items() if k is not None}
+    elif keys is not None and used != "calibration":
         sample = statistics_sample(paths, keys, s.max_group_files)
         if stream is not None and stream.paths != sample:
             raise ValueError("the caller's stream must be over first_pass_paths()")
         first = stream if stream is not None else FeatureStream(sample, extractor, s, then=paths)
-        statistics = gather_statistics(sample, [key_of[str(p)] for p in sample], first, extractor.fp,
-                                       s.min_group_windows, window_sample)
+        statistics, window_sample = first_pass(sample, [key_of[str(p)] for p in sample], first, extractor.fp, s,
+                                               adapt_sample_cap(len(set(keys))))
         stream = first.next_pass  # every file, for the model's pass (begun on the same workers)
         if stream is not None and stream.paths != paths:
             raise ValueError("the caller's second pass must be over every path")
