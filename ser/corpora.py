@@ -116,6 +116,8 @@ EMODB_FEMALE = {"08", "09", "13", "14", "16"}
 CREMA_D_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 CREMA_D_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
 CREMA_D_LEVELS = ("LO", "MD", "HI", "XX")
+ASED_FOLDERS = {"01Neutral": "n", "02Fearful": "f", "03Happy": "h", "04Sad": "s", "05Angry": "a"}
+ASED_SEXES = {"01": "female", "02": "male"}
 
 # Each kind's labels mapped onto the project's classes; None leaves the label out (listed in
 # the rejects with the reason). A corpus's `labels` param overrides single entries, e.g.
@@ -127,11 +129,12 @@ DEFAULT_LABELS: dict[str, dict[str, str | None]] = {
     "emodb": {"anger": "angry", "boredom": None, "disgust": "disgust", "fear": "fearful", "happiness": "happy",
               "sadness": "sad", "neutral": "neutral"},
     "crema_d": {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"},
+    "ased": {"n": "neutral", "f": "fearful", "h": "happy", "s": "sad", "a": "angry"},
     "manifest": {e: e for e in EMOTIONS},
     "folders": {e: e for e in EMOTIONS},
 }
 KINDS = tuple(DEFAULT_LABELS)
-NAMED_BY_FILE = ("ravdess", "tess", "emodb", "crema_d")  # kinds whose file name is the clip's identity
+NAMED_BY_FILE = ("ravdess", "tess", "emodb", "crema_d", "ased")  # kinds whose file name is the clip's identity
 
 
 def parse_ravdess(relative: PurePath) -> dict[str, Any]:
@@ -173,6 +176,21 @@ def parse_crema_d(relative: PurePath) -> dict[str, Any]:
     return {"speaker": parts[0], "label": parts[2], "language": "en"}
 
 
+def parse_ased(relative: PurePath) -> dict[str, Any]:
+    """ASED v1 (the authors' layout): <NN><Emotion>/<e><N>-<sentence>-<repetition>-<sex>-<speaker>,
+    e.g. 02Fearful/f2-06-02-02-63.wav; the emotion letter (either case) and number must be the
+    folder's. Speaker: the last field (01-65); sex 01 female, 02 male, as each file says."""
+    folder, stem = relative.parent.name, relative.stem
+    match = re.fullmatch(r"([nfhsaNFHSA])([1-5])-(\d{2})-(0[12])-(0[12])-(\d{2})", stem)
+    letter = ASED_FOLDERS.get(folder)
+    if not match or letter is None or not 1 <= int(match.group(6)) <= 65:
+        raise ValueError(f"not an ASED name (want 01Neutral..05Angry/<e><n>-SS-RR-GG-PP, e.g. "
+                         f"02Fearful/f2-06-02-02-63): {relative}")
+    if (match.group(1).lower(), match.group(2)) != (letter, folder[1]):
+        raise ValueError(f"ASED folder {folder} and file name disagree on the emotion: {relative}")
+    return {"speaker": match.group(6), "label": letter, "sex": ASED_SEXES[match.group(5)], "language": "am"}
+
+
 def parse_folders(relative: PurePath) -> dict[str, Any]:
     """<speaker>/<emotion>/<file> (or <emotion>/<file>: one speaker for the whole corpus)."""
     if len(relative.parts) == 3:
@@ -183,7 +201,7 @@ def parse_folders(relative: PurePath) -> dict[str, Any]:
 
 
 PARSERS = {"ravdess": parse_ravdess, "tess": parse_tess, "emodb": parse_emodb, "crema_d": parse_crema_d,
-           "folders": parse_folders}
+           "ased": parse_ased, "folders": parse_folders}
 
 
 def label_map(kind: str, overrides: dict[str, str | None] | None = None) -> dict[str, str | None]:

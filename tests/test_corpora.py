@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, write_tone
-from ser.corpora import (EMOTIONS, SCHEMA, collect, collect_corpus, label_map, parse_crema_d, parse_emodb, parse_folders,
+from ser.corpora import (EMOTIONS, SCHEMA, collect, collect_corpus, label_map, parse_ased, parse_crema_d, parse_emodb,
+                         parse_folders,
                          parse_name, parse_tess, resolve_classes, write_parquet)
 from ser.util import UserError
 
@@ -144,6 +145,37 @@ def test_every_real_emodb_name_parses():
                                                    ("1045_IEO_HAP_HI.flac", "1045", "HAP")])
 def test_crema_d_names_follow_the_official_convention(name, speaker, label):
     assert parse_crema_d(PurePosixPath(name)) == {"speaker": speaker, "label": label, "language": "en"}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("02Fearful/f2-06-02-02-63.opus", {"speaker": "63", "label": "f", "sex": "male", "language": "am"}),
+    ("ASED_v1/01Neutral/n1-01-01-01-01.wav", {"speaker": "01", "label": "n", "sex": "female", "language": "am"}),
+    ("04Sad/S4-07-02-02-40.opus", {"speaker": "40", "label": "s", "sex": "male", "language": "am"}),  # one upper-case
+])
+def test_ased_names_follow_the_authors_layout(name, expected):
+    assert parse_ased(PurePosixPath(name)) == expected
+
+
+@pytest.mark.parametrize("name", ["03Happy/f2-06-02-02-63.opus", "02Fearful/f3-06-02-02-63.opus",
+                                  "02Fearful/f2-06-02-02-66.opus", "02Fear/f2-06-02-02-63.opus",
+                                  "02Fearful/f2-06-03-02-63.opus", "02Fearful/f2-06-02-03-63.opus", "f2-06-02-02-63.opus"])
+def test_ased_names_out_of_its_layout_are_refused(name):
+    with pytest.raises(ValueError, match="ASED"):
+        parse_ased(PurePosixPath(name))
+
+
+def test_an_ased_folder_is_collected_by_speaker_with_its_five_emotions(tmp_path):
+    root = tmp_path / "ased" / "ASED_v1"
+    for folder, letter in (("01Neutral", "n1"), ("02Fearful", "f2"), ("03Happy", "h3"), ("04Sad", "s4"), ("05Angry", "a5")):
+        for speaker, sex in (("01", "01"), ("02", "02"), ("03", "02")):
+            write_tone(root / folder / f"{letter}-01-01-{sex}-{speaker}.wav", seconds=0.5)
+    (root / "source_sha256.tsv").write_text("name\tsha256\n")
+    clips, rejects = collect_corpus("ased", "ased", tmp_path / "ased", test_speakers=["01"], calibration_speakers=[2])
+    assert len(clips) == 15 and set(clips["emotion"]) == {"neutral", "fearful", "happy", "sad", "angry"}
+    by_speaker = clips.groupby("speaker")["split"].first().to_dict()
+    assert by_speaker == {"ased:01": "test", "ased:02": "calibration", "ased:03": "train"}
+    assert set(clips.loc[clips["speaker"] == "ased:01", "sex"]) == {"female"}
+    assert rejects["reason"].tolist() == ["not an audio file extension"]
 
 
 @pytest.mark.parametrize("parse, name", [(parse_crema_d, "1000_DFA_ANG_XX.wav"), (parse_crema_d, "1001_XYZ_ANG_XX.wav"),
