@@ -72,6 +72,8 @@ app: setup
 	ser app $(ARGS)
 
 bench: setup
+	python bench/bench_profile.py --precision float32
+	python bench/bench_profile.py --precision auto
 	python bench/bench_features.py
 	python bench/bench_predict.py
 	python bench/bench_cluster.py

@@ -23,7 +23,7 @@ def pick_device(preference: str = "auto") -> "torch.device":
     return torch.device(preference)
 
 
-PRECISIONS = ("float32", "bfloat16", "auto")
+PRECISIONS = ("float32", "bfloat16", "int8", "auto")
 
 
 def autocast_dtype(device: "torch.device", precision: str = "float32") -> "torch.dtype | None":
@@ -39,7 +39,18 @@ def autocast_dtype(device: "torch.device", precision: str = "float32") -> "torch
         return torch.float16
     if precision == "bfloat16" or (precision == "auto" and _native_bfloat16()):
         return torch.bfloat16
-    return None
+    return None  # float32; int8 is the encoder's alone (encoder_precision), the CNN stays float32
+
+
+def encoder_precision(precision: str) -> str:
+    """What the speech encoder runs in on the CPU for `precision`: float32, bfloat16, or int8
+    (its linear layers quantised, ser.encoder); auto: bfloat16 on CPUs with native units, else
+    int8, the faster of the two where bfloat16 is emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bfloat16" if _native_bfloat16() else "int8"
 
 
 def _native_bfloat16() -> bool:

@@ -30,6 +30,10 @@ WIDTH = {"whisper-base": 512}  # the states' width: a clip's summary has 2 * WID
 SAMPLE_RATE = 16000  # Whisper hears 16 kHz audio
 MAX_SECONDS = 30  # its positions cover 30 s
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+# In int8 the feed-forward's second projection stays float32: its input, after the GELU, has a
+# few channels far larger than the rest, which one int8 scale per row rounds badly (the labels
+# then agree less with float32's: docs/performance.md).
+FLOAT_IN_INT8 = ("ffn/linear_1",)
 
 
 class EncoderError(UserError):
@@ -128,36 +132,64 @@ class WhisperEncoder:
         self.w, self.heads = weights, int(weights["num_heads"])
         self.layers = len({k.split("/")[0] for k in weights if k.split("/")[0].removeprefix("layer_").isdigit()})
         self.filterbank = None
+        self.int8: dict | None = None  # name -> the linear layer quantised to int8 (int8_layers)
+
+    def int8_layers(self) -> dict:
+        """The linear layers as int8 (torch's dynamic quantisation: int8 weights, each input
+        quantised as it comes), made on first use; those of FLOAT_IN_INT8 stay float32."""
+        if self.int8 is None:
+            import warnings
+
+            import torch
+
+            layers = {}
+            for name in sorted({k.rsplit("/", 1)[0] for k, v in self.w.items() if k.endswith("/weight") and v.dim() == 2}):
+                if name.endswith(FLOAT_IN_INT8):
+                    continue
+                linear = torch.nn.Linear(*self.w[name + "/weight"].shape[::-1])
+                linear.weight.data, linear.bias.data = self.w[name + "/weight"], self.w[name + "/bias"]
+                with warnings.catch_warnings():  # torch.ao's deprecation notice; the pinned torch has it
+                    warnings.simplefilter("ignore")
+                    layers[name] = torch.ao.quantization.quantize_dynamic(
+                        torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8).eval()
+            self.int8 = layers
+        return self.int8
 
     def norm(self, x, name: str):
         import torch.nn.functional as F
 
         return F.layer_norm(x, x.shape[-1:], self.w[name + "/gamma"], self.w[name + "/beta"], 1e-5)
 
-    def linear(self, x, name: str):
+    def linear(self, x, name: str, int8: bool = False):
         import torch.nn.functional as F
 
+        if int8 and name in self.int8_layers():
+            return self.int8[name](x)
         return F.linear(x, self.w[name + "/weight"], self.w[name + "/bias"])
 
-    def states(self, mel) -> list:
-        """Each layer's output (frames / 2, width) for an (80, frames) log-Mel tensor, frames even."""
+    def states(self, mel, int8: bool = False) -> list:
+        """Each layer's output (frames / 2, width) for an (80, frames) log-Mel tensor, frames even;
+        int8: the linear layers in int8 (int8_layers)."""
+        import functools
+
         import torch.nn.functional as F
 
         w = self.w
+        linear = functools.partial(self.linear, int8=int8)
         x = F.gelu(F.conv1d(mel[None], w["conv1/weight"], w["conv1/bias"], padding=1))
         x = F.gelu(F.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1))[0].T
         x = x + w["position_encodings/encodings"][: len(x)]
         outputs = []
         for i in range(self.layers):
             name = f"layer_{i}"
-            q, k, v = self.linear(self.norm(x, name + "/self_attention/layer_norm"),
-                                  name + "/self_attention/linear_0").chunk(3, dim=-1)
+            q, k, v = linear(self.norm(x, name + "/self_attention/layer_norm"),
+                             name + "/self_attention/linear_0").chunk(3, dim=-1)
             frames, width = q.shape
             q, k, v = (t.reshape(frames, self.heads, -1).transpose(0, 1)[None] for t in (q, k, v))
             attended = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1).reshape(frames, width)
-            x = x + self.linear(attended, name + "/self_attention/linear_1")
-            hidden = F.gelu(self.linear(self.norm(x, name + "/ffn/layer_norm"), name + "/ffn/linear_0"))
-            x = x + self.linear(hidden, name + "/ffn/linear_1")
+            x = x + linear(attended, name + "/self_attention/linear_1")
+            hidden = F.gelu(linear(self.norm(x, name + "/ffn/layer_norm"), name + "/ffn/linear_0"))
+            x = x + linear(hidden, name + "/ffn/linear_1")
             outputs.append(x)
         outputs[-1] = self.norm(x, "layer_norm")
         return outputs
@@ -179,28 +211,27 @@ class WhisperEncoder:
         mel = (torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0
         return torch.nn.functional.pad(mel, (0, mel.shape[1] % 2))
 
-    def summary(self, y: np.ndarray, bfloat16: bool = False) -> np.ndarray:
+    def summary(self, y: np.ndarray, bfloat16: bool = False, int8: bool = False) -> np.ndarray:
         """(2 * width,) float32: every layer's states mean- and std-pooled over the frames of the
         16 kHz signal y (its first 30 s), the layers averaged. bfloat16: the layers run under
-        bfloat16 autocast (faster on CPUs with native units; the summary moves within what a test bounds)."""
+        bfloat16 autocast (faster on CPUs with native units); int8: the linear layers in int8
+        (faster on CPUs without them); either moves the summary within what a test bounds."""
         import torch
 
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-            layers = [h.float() for h in self.states(self.logmel(y[: SAMPLE_RATE * MAX_SECONDS]))]
+            layers = [h.float() for h in self.states(self.logmel(y[: SAMPLE_RATE * MAX_SECONDS]), int8)]
         pooled = torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in layers])
         return pooled.mean(0).numpy().astype(np.float32)
 
 
 def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float32") -> np.ndarray:
     """The encoder `name`'s summary of the mono signal y at sample_rate (resampled to 16 kHz), in
-    `precision` (ser.device.autocast_dtype's: the features stage's float32; the labeller's auto)."""
-    import torch
-
-    from ser.device import autocast_dtype
+    `precision` (ser.device.encoder_precision's: the features stage's float32; the labeller's auto)."""
+    from ser.device import encoder_precision
 
     if sample_rate != SAMPLE_RATE:
         from ser.dsp import resample
 
         y = resample(np.asarray(y, dtype=np.float32), sample_rate, SAMPLE_RATE)
-    bfloat16 = precision != "float32" and autocast_dtype(torch.device("cpu"), precision) == torch.bfloat16
-    return load(name).summary(y, bfloat16)
+    chosen = encoder_precision(precision)
+    return load(name).summary(y, bfloat16=chosen == "bfloat16", int8=chosen == "int8")

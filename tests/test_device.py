@@ -19,7 +19,7 @@ def test_precision_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     assert device.autocast_dtype(cpu, "auto") == torch.bfloat16
     assert device.autocast_dtype(torch.device("cuda"), "float32") == torch.float16
     with pytest.raises(ValueError, match="precision"):
-        device.autocast_dtype(cpu, "int8")
+        device.autocast_dtype(cpu, "float16")
 
 
 def test_device_and_mixed_precision_follow_what_cuda_reports(monkeypatch):
@@ -43,3 +43,15 @@ def test_device_and_mixed_precision_follow_what_cuda_reports(monkeypatch):
     assert one_cycle(model, recipe, 10, torch.float16)[2].is_enabled()  # float16 needs its loss scaled
     for dtype in (torch.bfloat16, None):
         assert not one_cycle(model, recipe, 10, dtype)[2].is_enabled()
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "int8")])
+def test_the_encoder_runs_auto_in_the_faster_reduced_precision_of_the_cpu(monkeypatch, native, expected):
+    import ser.device
+
+    monkeypatch.setattr(ser.device, "_native_bfloat16", lambda: native)
+    assert ser.device.encoder_precision("auto") == expected
+    assert [ser.device.encoder_precision(p) for p in ("float32", "bfloat16", "int8")] == ["float32", "bfloat16", "int8"]
+    assert ser.device.autocast_dtype(torch.device("cpu"), "int8") is None  # the CNN stays float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ser.device.encoder_precision("float16")

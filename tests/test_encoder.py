@@ -145,3 +145,29 @@ def test_bfloat16_moves_the_summary_little_and_float32_not_at_all():
     reduced = encoder.summary("whisper-base", y, 16000, "bfloat16")
     assert not np.array_equal(reduced, exact)  # it did run in bfloat16
     assert np.linalg.norm(reduced - exact) / np.linalg.norm(exact) < 0.02
+
+
+def test_int8_moves_the_summary_of_speech_little_and_keeps_the_feed_forwards_second_projection_float():
+    """On 8 RAVDESS clips (whole, silence included) the summary moved by 2-9% in int8 (bfloat16:
+    0.2-0.6%); the labels of 300 trimmed clips through the trained model agreed 99.7% with float32's
+    (docs/performance.md). A chirp is not speech: the bound is speech's."""
+    import zipfile
+
+    import soundfile as sf
+
+    from conftest import MIRROR
+
+    if not MIRROR.is_file():
+        pytest.skip("the RAVDESS mirror is not beside the repository (CI has it: a skip fails there)")
+    with zipfile.ZipFile(MIRROR) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".wav"))[::150][:8]
+        clips = [sf.read(io.BytesIO(zf.read(n)), dtype="float32")[0] for n in names]
+    moved = []
+    for y in clips:
+        exact = encoder.summary("whisper-base", y, 16000)
+        reduced = encoder.summary("whisper-base", y, 16000, "int8")
+        moved.append(np.linalg.norm(reduced - exact) / np.linalg.norm(exact))
+        np.testing.assert_array_equal(encoder.summary("whisper-base", y, 16000), exact)  # float32 untouched
+    assert 0 < min(moved) and np.mean(moved) < 0.06 and max(moved) < 0.12, moved
+    layers = encoder.load("whisper-base").int8_layers()
+    assert len(layers) == 6 * 3 and not any(name.endswith("ffn/linear_1") for name in layers)

@@ -30,7 +30,7 @@ def test_an_unknown_key_is_named_and_a_missing_one_takes_the_default():
     ({"hop_s": -1.0}, "hop_s must be a positive number"),
     ({"segment_s": True}, "segment_s must be a positive number"),
     ({"max_group_files": "200"}, "max_group_files must be a positive number"),
-    ({"precision": "float16"}, "precision must be one of float32, bfloat16, auto"),
+    ({"precision": "float16"}, "precision must be one of float32, bfloat16, int8, auto"),
     ({"adapt": "yes"}, "adapt must be true or false"),
 ])
 def test_a_setting_that_cannot_work_is_a_clear_error(change, message):

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         "machine: whoever reaches it runs code on its workers")
     parser.add_argument("--device", default="auto", help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                        help="auto: bfloat16 on CPUs with native support (faster), else float32")
+                        help="auto: bfloat16 on CPUs with native units; elsewhere the encoder in int8 and the "
+                        "model in float32 (each the faster there); float32: the features stage's arithmetic")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,

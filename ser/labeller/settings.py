@@ -23,7 +23,7 @@ class Settings:
     segment_s: float = 6.0  # recordings longer than this are cut into windows of this length
     hop_s: float = 3.0  # step between windows
     max_queued_windows: int = 4096  # features computed ahead of the model, at most (bounds memory)
-    precision: str = "auto"  # of the model's arithmetic: float32 | bfloat16 | auto (ser.device.autocast_dtype)
+    precision: str = "auto"  # float32 | bfloat16 | int8 (the encoder's) | auto (ser.device.encoder_precision)
     max_duration_s: float = 14400.0  # longer files are refused from their header (bounds the work per file)
     min_sample_rate: int = 4000  # files below this rate are refused (a 1 Hz header makes thousands of windows)
     uncertain_below: float = UNCERTAIN_BELOW  # a less confident file label is flagged uncertain (ser.calibration)
