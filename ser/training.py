@@ -235,8 +235,6 @@ def fit(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor, fp: Fea
     seed_everything(r["seed"])
     x_train = apply_statistics(x_train, stats)
     # float16 on CUDA (loss-scaled); bfloat16 on CPUs with native units (faster); else float32
-    if r["precision"] == "int8":
-        raise UserError("train.precision int8: training runs in float32 or bfloat16 (int8 is the labeller's)")
     amp_dtype = autocast_dtype(device, r["precision"])
     mean, std = x_train.mean(dim=(0, 2)), x_train.std(dim=(0, 2))
     model = build_model(model_arch(r), fp.n_mels, n_classes)
@@ -293,6 +291,8 @@ def fit_ensemble(r: dict[str, Any], x_train: torch.Tensor, y_train: torch.Tensor
                  ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """r["ensemble_seeds"] models (seeds seed, seed+1, ...) voting by averaged probabilities
     (one: that model), and the history of every member (column `member`)."""
+    if r["precision"] == "int8":
+        raise UserError("train.precision int8: training runs in float32 or bfloat16 (int8 is the labeller's)")
     n = r["ensemble_seeds"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"train.ensemble_seeds must be a whole number >= 1, not {n!r}")

@@ -213,3 +213,9 @@ def test_a_fusion_recipe_trains_a_linear_model_on_the_functionals_and_the_file_k
     assert "fusion" not in off
     with pytest.raises(UserError, match="train.fusion"):
         train(train_params(epochs=1, fusion={"weight": 0.4}), features, metadata, CPU)
+
+
+def test_int8_is_the_labellers_not_a_training_precision(feature_params):
+    x, y = torch.zeros(4, feature_params.n_mels, feature_params.n_frames), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="train.precision int8"):
+        fit_ensemble(train_params(precision="int8"), x, y, feature_params, 2, CPU)
