@@ -21,7 +21,7 @@ from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_tem
 from ser.fusion import average_speaker
 from ser.metrics import balanced_share, confusion_matrix, scores_from_confusion
 from ser.models import infer
-from ser.trained import scored_probs
+from ser.trained import TrainedModel, scored_probs
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
                           grouped_statistics, grouping_keys, input_statistics, load_clips, load_raw,
                           sampling_weights, train_classes)
@@ -78,11 +78,15 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     x_test, y_test, test_clips = load_raw(*data, classes, corpora=[left_out])
     start, stats = time.perf_counter(), input_statistics(x, train_clips, norm)
     weights = sampling_weights(train_clips, recipe)
-    model, _ = fit_ensemble(recipe, x, y, feature_store.load(data[0])[2], len(classes), device,
-                            label=f"without {left_out} ", stats=stats, weights=weights)
+    fp = feature_store.load(data[0])[2]
+    model, _ = fit_ensemble(recipe, x, y, fp, len(classes), device, label=f"without {left_out} ", stats=stats,
+                            weights=weights)
     x_cal, y_cal, cal_clips = load_clips(*data, classes, corpora=others, split="calibration", normalisation=norm)
     temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
     head = fit_head(recipe, data[0], train_clips, y, len(classes), weights, (y_cal, cal_clips))
+    # the model as a model file would carry it (its network kept unfused, as trained)
+    trained = TrainedModel(model, classes, fp, {"temperature": temperature, "normalisation": norm,
+                                                "fusion": None if head is None else head.to_record()}, device=device)
     functionals = feature_store.load_functionals(data[0], test_clips["path"]) if head is not None else None
     minutes = round((time.perf_counter() - start) / 60, 2)
     groupings = SCORED_GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
@@ -93,7 +97,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
         inputs = x_test if norm == "clip" else apply_statistics(
             x_test, grouped_statistics(x_test, test_clips, grouping, population))
         z = grouped_functionals(functionals, test_clips, grouping, head)
-        probs = scored_probs(model, head, inputs, z, recipe["batch_size"], device, temperature).exp().numpy()
+        probs = scored_probs(trained.scaled(), trained.head, inputs, z, recipe["batch_size"], device).exp().numpy()
         scores, predicted, scored = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
         if grouping == "speaker":  # the headline figures: each speaker relative to their own clips
             row.update(test_clips=int(scored.sum()), not_scored=int((~scored).sum()), **scores)
@@ -102,8 +106,8 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
             row.update({f"{grouping}_uar": scores["uar"],
                         f"{grouping}_most_predicted_balanced": scores["most_predicted_balanced"]})
         if norm == "speaker" and grouping in ADAPTED_GROUPINGS:
-            probs = adapted_probs(model, head, temperature, inputs, z, grouping_keys(test_clips, grouping),
-                                  recipe["batch_size"], device).exp().numpy()
+            probs = adapted_probs(trained.network, trained.head, temperature, inputs, z,
+                                  grouping_keys(test_clips, grouping), recipe["batch_size"], device).exp().numpy()
             adapted, _, _ = left_out_scores(probs, y_test.numpy(), classes, set(y.tolist()))
             row.update({f"adapted_{grouping}_{name}": adapted[name]
                         for name in ("uar", "accuracy", "ece", "uncertain_share", "most_predicted_balanced")})
