@@ -99,10 +99,10 @@ def profile(paths: list[Path], fp: FeatureParams, precision: str, trained) -> di
             y = load_audio(path, fp.sample_rate)
             times["decode_resample"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            trimmed = np.asarray(extractor.trim(y), dtype=np.float32)
-            fixed = fix_length(trimmed, fp.n_samples)
-            db = extractor(y)
+            db = extractor(y)  # the trim, the crop and the log-Mel, as a worker computes them
             times["trim_logmel"].append(time.perf_counter() - start)
+            trimmed = np.asarray(extractor.trim(y), dtype=np.float32)  # the signal the functionals hear (untimed)
+            fixed = fix_length(trimmed, fp.n_samples)
             spoken = fixed if len(trimmed) > fp.n_samples else trimmed
             start = time.perf_counter()
             described = prosody.functionals(db, spoken, fp.sample_rate, fp.floor_db)
