@@ -236,10 +236,15 @@ class LogMel:
     (centred Hann STFT, zero padding; ref=np.max when top_db is set) with librosa's trim,
     computed in NumPy/SciPy without importing librosa (seconds per process)."""
 
-    def __init__(self, fp: FeatureParams, functionals: bool = True, encoder_precision: str = "float32") -> None:
+    def __init__(self, fp: FeatureParams, functionals: bool = True, encoder_precision: str = "float32",
+                 encoder_device: str | None = None) -> None:
         self.fp = fp
         self.functionals = functionals  # describe() also computes ser.prosody's functionals (a fused model's)
         self.encoder_precision = encoder_precision  # the encoder's (ser.encoder.summary): the labeller's auto
+        # None: describe() runs the encoder here (each CPU worker); a device ("cuda"): the encoder
+        # runs there, on many clips at once (ser.encoder.run_deferred), and describe_deferred() is
+        # what the workers compute
+        self.encoder_device = encoder_device
         if functionals and fp.encoder is not None:
             encoder.verify(fp.encoder)  # missing or altered weights: say so now, not in every worker's rows
         self.filterbank = mel_filterbank(fp.sample_rate, fp.n_fft, fp.n_mels, fp.fmin, fp.fmax)
@@ -289,8 +294,25 @@ class LogMel:
 
     def describe(self, y: np.ndarray, with_functionals: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(log-Mel, functionals) of a mono signal at fp.sample_rate: the CNN's input and the
-        linear model's (ser.prosody, of the same trimmed and cropped signal; None when
-        with_functionals, by default self.functionals, is off)."""
+        linear model's (ser.prosody, of the same trimmed and cropped signal, and the encoder's
+        summary; None when with_functionals, by default self.functionals, is off)."""
+        db, described, spoken = self._describe(y, with_functionals)
+        if described is None or self.fp.encoder is None:
+            return db, described
+        return db, np.concatenate([described, encoder.summary(self.fp.encoder, spoken, self.fp.sample_rate,
+                                                            self.encoder_precision)])
+
+    def describe_deferred(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        """describe() for an encoder that runs elsewhere (encoder_device): (log-Mel, the functionals
+        without the encoder's summary, the encoder's input; None without functionals or encoder)."""
+        db, described, spoken = self._describe(y)
+        if described is None or self.fp.encoder is None:
+            return db, described, None
+        # as an array: it is sent to another process (the one that runs the encoder)
+        return db, described, encoder.encoder_input(spoken, self.fp.sample_rate).numpy()
+
+    def _describe(self, y: np.ndarray, with_functionals: bool | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         if self.fp.trim_db is not None:
             y = self.trim(y)
         y = np.asarray(y, dtype=np.float32)
@@ -300,14 +322,10 @@ class LogMel:
         if self.fp.top_db is not None:  # librosa's power_to_db(ref=np.max, top_db=top_db)
             db = np.maximum(db - db.max(), -self.fp.top_db)
         db = np.ascontiguousarray(db, dtype=np.float32)
-        if not (self.functionals if with_functionals is None else with_functionals):
-            return db, None
         spoken = fixed if len(y) > self.fp.n_samples else y  # the cropped signal without its padding
-        described = prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db)
-        if self.fp.encoder is None:
-            return db, described
-        return db, np.concatenate([described, encoder.summary(self.fp.encoder, spoken, self.fp.sample_rate,
-                                                            self.encoder_precision)])
+        if not (self.functionals if with_functionals is None else with_functionals):
+            return db, None, spoken
+        return db, prosody.functionals(db, spoken, self.fp.sample_rate, self.fp.floor_db), spoken
 
     def from_file(self, path: str | Path) -> np.ndarray:
         """Load one file and compute its log-Mel."""
@@ -316,6 +334,10 @@ class LogMel:
     def clip_features(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         """Load one file: (log-Mel, functionals), what the features stage stores."""
         return self.describe(load_audio(path, self.fp.sample_rate))
+
+    def clip_features_deferred(self, path: str | Path) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        """Load one file: describe_deferred() of it, for an encoder that runs elsewhere."""
+        return self.describe_deferred(load_audio(path, self.fp.sample_rate))
 
 
 def find_audio_files(root: str | Path) -> list[Path]:

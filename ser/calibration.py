@@ -8,6 +8,12 @@ of the classes, so every label, is unchanged. With calibrated probabilities a co
 the expected chance of being right, and a clip whose confidence is below UNCERTAIN_BELOW
 (more likely wrong than right) is flagged `uncertain`. (The model wrapper is
 ser.models.TemperatureScaled; this module imports no torch, for the labeller's fast start.)
+
+Held-out speakers of the training corpora are not recordings from elsewhere: on a corpus it
+never heard the model is right less often and as sure. A second factor, the unseen-corpus
+temperature, is fitted on leave-one-corpus-out predictions (ser.crosscorpus) and softens the
+labels' probabilities (soften) so that they are honest there (docs/decisions.md, "Confidence
+on a corpus never heard").
 """
 from __future__ import annotations
 
@@ -66,3 +72,30 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict[s
     return [{"bin": round((b + 0.5) / bins, 3), "confidence": float(confidence[which == b].mean()),
              "accuracy": float(correct[which == b].mean()), "clips": int((which == b).sum())}
             for b in range(bins) if (which == b).any()]
+
+
+def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """probs ** (1 / temperature), renormalised per row: what dividing the fused log-probabilities
+    by `temperature` gives (the CNN's and the linear model's temperatures both multiplied by it).
+    The ranking of the classes, so every label, is unchanged."""
+    if temperature == 1.0:
+        return probs
+    log_probs = np.log(np.clip(probs, 1e-12, None)) / temperature
+    log_probs -= log_probs.max(axis=1, keepdims=True)
+    out = np.exp(log_probs)
+    return (out / out.sum(axis=1, keepdims=True)).astype(probs.dtype)
+
+
+def fit_softening(probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature t for soften(probs, t) that minimises the negative log-likelihood of y
+    (fit_temperature on the log-probabilities: a row's constant does not move softmax)."""
+    import torch
+
+    log_probs = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)).astype(np.float64))
+    return fit_temperature(log_probs, torch.from_numpy(np.asarray(y)))
+
+
+def wrong_flagged(probs: np.ndarray, y: np.ndarray) -> float | None:
+    """The share of wrong labels flagged uncertain (confidence below UNCERTAIN_BELOW); None if none is wrong."""
+    wrong = probs.argmax(axis=1) != y
+    return float((probs[wrong].max(axis=1) < UNCERTAIN_BELOW).mean()) if wrong.any() else None

@@ -17,7 +17,8 @@ import torch
 
 from ser import features as feature_store
 from ser.adaptation import adapted_probs
-from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, fit_temperature
+from ser.calibration import (UNCERTAIN_BELOW, expected_calibration_error, fit_softening, fit_temperature, soften,
+                             wrong_flagged)
 from ser.fusion import average_speaker
 from ser.metrics import balanced_share, confusion_matrix, scores_from_confusion
 from ser.models import infer
@@ -43,7 +44,8 @@ def score_shared(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: 
 
 
 ADAPTED_GROUPINGS = ("speaker", "corpus")  # also scored adapted to each group: by speaker, one flat folder
-NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "fusion_temperature", "train_minutes")  # in the table only
+NOT_METRICS = ("left_out", "trained_on", "classes", "temperature", "fusion_temperature", "train_minutes",
+               "unseen_temperature")  # in the table only
 
 
 def left_out_scores(probs: np.ndarray, y: np.ndarray, classes: list[str], trained: set[int]
@@ -113,6 +115,7 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
                         for name in ("uar", "accuracy", "ece", "uncertain_share", "most_predicted_balanced")})
     row["train_minutes"] = minutes
     predictions = pd.DataFrame({"path": test_clips["path"][scored], "corpus": left_out,
+                                "split": test_clips["split"][scored],
                                 "actual": test_clips["emotion"][scored], "predicted": kept,
                                 **{f"prob_{c}": kept_probs[:, i].round(5) for i, c in enumerate(classes)}})
     print(f"left out {left_out}: accuracy {row['accuracy']:.3f}, UAR {row['uar']:.3f}, "
@@ -129,9 +132,47 @@ def leave_one_corpus_out(data: tuple[str, str], recipe: dict[str, Any]
         raise UserError(f"leave-one-corpus-out needs two corpora or more; {data[1]} has {corpora}")
     device = pick_device(recipe["device"])
     rows, predictions = zip(*(leave_one_out(data, recipe, c, corpora, device) for c in corpora))
+    predictions = pd.concat(predictions, ignore_index=True)
+    unseen, per_corpus = unseen_calibration(predictions, classes_of(recipe))
+    rows = [{**row, **per_corpus[row["left_out"]]} for row in rows]
     table = pd.DataFrame(rows)
     summary = {"corpora": corpora, "uar_min": round(float(table["uar"].min()), 5),
-               "uar_mean": round(float(table["uar"].mean()), 5),
+               "uar_mean": round(float(table["uar"].mean()), 5), "unseen_temperature": unseen,
                "per_corpus": {row["left_out"]: {k: v for k, v in row.items() if k not in NOT_METRICS}
                               for row in rows}}
-    return table, summary, pd.concat(predictions, ignore_index=True)
+    return table, summary, predictions
+
+
+def classes_of(recipe: dict[str, Any]) -> list[str]:
+    return train_classes(recipe["classes"])
+
+
+def unseen_calibration(predictions: pd.DataFrame, classes: list[str]) -> tuple[float, dict[str, dict[str, Any]]]:
+    """The unseen-corpus temperature (ser.calibration.soften) fitted on every left-out corpus's
+    predictions of speakers outside its test and calibration splits (the recipe is chosen
+    without the test speakers); and per corpus left out, how honest the probabilities are on
+    all of it with the temperature fitted on the other corpora alone (nested: `unseen_ece`,
+    `unseen_uncertain_share`, `unseen_wrong_flagged`; `wrong_flagged` as calibrated in training),
+    on the shared classes as left_out_scores scores them."""
+    probs = predictions[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    y = predictions["actual"].map(classes.index).to_numpy()
+    fit_on = (predictions["split"] == "train").to_numpy()
+    corpus = predictions["corpus"].to_numpy()
+    per_corpus = {}
+    for left_out in sorted(set(corpus)):
+        others = fit_on & (corpus != left_out)
+        t = round(fit_softening(probs[others], y[others]), 4) if others.any() else 1.0
+        mine = corpus == left_out
+        shared = sorted(set(y[mine].tolist()))
+        local_y = np.array([shared.index(c) for c in y[mine]])
+        figures: dict[str, Any] = {"unseen_temperature": t}
+        for name, temperature in (("", 1.0), ("unseen_", t)):
+            p = soften(probs[mine], temperature)[:, shared]
+            p /= p.sum(axis=1, keepdims=True)
+            if name:  # as calibrated in training, ece and uncertain_share are left_out_scores'
+                figures.update({"unseen_ece": round(expected_calibration_error(p, local_y), 5),
+                                "unseen_uncertain_share": round(float((p.max(axis=1) < UNCERTAIN_BELOW).mean()), 5)})
+            figures[f"{name}wrong_flagged"] = round(wrong_flagged(p, local_y) or 0.0, 5)
+        per_corpus[left_out] = figures
+    unseen = round(fit_softening(probs[fit_on], y[fit_on]), 4) if fit_on.any() else 1.0
+    return unseen, per_corpus

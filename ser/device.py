@@ -42,15 +42,34 @@ def autocast_dtype(device: "torch.device", precision: str = "float32") -> "torch
     return None  # float32; int8 is the encoder's alone (encoder_precision), the CNN stays float32
 
 
-def encoder_precision(precision: str) -> str:
-    """What the speech encoder runs in on the CPU for `precision`: float32, bfloat16, or int8
+def encoder_precision(precision: str, device_type: str = "cpu") -> str:
+    """What the speech encoder runs in for `precision`. On the CPU: float32, bfloat16, or int8
     (its linear layers quantised, ser.encoder); auto: bfloat16 on CPUs with native units, else
-    int8, the faster of the two where bfloat16 is emulated."""
+    int8, the faster of the two where bfloat16 is emulated. On CUDA: float32 when asked (the
+    features stage), else float16 (autocast, as the models run there)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if device_type == "cuda":
+        return "float32" if precision == "float32" else "float16"
     if precision != "auto":
         return precision
     return "bfloat16" if _native_bfloat16() else "int8"
+
+
+def cuda_visible() -> bool:
+    """Whether an NVIDIA GPU's device files exist: what decides, without importing torch, that
+    a CPU-only machine needs no CUDA check (the labeller starts its workers before torch loads)."""
+    from pathlib import Path
+
+    return Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def chosen_device(preference: str = "auto") -> str:
+    """pick_device(preference) as a name ("cpu", "cuda"...); torch is imported only where an
+    NVIDIA GPU's device files exist or CUDA is asked for."""
+    if preference == "cpu" or (preference == "auto" and not cuda_visible()):
+        return "cpu"
+    return str(pick_device(preference))
 
 
 def _native_bfloat16() -> bool:

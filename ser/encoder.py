@@ -14,7 +14,7 @@ import struct
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,11 @@ CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16
 # few channels far larger than the rest, which one int8 scale per row rounds badly (the labels
 # then agree less with float32's: docs/performance.md).
 FLOAT_IN_INT8 = ("ffn/linear_1",)
+# The GPU path (summaries, run_deferred): log-Mel frames a padded batch holds at most (32 clips of
+# 5 s), and clips gathered before the encoder runs (several batches, to sort by length).
+BATCH_FRAMES = 16000
+DEFERRED_CLIPS = 256
+T = TypeVar("T")
 
 
 class EncoderError(UserError):
@@ -131,7 +136,7 @@ class WhisperEncoder:
     def __init__(self, weights: dict) -> None:
         self.w, self.heads = weights, int(weights["num_heads"])
         self.layers = len({k.split("/")[0] for k in weights if k.split("/")[0].removeprefix("layer_").isdigit()})
-        self.filterbank = None
+        self.copies: dict = {}  # device -> this encoder's weights there (to)
         self.int8: dict | None = None  # name -> the linear layer quantised to int8 (int8_layers)
 
     def int8_layers(self) -> dict:
@@ -167,61 +172,118 @@ class WhisperEncoder:
             return self.int8[name](x)
         return F.linear(x, self.w[name + "/weight"], self.w[name + "/bias"])
 
-    def states(self, mel, int8: bool = False) -> list:
-        """Each layer's output (frames / 2, width) for an (80, frames) log-Mel tensor, frames even;
-        int8: the linear layers in int8 (int8_layers)."""
+    def to(self, device) -> "WhisperEncoder":
+        """This encoder with its weights on `device` (a torch.device): itself on the CPU, a copy
+        made once per device elsewhere (the GPU path: ser.encoder.summaries)."""
+        if device.type == "cpu":
+            return self
+        if str(device) not in self.copies:
+            moved = WhisperEncoder({k: v.to(device) for k, v in self.w.items()})
+            self.copies[str(device)] = moved
+        return self.copies[str(device)]
+
+    def states(self, mels, frames=None, int8: bool = False) -> list:
+        """Each layer's output (clips, frames / 2, width) for a (clips, 80, frames) log-Mel batch,
+        frames even. frames: each clip's own number of log-Mel frames (even; None: all of them);
+        the rest of its row is padding, zeros, which its states do not hear (the attention masks
+        it out; the first convolution's window over the end sees zeros, as a clip alone does),
+        so each clip's states are its states alone, within rounding. int8: the linear layers in
+        int8 (int8_layers)."""
         import functools
 
+        import torch
         import torch.nn.functional as F
 
         w = self.w
         linear = functools.partial(self.linear, int8=int8)
-        x = F.gelu(F.conv1d(mel[None], w["conv1/weight"], w["conv1/bias"], padding=1))
-        x = F.gelu(F.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1))[0].T
-        x = x + w["position_encodings/encodings"][: len(x)]
+        x = F.gelu(F.conv1d(mels, w["conv1/weight"], w["conv1/bias"], padding=1))
+        x = F.gelu(F.conv1d(x, w["conv2/weight"], w["conv2/bias"], stride=2, padding=1)).transpose(1, 2)
+        clips, positions, width = x.shape
+        x = x + w["position_encodings/encodings"][:positions]
+        mask = keep = None  # which keys each clip's queries attend to: its own frames, not the padding
+        if frames is not None:
+            heard = torch.as_tensor(frames, device=x.device) // 2
+            valid = torch.arange(positions, device=x.device) < heard[:, None]
+            mask, keep = valid[:, None, None, :], valid[..., None].to(x.dtype)
+            x = x * keep  # padding rows held at zero: int8's per-batch input scale is then set by real frames
         outputs = []
         for i in range(self.layers):
             name = f"layer_{i}"
             q, k, v = linear(self.norm(x, name + "/self_attention/layer_norm"),
                              name + "/self_attention/linear_0").chunk(3, dim=-1)
-            frames, width = q.shape
-            q, k, v = (t.reshape(frames, self.heads, -1).transpose(0, 1)[None] for t in (q, k, v))
-            attended = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1).reshape(frames, width)
-            x = x + linear(attended, name + "/self_attention/linear_1")
+            q, k, v = (t.reshape(clips, positions, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + linear(attended.transpose(1, 2).reshape(clips, positions, width), name + "/self_attention/linear_1")
             hidden = F.gelu(linear(self.norm(x, name + "/ffn/layer_norm"), name + "/ffn/linear_0"))
             x = x + linear(hidden, name + "/ffn/linear_1")
+            if keep is not None:
+                x = x * keep
             outputs.append(x)
         outputs[-1] = self.norm(x, "layer_norm")
         return outputs
 
-    def logmel(self, y: np.ndarray):
-        """Whisper's input: 80-band log10 Mel power of 16 kHz audio (25 ms window, 10 ms hop, centred,
-        reflected), floored 8 below its peak, scaled as (x + 4) / 4; padded to an even number of frames."""
+    def summaries(self, mels, frames=None, bfloat16: bool = False, int8: bool = False, float16: bool = False):
+        """(clips, 2 * width) float32 tensor: every layer's states mean- and std-pooled over each
+        clip's own frames (`frames`, as states() takes them), the layers averaged. bfloat16: the
+        layers under CPU bfloat16 autocast; float16: under CUDA float16 autocast; int8: states()'s."""
         import torch
 
-        from ser.dsp import mel_filterbank
-
-        if self.filterbank is None:  # Whisper's (Slaney) filterbank, as librosa.filters.mel makes it
-            self.filterbank = torch.from_numpy(mel_filterbank(SAMPLE_RATE, 400, 80, 0.0, SAMPLE_RATE / 2))
-        signal = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
-        if len(signal) < 201:  # reflection needs more samples than half the window
-            signal = torch.nn.functional.pad(signal, (0, 201 - len(signal)))
-        stft = torch.stft(signal, 400, 160, window=torch.hann_window(400), return_complex=True)
-        mel = torch.log10(torch.clamp(self.filterbank @ stft[:, :-1].abs() ** 2, min=1e-10))
-        mel = (torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0
-        return torch.nn.functional.pad(mel, (0, mel.shape[1] % 2))
+        device = "cuda" if mels.device.type == "cuda" else "cpu"
+        dtype = torch.float16 if float16 else torch.bfloat16
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=bfloat16 or float16):
+            layers = [h.float() for h in self.states(mels, frames, int8)]
+        if frames is None:
+            return torch.stack([torch.cat([h.mean(1), h.std(1, unbiased=False)], dim=-1) for h in layers]).mean(0)
+        heard = torch.as_tensor(frames, device=mels.device) // 2
+        weight = (torch.arange(layers[0].shape[1], device=mels.device) < heard[:, None]).float()[..., None]
+        pooled = []
+        for h in layers:
+            mean = (h * weight).sum(1) / heard[:, None]
+            std = (((h - mean[:, None]) ** 2 * weight).sum(1) / heard[:, None]).sqrt()
+            pooled.append(torch.cat([mean, std], dim=-1))
+        return torch.stack(pooled).mean(0)
 
     def summary(self, y: np.ndarray, bfloat16: bool = False, int8: bool = False) -> np.ndarray:
-        """(2 * width,) float32: every layer's states mean- and std-pooled over the frames of the
-        16 kHz signal y (its first 30 s), the layers averaged. bfloat16: the layers run under
-        bfloat16 autocast (faster on CPUs with native units); int8: the linear layers in int8
-        (faster on CPUs without them); either moves the summary within what a test bounds."""
-        import torch
+        """(2 * width,) float32: summaries() of the 16 kHz signal y (its first 30 s) alone.
+        bfloat16: the layers run under bfloat16 autocast (faster on CPUs with native units); int8:
+        the linear layers in int8 (faster on CPUs without them); either moves the summary within
+        what a test bounds."""
+        mel = whisper_logmel(y[: SAMPLE_RATE * MAX_SECONDS])
+        return self.summaries(mel[None], None, bfloat16, int8)[0].numpy().astype(np.float32)
 
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-            layers = [h.float() for h in self.states(self.logmel(y[: SAMPLE_RATE * MAX_SECONDS]), int8)]
-        pooled = torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in layers])
-        return pooled.mean(0).numpy().astype(np.float32)
+
+@lru_cache(maxsize=1)
+def _whisper_filterbank():
+    import torch
+
+    from ser.dsp import mel_filterbank
+
+    return torch.from_numpy(mel_filterbank(SAMPLE_RATE, 400, 80, 0.0, SAMPLE_RATE / 2))  # Whisper's (Slaney)
+
+
+def whisper_logmel(y: np.ndarray):
+    """Whisper's input: 80-band log10 Mel power of 16 kHz audio (25 ms window, 10 ms hop, centred,
+    reflected), floored 8 below its peak, scaled as (x + 4) / 4; padded to an even number of frames.
+    Needs no weights: a feature worker computes it for an encoder that runs elsewhere."""
+    import torch
+
+    signal = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    if len(signal) < 201:  # reflection needs more samples than half the window
+        signal = torch.nn.functional.pad(signal, (0, 201 - len(signal)))
+    stft = torch.stft(signal, 400, 160, window=torch.hann_window(400), return_complex=True)
+    mel = torch.log10(torch.clamp(_whisper_filterbank() @ stft[:, :-1].abs() ** 2, min=1e-10))
+    mel = (torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0
+    return torch.nn.functional.pad(mel, (0, mel.shape[1] % 2))
+
+
+def encoder_input(y: np.ndarray, sample_rate: int):
+    """The encoder's input for the mono signal y at sample_rate: resampled to 16 kHz, its first
+    30 s, Whisper's log-Mel (whisper_logmel)."""
+    if sample_rate != SAMPLE_RATE:
+        from ser.dsp import resample
+
+        y = resample(np.asarray(y, dtype=np.float32), sample_rate, SAMPLE_RATE)
+    return whisper_logmel(y[: SAMPLE_RATE * MAX_SECONDS])
 
 
 def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float32") -> np.ndarray:
@@ -229,9 +291,61 @@ def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float3
     `precision` (ser.device.encoder_precision's: the features stage's float32; the labeller's auto)."""
     from ser.device import encoder_precision
 
-    if sample_rate != SAMPLE_RATE:
-        from ser.dsp import resample
-
-        y = resample(np.asarray(y, dtype=np.float32), sample_rate, SAMPLE_RATE)
     chosen = encoder_precision(precision)
-    return load(name).summary(y, bfloat16=chosen == "bfloat16", int8=chosen == "int8")
+    mel = encoder_input(y, sample_rate)
+    return load(name).summaries(mel[None], None, chosen == "bfloat16", chosen == "int8")[0].numpy()
+
+
+def summaries(name: str, mels: list, device: str = "cpu", precision: str = "float32") -> np.ndarray:
+    """(clips, 2 * width) float32: the encoder `name`'s summaries of many clips' inputs
+    (encoder_input's, as tensors or arrays) on `device`, batched as a GPU wants them: sorted by length, so that a batch
+    pads little, each batch padded to its longest clip and masked (WhisperEncoder.states), at
+    most BATCH_FRAMES padded frames a batch. Each row equals summary() of its clip alone within
+    rounding (a test bounds it)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ser.device import encoder_precision
+
+    where = torch.device(device)
+    model, chosen = load(name).to(where), encoder_precision(precision, where.type)
+    mels = [torch.as_tensor(m) for m in mels]
+    out = np.zeros((len(mels), n_values(name)), dtype=np.float32)
+    order = sorted(range(len(mels)), key=lambda i: mels[i].shape[1])
+    start = 0
+    while start < len(order):
+        longest = mels[order[start]].shape[1]
+        end = start + 1
+        while end < len(order) and (end - start + 1) * mels[order[end]].shape[1] <= max(BATCH_FRAMES, longest):
+            end += 1
+        batch = order[start:end]
+        longest = mels[batch[-1]].shape[1]
+        padded = torch.stack([F.pad(mels[i], (0, longest - mels[i].shape[1])) for i in batch]).to(where)
+        frames = [mels[i].shape[1] for i in batch]
+        summary_rows = model.summaries(padded, frames, chosen == "bfloat16", chosen == "int8", chosen == "float16")
+        out[batch] = summary_rows.cpu().numpy()
+        start = end
+    return out
+
+
+def run_deferred(items: Iterable[tuple[T, list]], name: str, device: str, precision: str
+                 ) -> Iterator[tuple[T, np.ndarray]]:
+    """(item, summaries of its clips) for each (item, its clips' encoder inputs) of `items`, in
+    order: the encoder run on `device` (summaries) over a few items' clips at a time, about
+    DEFERRED_CLIPS, so that a GPU gets full batches while memory stays bounded."""
+    waiting: list[tuple[T, list]] = []
+
+    def flush() -> Iterator[tuple[T, np.ndarray]]:
+        rows = summaries(name, [mel for _, mels in waiting for mel in mels], device, precision)
+        offset = 0
+        for item, mels in waiting:
+            yield item, rows[offset : offset + len(mels)]
+            offset += len(mels)
+        waiting.clear()
+
+    for item, mels in items:
+        waiting.append((item, mels))
+        if sum(len(m) for _, m in waiting) >= DEFERRED_CLIPS:
+            yield from flush()
+    if waiting:
+        yield from flush()

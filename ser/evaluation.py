@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ser.adaptation import adapted_probs
-from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error
+from ser.calibration import UNCERTAIN_BELOW, expected_calibration_error, soften
 from ser.metrics import balanced_share, confusion_matrix, group_accuracy, scores_from_confusion
 from ser.trained import TrainedModel, scored_probs
 from ser.training import apply_statistics, grouped_functionals, grouped_statistics, grouping_keys, input_statistics
@@ -30,12 +30,17 @@ def per_corpus(frame: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, f
     return result
 
 
-def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | None) -> dict[str, Any]:
+def confidence_figures(probs: np.ndarray, y: np.ndarray, temperature: float | None,
+                       unseen_temperature: float = 1.0) -> dict[str, Any]:
     """How far the (calibrated) probabilities are to be trusted on the test speakers: ECE,
-    and the share and accuracy of the clips flagged uncertain (confidence < UNCERTAIN_BELOW)."""
+    and the share and accuracy of the clips flagged uncertain (confidence < UNCERTAIN_BELOW);
+    and the ECE of the labeller's default, softened for corpora never heard (too unsure here,
+    on speakers of the corpora it trained on)."""
     uncertain = probs.max(axis=1) < UNCERTAIN_BELOW
     correct = probs.argmax(axis=1) == y
     return {"temperature": temperature, "test_ece": expected_calibration_error(probs, y),
+            "unseen_temperature": unseen_temperature,
+            "test_ece_softened": expected_calibration_error(soften(probs, unseen_temperature), y),
             "uncertain_share": float(uncertain.mean()),
             "accuracy_when_certain": float(correct[~uncertain].mean()) if (~uncertain).any() else None,
             "accuracy_when_uncertain": float(correct[uncertain].mean()) if uncertain.any() else None}
@@ -105,7 +110,7 @@ def score_test_speakers(trained: TrainedModel, raw: torch.Tensor, y: torch.Tenso
         "accuracy_by_intensity": group_accuracy(frame, "intensity"),
         "per_class": scores["per_class"],
         "per_corpus": per_corpus(frame, classes),
-        **confidence_figures(probs, y.numpy(), trained.temperature),
+        **confidence_figures(probs, y.numpy(), trained.temperature, trained.unseen_temperature),
         "by_grouping": by_grouping(trained, (raw, y, clips), functionals, batch_size),
     }
     return metrics, frame, cm, probs

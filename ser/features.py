@@ -27,13 +27,23 @@ FUNCTIONALS_NAME = "functionals.npy"
 CLIPS_PER_TASK = 32
 
 
-def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features"
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes."""
-    extractor = LogMel(fp)
-    jobs: Iterable = (delayed(extractor.clip_features)(path) for path in paths)
-    results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
-    yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
+def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str = "features",
+                     encoder_device: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(log-Mel, functionals) of `paths`, in order, computed by n_jobs worker processes;
+    encoder_device (a GPU): the encoder runs there on batches of the workers' clips, in float32."""
+    if encoder_device is None or fp.encoder is None:
+        extractor = LogMel(fp)
+        jobs: Iterable = (delayed(extractor.clip_features)(path) for path in paths)
+        results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
+        yield from tqdm(results, total=len(paths), desc=desc, unit="clip")
+        return
+    extractor = LogMel(fp, encoder_device=encoder_device)
+    jobs = (delayed(extractor.clip_features_deferred)(path) for path in paths)
+    parts = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
+    items = (((logmel, described), [mel]) for logmel, described, mel in parts)
+    for (logmel, described), summary in tqdm(encoder.run_deferred(items, fp.encoder, encoder_device, "float32"),
+                                             total=len(paths), desc=desc, unit="clip"):
+        yield logmel, np.concatenate([described, summary[0]])
 
 
 # what computes the features of a list of paths, in order: compute_parallel, or a cluster's
@@ -48,16 +58,18 @@ def feature_code() -> tuple:
     return audio, prosody, encoder, dsp, device
 
 
-def cache_key(fp: FeatureParams) -> str:
+def cache_key(fp: FeatureParams, encoder_device: str | None = None) -> str:
     """Names the per-clip cache of the code that computes features (feature_code(); the
     encoder's weights are pinned by hash) and of these feature params, `<code>-<params>`: a
-    change to either starts a new cache, never reuses stale features."""
+    change to either starts a new cache, never reuses stale features. The encoder on a GPU
+    rounds differently from the CPU: its features are kept apart (`-cuda`)."""
     import hashlib
     import json
 
     code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in feature_code()))
     params = hashlib.sha256(json.dumps(fp.to_dict(), sort_keys=True).encode())
-    return f"{code.hexdigest()[:12]}-{params.hexdigest()[:12]}"
+    where = "" if encoder_device is None or fp.encoder is None else "-" + encoder_device.split(":")[0]
+    return f"{code.hexdigest()[:12]}-{params.hexdigest()[:12]}{where}"
 
 
 def prune_cache(cache_dir: Path, key: str) -> list[Path]:
@@ -69,7 +81,7 @@ def prune_cache(cache_dir: Path, key: str) -> list[Path]:
 
     code = key.split("-")[0]
     stale = [d for d in Path(cache_dir).iterdir() if d.is_dir() and not d.name.startswith(f"{code}-")
-             and re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}|[0-9a-f]{16}", d.name)]
+             and re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]{12}(-[a-z]+)?|[0-9a-f]{16}", d.name)]
     for d in stale:
         shutil.rmtree(d)
     return stale
@@ -86,15 +98,16 @@ def _file_md5(path: str) -> str:
 
 
 def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
-          cache_dir: Path | None = None, compute: Compute | None = None) -> tuple[float, int]:
+          cache_dir: Path | None = None, compute: Compute | None = None, encoder_device: str | None = None
+          ) -> tuple[float, int]:
     """Write the feature directory for `paths`; return (clips per second, clips computed).
     `compute`: what computes the clips not cached (default: compute_parallel on n_jobs
-    processes; a cluster's: ser.cluster.cluster_features). With cache_dir, each clip's
+    processes, the encoder on encoder_device if given; a cluster's: ser.cluster.cluster_features). With cache_dir, each clip's
     features are kept there under its audio's md5, so a clip
     already computed with the same params and code (another corpus mix, a rerun) is read,
     not recomputed; the caches of older code are then deleted (prune_cache)."""
     start = time.perf_counter()
-    store = None if cache_dir is None else Path(cache_dir) / cache_key(fp)
+    store = None if cache_dir is None else Path(cache_dir) / cache_key(fp, encoder_device)
     digests = [_file_md5(p) for p in paths] if store is not None else [None] * len(paths)
     missing = [i for i, d in enumerate(digests) if d is None or not (store / f"{d}.npz").is_file()]
     with atomic_path(out_dir) as tmp:
@@ -109,7 +122,8 @@ def build(paths: list[str], fp: FeatureParams, out_dir: Path, n_jobs: int,
                 array[i], functionals[i] = cached["logmel"], cached["functionals"]
         try:
             todo = [paths[i] for i in missing]
-            computed = compute_parallel(todo, fp, n_jobs) if compute is None else compute(todo)
+            computed = (compute_parallel(todo, fp, n_jobs, encoder_device=encoder_device) if compute is None
+                        else compute(todo))
             for i, (logmel, described) in zip(missing, computed):
                 array[i], functionals[i] = logmel, described
                 if store is not None:

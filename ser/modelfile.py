@@ -44,8 +44,8 @@ def is_fused(extra: dict[str, Any]) -> bool:
 
 
 def read_model_info(path: str | Path) -> dict[str, Any] | None:
-    """{"classes", "feature_params", "normalisation", "fused", "population"} of a model file written
-    by ser.models.save_checkpoint (fused: it has a linear model on functionals, ser.fusion;
+    """{"classes", "feature_params", "normalisation", "fused", "population", "unseen_temperature"} of a
+    model file written by ser.models.save_checkpoint (fused: it has a linear model on functionals, ser.fusion;
     population: it has the average training speaker's statistics), or None
     when it cannot be read this way (ser.models.load_checkpoint then says why)."""
     try:
@@ -57,6 +57,7 @@ def read_model_info(path: str | Path) -> dict[str, Any] | None:
         return {"classes": list(checkpoint["classes"]),
                 "feature_params": FeatureParams.from_dict(checkpoint["feature_params"]),
                 "normalisation": extra.get("normalisation", "clip"), "fused": is_fused(extra),
-                "population": extra.get("population") is not None}
+                "population": extra.get("population") is not None,
+                "unseen_temperature": float(extra.get("unseen_temperature") or 1.0)}
     except Exception:  # any problem: fall back to the full, checked load
         return None

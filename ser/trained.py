@@ -34,6 +34,8 @@ class TrainedModel:
         self.network, self.classes, self.feature_params = network.eval(), list(classes), feature_params
         self.extra, self.arch, self.device = dict(extra), dict(arch or {}), torch.device(device)
         self.temperature: float | None = self.extra.get("temperature")  # None: probabilities uncalibrated
+        # the labels' probabilities softened by this for recordings from corpora never heard (ser.calibration)
+        self.unseen_temperature = float(self.extra.get("unseen_temperature") or 1.0)
         self.head = LinearHead.from_record(self.extra.get("fusion"))
         self.normalisation: str = self.extra.get("normalisation", "clip")
         self._inference: torch.nn.Module | None = None
@@ -78,8 +80,10 @@ class TrainedModel:
         return GroupStatistics((mean, std))
 
     def extractor(self, precision: str = "float32") -> LogMel:
-        """The features this model hears (the functionals only when its linear model takes part)."""
-        return LogMel(self.feature_params, functionals=self.uses_functionals, encoder_precision=precision)
+        """The features this model hears (the functionals only when its linear model takes part);
+        on a GPU the encoder runs there, batched, and the CPU workers compute the rest."""
+        return LogMel(self.feature_params, functionals=self.uses_functionals, encoder_precision=precision,
+                      encoder_device=str(self.device) if self.device.type == "cuda" else None)
 
     def probabilities(self, x: torch.Tensor, z: np.ndarray | None, batch_size: int,
                       precision: str = "float32", network: torch.nn.Module | None = None) -> np.ndarray:

@@ -17,6 +17,7 @@ import yaml
 
 from ser.audio import FeatureParams
 from ser.cluster import cluster_features, connect
+from ser.device import chosen_device
 from ser.features import build
 from ser.util import run_stage
 
@@ -32,8 +33,9 @@ def main() -> None:
     clips = pd.read_parquet(args.metadata)
     with connect(p["cluster"], p.get("cluster_certs")) if p["cluster"] else nullcontext() as client:
         compute = None if client is None else cluster_features(client, fp)  # on the workers: the same bytes
+        device = chosen_device(p["device"])  # a GPU runs the encoder for the CPU workers
         rate, computed = build(clips["path"].tolist(), fp, Path(args.out), p["n_jobs"],
-                               args.cache and Path(args.cache), compute)
+                               args.cache and Path(args.cache), compute, None if device == "cpu" else device)
     print(f"features: {len(clips)} clips -> {args.out} ({computed} computed, {len(clips) - computed} from the cache; "
           f"{fp.n_mels} mels x {fp.n_frames} frames, {rate:.0f} clips/s)")
 

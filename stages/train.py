@@ -4,7 +4,7 @@
         --model data/model/model.pt --history reports/train_history.csv --metrics metrics/train.json
 
 No checkpoint is chosen: the last epoch of the schedule is kept, and the test actors are
-never loaded. params: train (the recipe).
+never loaded. params: train (the recipe), confidence (the unseen-corpus temperature the model carries).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def main() -> None:
                             ("metrics", "training summary JSON written")):
         parser.add_argument(f"--{name}", required=True, help=help_text)
     args = parser.parse_args()
-    recipe = yaml.safe_load(Path("params.yaml").read_text())["train"]
+    recipe, confidence = (yaml.safe_load(Path("params.yaml").read_text())[k] for k in ("train", "confidence"))
     device = ddp.start(pick_device(recipe["device"]))  # under torchrun: one process of several (ser.ddp)
     model, history, record = train(recipe, args.features, args.metadata, device)
+    record["unseen_temperature"] = confidence["unseen_temperature"]  # from make loco (docs/decisions.md)
     if not ddp.is_main():  # the processes hold the same model; rank 0 alone writes it
         ddp.stop()
         return
@@ -43,11 +44,11 @@ def main() -> None:
                "train_clips": record["train_clips"], "train_actors": record["train_actors"],
                "train_minutes": record["train_minutes"], "parameters": count_parameters(model),
                "final_train_accuracy": history[-1]["train_accuracy"],
-               # probabilities calibrated on the calibration split's speakers (none: not calibrated)
+               # calibrated on the calibration split's speakers (none: not), softened for corpora never heard
                "temperature": record.get("temperature"), "calibration": record.get("calibration"),
+               "unseen_temperature": record["unseen_temperature"],
                # the linear model on functionals fused with the CNN (none: the CNN alone)
-               "fusion": {k: record["fusion"][k] for k in ("fusion_weight", "temperature")} if "fusion" in record
-               else None}
+               "fusion": {k: record["fusion"][k] for k in ("fusion_weight", "temperature")} if "fusion" in record else None}
     write_json(args.metrics, summary)
     print(f"train: {summary['members']} model(s), {summary['train_minutes']:.1f} min on {device.type}"
           f"{f' x {ddp.world()[1]} processes' if ddp.world()[1] > 1 else ''} -> {args.model}")

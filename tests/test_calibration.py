@@ -71,3 +71,35 @@ def test_the_labellers_import_of_this_module_loads_no_torch():
 
     code = "import sys, ser.labeller.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_softening_divides_the_fused_log_probabilities_and_keeps_every_label():
+    from ser.calibration import soften
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(5, 0.3), size=200).astype(np.float32)
+    softer = soften(probs, 2.0)
+    assert softer.dtype == np.float32 and np.allclose(softer.sum(axis=1), 1, atol=1e-5)
+    assert (softer.argmax(axis=1) == probs.argmax(axis=1)).all()
+    assert (softer.max(axis=1) <= probs.max(axis=1) + 1e-6).all() and softer.max(axis=1).mean() < probs.max(axis=1).mean()
+    assert soften(probs, 1.0) is probs
+    # the same as dividing both the CNN's and the linear model's logits by it, then fusing
+    a, b, w = rng.normal(0, 3, (50, 5)), rng.normal(0, 3, (50, 5)), 0.3
+    fused = lambda t: torch.softmax((1 - w) * torch.log_softmax(torch.tensor(a) / t, 1)
+                                    + w * torch.log_softmax(torch.tensor(b) / t, 1), 1).numpy()
+    np.testing.assert_allclose(soften(fused(1.0), 1.7), fused(1.7), atol=1e-6)
+
+
+def test_the_softening_fitted_undoes_a_known_overconfidence_and_flags_the_wrong_labels():
+    from ser.calibration import fit_softening, soften, wrong_flagged
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, (4000, 4))
+    y = np.array([rng.choice(4, p=np.exp(r) / np.exp(r).sum()) for r in logits])  # calibrated at temperature 1
+    overconfident = torch.softmax(torch.tensor(logits * 2.5), 1).numpy()  # as sure as a model on another corpus
+    t = fit_softening(overconfident, y)
+    assert 2.2 < t < 2.8
+    honest = soften(overconfident, t)
+    assert expected_calibration_error(honest, y) < 0.03 < expected_calibration_error(overconfident, y)
+    assert wrong_flagged(honest, y) > wrong_flagged(overconfident, y)
+    assert wrong_flagged(np.eye(3), np.arange(3)) is None

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import synthetic_dataset, train_params
+from ser.calibration import expected_calibration_error
 from ser.crosscorpus import leave_one_corpus_out, score_shared
 from ser.util import UserError
 
@@ -45,6 +46,9 @@ def test_every_corpus_is_scored_by_a_model_that_never_heard_it(tmp_path, feature
         assert table[f"adapted_{grouping}_uncertain_share"].between(0, 1).all()
         assert summary["per_corpus"]["studio_a"][f"adapted_{grouping}_uar"] == table[f"adapted_{grouping}_uar"][0]
     assert summary["per_corpus"]["studio_b"]["most_predicted_balanced"] == table["most_predicted_balanced"][1]
+    # how honest the probabilities are on each corpus with a temperature fitted on the others' (nested)
+    assert summary["unseen_temperature"] > 0 and table["unseen_ece"].between(0, 1).all()
+    assert set(predictions["split"]) == {"train", "test"}
 
 
 def test_a_fusion_recipe_is_scored_fused_and_its_linear_model_never_hears_the_left_out_corpus(
@@ -86,3 +90,36 @@ def test_a_corpus_is_scored_on_the_classes_both_sides_share():
     # training lacked calm: the test corpus's calm clip is counted, not scored
     scores, cm, names, scored = score_shared(probs, np.array([0, 2, 1]), classes, trained={0, 2})
     assert names == ["neutral", "happy"] and scored.tolist() == [True, True, False] and scores["accuracy"] == 1.0
+
+
+def test_the_unseen_temperature_is_fitted_on_other_corpora_without_their_test_speakers():
+    """Each corpus's figures come from a temperature fitted on the other corpora alone, and only
+    on speakers of their train split; the one the model carries from every corpus's."""
+    from ser.calibration import soften
+    from ser.crosscorpus import unseen_calibration
+
+    rng = np.random.default_rng(2)
+    classes = ["angry", "happy", "sad"]
+    rows = []
+    for corpus, sureness in (("a", 3.0), ("b", 3.0), ("c", 1.0)):
+        for i in range(600):
+            logits = rng.normal(0, 1.2, 3)
+            actual = rng.choice(3, p=np.exp(logits) / np.exp(logits).sum())
+            probs = np.exp(sureness * logits) / np.exp(sureness * logits).sum()
+            split = "test" if i % 3 == 0 else "train"
+            if corpus == "a" and split == "test":  # test speakers told nothing: were they fitted, t would move
+                probs = np.eye(3)[(actual + 1) % 3] * 0.98 + 0.02 / 3
+            rows.append({"corpus": corpus, "split": split, "actual": classes[actual],
+                         **{f"prob_{c}": p for c, p in zip(classes, probs)}})
+    predictions = pd.DataFrame(rows)
+    unseen, per_corpus = unseen_calibration(predictions, classes)
+    assert 2.5 < per_corpus["c"]["unseen_temperature"] < 3.5  # a and b: three times too sure
+    assert 1.5 < per_corpus["a"]["unseen_temperature"] < 2.5  # b's 3, c's 1
+    assert per_corpus["c"]["unseen_ece"] > 0.1  # c was honest already: a shift learnt elsewhere can hurt
+    b = predictions[predictions["corpus"] == "b"]
+    probs = b[[f"prob_{c}" for c in classes]].to_numpy()
+    y = b["actual"].map(classes.index).to_numpy()
+    t = per_corpus["b"]["unseen_temperature"]
+    assert per_corpus["b"]["unseen_ece"] == round(expected_calibration_error(soften(probs, t), y), 5)
+    assert per_corpus["b"]["unseen_wrong_flagged"] > per_corpus["b"]["wrong_flagged"]
+    assert 1.5 < unseen < 3.0

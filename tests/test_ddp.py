@@ -61,7 +61,8 @@ def test_torchrun_trains_with_two_processes_and_rank_0_alone_writes(tmp_path, fe
     from ser.training import load_clips
 
     features, metadata = synthetic_dataset(tmp_path, feature_params)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train_params(epochs=6)}))
+    params = {"train": train_params(epochs=6), "confidence": {"unseen_temperature": 1.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

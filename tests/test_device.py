@@ -55,3 +55,28 @@ def test_the_encoder_runs_auto_in_the_faster_reduced_precision_of_the_cpu(monkey
     assert ser.device.autocast_dtype(torch.device("cpu"), "int8") is None  # the CNN stays float32
     with pytest.raises(ValueError, match="precision must be one of"):
         ser.device.encoder_precision("float16")
+    # on a GPU the encoder runs in float16, or float32 when asked (the features stage)
+    assert [ser.device.encoder_precision(p, "cuda") for p in ("auto", "bfloat16", "int8", "float32")] == [
+        "float16", "float16", "float16", "float32"]
+
+
+def test_the_gpu_is_chosen_automatically_and_torch_is_not_asked_where_no_nvidia_device_is(monkeypatch):
+    import ser.device
+
+    monkeypatch.setattr(ser.device, "cuda_visible", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: (_ for _ in ()).throw(AssertionError("asked")))
+    assert ser.device.chosen_device("auto") == "cpu" and ser.device.chosen_device("cpu") == "cpu"
+    monkeypatch.setattr(ser.device, "cuda_visible", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ser.device.chosen_device("auto") == "cuda" and ser.device.chosen_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a working CUDA
+    assert ser.device.chosen_device("auto") == "cpu"
+
+
+def test_a_model_on_a_gpu_has_its_encoder_run_there_and_the_workers_compute_the_rest(tiny_checkpoint, monkeypatch):
+    from ser.trained import TrainedModel
+
+    trained = TrainedModel.load(tiny_checkpoint)
+    assert trained.extractor().encoder_device is None  # on the CPU: in each worker
+    trained.device = torch.device("cuda")  # what load(path, cuda) sets; nothing runs here
+    assert trained.extractor("auto").encoder_device == "cuda"

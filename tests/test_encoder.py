@@ -66,25 +66,24 @@ def test_reader_refuses_another_format():
 def test_states_halve_the_frames_and_the_summary_pools_every_layer():
     model = encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper())), "model.bin"))
     y = np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32)  # 1 s: 100 frames
-    mel = model.logmel(y)
+    mel = encoder.whisper_logmel(y)
     assert mel.shape == (80, 100)
-    layers = model.states(mel)
-    assert len(layers) == 2 and layers[0].shape == (50, 8)
+    layers = model.states(mel[None])
+    assert len(layers) == 2 and layers[0].shape == (1, 50, 8)
     summary = model.summary(y)
-    expected = torch.stack([torch.cat([h.mean(0), h.std(0, unbiased=False)]) for h in layers]).mean(0).numpy()
+    expected = torch.stack([torch.cat([h[0].mean(0), h[0].std(0, unbiased=False)]) for h in layers]).mean(0).numpy()
     np.testing.assert_allclose(summary, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(summary, model.summary(y))  # deterministic
     assert np.isfinite(model.summary(np.zeros(50, np.float32))).all()  # silence, shorter than a window
 
 
 def test_whisper_input_is_its_log_mel_floored_8_below_the_peak():
-    model = encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper())), "model.bin"))
     t = np.arange(8000) / 16000
-    mel = model.logmel((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)).numpy()
+    mel = encoder.whisper_logmel((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)).numpy()
     assert mel.shape == (80, 50)
     assert mel.max() - mel.min() <= 2.0 + 1e-6  # 8 decades, scaled by 1/4
     band = np.argmax(mel.mean(axis=1))  # the 440 Hz band is the loudest
-    centres = np.argmax(model.filterbank.numpy(), axis=1) * 40  # each band's peak: FFT bin k is 40 k Hz
+    centres = np.argmax(encoder._whisper_filterbank().numpy(), axis=1) * 40  # each band's peak: FFT bin k is 40 k Hz
     assert abs(centres[band] - 440) <= 80
 
 
@@ -171,3 +170,65 @@ def test_int8_moves_the_summary_of_speech_little_and_keeps_the_feed_forwards_sec
     assert 0 < min(moved) and np.mean(moved) < 0.06 and max(moved) < 0.12, moved
     layers = encoder.load("whisper-base").int8_layers()
     assert len(layers) == 6 * 3 and not any(name.endswith("ffn/linear_1") for name in layers)
+
+
+def tiny_model() -> "encoder.WhisperEncoder":
+    return encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper())), "model.bin"))
+
+
+def test_a_padded_masked_batch_gives_each_clip_what_it_gives_alone():
+    """The GPU path's batching: clips of different lengths padded with zeros to the longest; the
+    mask keeps each clip's states its own (the padding's values cannot reach them)."""
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    mels = [encoder.whisper_logmel(rng.normal(0, 0.1, n).astype(np.float32)) for n in (3000, 16000, 9600, 200)]
+    alone = torch.stack([model.summaries(m[None])[0] for m in mels])
+    longest = max(m.shape[1] for m in mels)
+    padded = torch.stack([torch.nn.functional.pad(m, (0, longest - m.shape[1])) for m in mels])
+    frames = [m.shape[1] for m in mels]
+    together = model.summaries(padded, frames)
+    np.testing.assert_allclose(together.numpy(), alone.numpy(), rtol=1e-4, atol=1e-5)
+    unmasked = model.summaries(padded)  # without the frames the padding is heard: the mask is what keeps it out
+    assert not np.allclose(unmasked[0].numpy(), alone[0].numpy(), rtol=1e-3, atol=1e-4)
+    states = model.states(padded, frames)
+    assert states[0].shape == (4, longest // 2, 8)
+    assert (states[0][3, frames[3] // 2:] == 0).all()  # padding rows held at zero
+
+
+def test_summaries_of_many_clips_equal_each_clip_alone_in_their_order():
+    rng = np.random.default_rng(4)
+    t = np.arange(16000) / 16000
+    signals = [(0.3 * np.sin(2 * np.pi * (120 + 40 * k) * t[: 4000 + 2400 * k]) + rng.normal(0, 0.01, 4000 + 2400 * k))
+               .astype(np.float32) for k in (3, 0, 4, 1)]  # not in length order
+    mels = [encoder.encoder_input(y, 16000) for y in signals]
+    many = encoder.summaries("whisper-base", mels, "cpu", "float32")
+    alone = np.stack([encoder.summary("whisper-base", y, 16000) for y in signals])
+    np.testing.assert_allclose(many, alone, rtol=1e-4, atol=1e-4)
+    assert many.dtype == np.float32 and many.shape == (4, 1024)
+
+
+def test_deferred_items_come_back_in_order_with_their_own_clips(monkeypatch):
+    """run_deferred: each item with as many summary rows as it sent inputs (none too), in order,
+    whether the encoder ran once for all or in several flushes."""
+    monkeypatch.setattr(encoder, "summaries", lambda name, mels, device, precision: np.stack(
+        [np.full(2, float(m)) for m in mels]) if mels else np.zeros((0, 2)))
+    for flush_at in (1, 3, 1000):
+        monkeypatch.setattr(encoder, "DEFERRED_CLIPS", flush_at)
+        items = [("a", [1, 2]), ("b", []), ("c", [3]), ("d", [4, 5, 6])]
+        out = list(encoder.run_deferred(iter(items), "whisper-base", "cpu", "float32"))
+        assert [item for item, _ in out] == ["a", "b", "c", "d"]
+        assert [rows[:, 0].tolist() for _, rows in out] == [[1, 2], [], [3], [4, 5, 6]]
+
+
+def test_features_deferred_to_a_device_are_those_computed_in_the_worker():
+    fp = FeatureParams.from_dict({**base_params(), "encoder": "whisper-base"})
+    t = np.arange(20000) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 160 * t * (1 + 0.2 * t))).astype(np.float32)
+    db, described = LogMel(fp).describe(y)
+    deferred = LogMel(fp, encoder_device="cpu")
+    db2, prosodic, encoder_input = deferred.describe_deferred(y)
+    np.testing.assert_array_equal(db2, db)
+    np.testing.assert_array_equal(prosodic, described[: len(prosodic)])
+    summary = encoder.summaries("whisper-base", [encoder_input], "cpu", "float32")[0]
+    np.testing.assert_allclose(summary, described[len(prosodic):], rtol=1e-4, atol=1e-4)
+    assert LogMel(FeatureParams.from_dict(base_params()), encoder_device="cpu").describe_deferred(y)[2] is None

@@ -88,3 +88,24 @@ def test_the_functionals_of_every_clip_are_stored_in_its_row_and_read_by_path(tm
     np.testing.assert_array_equal(stored[1], LogMel(feature_params).clip_features(paths[0])[1])
     with pytest.raises(UserError, match="no features of"):
         load_functionals(tmp_path / "features", ["elsewhere.wav"])
+
+
+def test_the_encoder_on_a_device_gives_the_features_of_the_workers_and_its_own_cache(tmp_path, feature_params):
+    """The features stage's GPU path, run on the CPU: workers compute all but the encoder, which
+    runs batched in the main process (float32); the same features within rounding, kept in a
+    cache of their own (a GPU rounds differently), which a CPU run neither reads nor deletes."""
+    import dataclasses
+
+    from ser.features import cache_key, load_functionals
+
+    fp = dataclasses.replace(feature_params, encoder="whisper-base")
+    paths = [str(write_tone(tmp_path / f"c{i}.wav", seconds=0.3 + 0.4 * i, freq=150 + 50 * i)) for i in range(5)]
+    cache = tmp_path / "cache"
+    build(paths, fp, tmp_path / "workers", n_jobs=2, cache_dir=cache)
+    assert build(paths, fp, tmp_path / "device", n_jobs=2, cache_dir=cache, encoder_device="cpu")[1] == 5
+    np.testing.assert_array_equal(load(tmp_path / "device")[0], load(tmp_path / "workers")[0])
+    on_device, in_workers = (load_functionals(tmp_path / d, paths) for d in ("device", "workers"))
+    np.testing.assert_allclose(on_device, in_workers, rtol=1e-4, atol=1e-4)
+    assert cache_key(fp, "cuda:0") == cache_key(fp) + "-cuda" and cache_key(feature_params, "cuda") == cache_key(feature_params)
+    assert build(paths, fp, tmp_path / "again", n_jobs=1, cache_dir=cache)[1] == 0
+    assert len(list(cache.iterdir())) == 2

@@ -197,25 +197,54 @@ def test_a_second_pass_runs_on_the_same_workers_within_the_same_bound(tmp_path, 
     settings = Settings(**{**SETTINGS.__dict__, "n_jobs": 2, "max_queued_windows": 4 * WINDOWS_PER_TASK})
     first = FeatureStream(paths[:12], extractor, settings, then=paths)
     second = first.next_pass
-    assert second.pool is first.pool is not None and second.paths == paths
+    assert second.pool is first.pool is not None and second.paths == paths[12:]  # the first 12: kept, not read again
     assert len(first.pending) == 2 and len(second.pending) == 2  # 4 tasks in all, the first pass's first
     firsts = []
     for result in first:
         assert len(first.pending) + len(second.pending) <= 4
         firsts.append(result)
     assert first.pool is None and second.pool is not None  # the first pass leaves the workers running
-    seconds = list(second)
+    seconds = list(first.next_pieces())
     assert second.pool is None  # the last pass shuts them down
+    assert [r["path"] for r in seconds] == [str(p) for p in paths] and seconds[:12] == firsts  # the same objects
     for path, result in zip(paths[:12] + paths, firsts + seconds):
         assert result["path"] == str(path)
         np.testing.assert_array_equal(result["features"], prepare(path, extractor, settings)["features"])
     crowded = FeatureStream(paths[:32], extractor, settings, then=paths)  # the first pass fills the bound
     assert len(crowded.next_pass.pending) == 0
-    assert len(list(crowded)) == 32 and len(list(crowded.next_pass)) == len(paths)
+    assert len(list(crowded)) == 32 and len(list(crowded.next_pieces())) == len(paths)
     stopped = FeatureStream(paths[:12], extractor, settings, then=paths)
     pool = stopped.pool
     stopped.close_passes(kill=True)  # an error before either pass is read: the workers stop
     assert stopped.pool is None and stopped.next_pass.pool is None and pool._shutdown_thread
+
+
+def test_the_first_passs_pieces_are_reused_within_the_bound_and_the_second_pass_keeps_path_order(tmp_path,
+                                                                                                  feature_params):
+    """A sample spread over the folder: its files are not read again (the second pass computes
+    the others), the merged pieces come in path order; a file whose windows would not fit the
+    bound, and a FIFO (never opened here), are read by the second pass instead."""
+    from ser.labeller.stream import kept_for_next_pass
+
+    paths = [write_tone(tmp_path / f"{i:03d}.wav", seconds=0.5 + (20 if i == 9 else 0), freq=200 + 10 * i)
+             for i in range(20)]
+    os.mkfifo(tmp_path / "020.wav")
+    paths.append(tmp_path / "020.wav")
+    sample = paths[::3] + [paths[20]]  # 000 003 ... 018 and the FIFO; 009 is 20 s: 6 windows
+    settings = Settings(**{**SETTINGS.__dict__, "n_jobs": 2, "max_queued_windows": 8})
+    assert kept_for_next_pass(sample, paths, settings) == {str(p) for p in sample[:3] + sample[4:7]}
+    extractor = LogMel(feature_params)
+    first = FeatureStream(sample, extractor, settings, then=paths)
+    assert [str(p) for p in first.next_pass.paths] == [str(p) for p in paths if str(p) not in first.keep]
+    firsts = list(first)
+    seconds = list(first.next_pieces())
+    assert [r["path"] for r in seconds if r["first"]] == [str(p) for p in paths]
+    assert first.kept == {}  # handed over
+    assert len(seconds) == len(paths)  # one piece a file here
+    for result in seconds[:-1]:
+        np.testing.assert_array_equal(result["features"], prepare(Path(result["path"]), extractor, settings)["features"])
+    assert sum(r is f for r in seconds for f in firsts) == 6  # the kept pieces themselves, not copies
+    assert "020.wav" in seconds[-1]["path"] and "empty file" in seconds[-1]["error"]
 
 
 def test_workers_fork_only_when_safe():
@@ -881,3 +910,84 @@ def test_the_summary_says_how_many_labels_are_uncertain(tmp_path, tiny_checkpoin
     assert flagged == 3  # an untrained model of eight classes is sure of nothing
     assert f"predict: {flagged} of 3 labels flagged uncertain (confidence below 0.9; column uncertain)" in \
         capsys.readouterr().out
+
+
+def _encoder_model(tmp_path, feature_params):
+    """A speaker model fused with a linear model that hears the functionals and the encoder's
+    summary (random weights: every value of the summary moves the probabilities)."""
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser import encoder
+    from ser.audio import FeatureParams
+    from ser.fusion import LinearHead
+    from ser.models import build_model, save_checkpoint
+    from ser.prosody import n_functionals
+
+    fp = FeatureParams.from_dict({**feature_params.to_dict(), "encoder": "whisper-base"})
+    d = n_functionals(fp.n_mels) + encoder.n_values("whisper-base")
+    rng = np.random.default_rng(5)
+    head = LinearHead(rng.normal(0, 0.3, (len(EMOTIONS), d)), np.zeros(len(EMOTIONS)), 0.5, 1.0,
+                      (np.zeros(d), np.ones(d)))
+    torch.manual_seed(3)
+    arch = {**TINY_ARCH, "utterance_norm": False}
+    population = [[-40.0] * fp.n_mels, [8.0] * fp.n_mels]
+    save_checkpoint(tmp_path / "enc.pt", build_model(arch, fp.n_mels, len(EMOTIONS)), arch, EMOTIONS, fp,
+                    extra={"normalisation": "speaker", "population": population, "fusion": head.to_record()})
+    return tmp_path / "enc.pt"
+
+
+def test_the_encoder_on_a_device_labels_as_the_encoder_in_the_workers(tmp_path, feature_params, monkeypatch):
+    """The GPU path, run on the CPU: workers send the encoder's inputs and it runs in the main
+    process on padded, masked batches of windows of different lengths (a long file's too); the
+    first pass, the adaptation and the labels come out as with the encoder in each worker."""
+    from ser.labeller.loop import label_files
+    from ser.trained import TrainedModel
+
+    paths = [write_tone(tmp_path / "in" / f"{k}.wav", seconds=s, freq=f)
+             for k, (s, f) in enumerate([(1.2, 150), (0.4, 260), (7.5, 200), (2.3, 320), (0.9, 180), (1.6, 140),
+                                         (0.7, 300), (3.1, 230), (1.0, 170)])]
+    trained = TrainedModel.load(_encoder_model(tmp_path, feature_params))
+    settings = Settings(**{**SETTINGS.__dict__, "adapt": True, "min_group_windows": 1, "batch_size": 4})
+    in_workers, in_workers_segments = label_files(paths, trained, settings, speakers="all")
+    made = []
+    real_extractor = TrainedModel.extractor
+
+    def on_a_device(self, precision="float32"):
+        made.append(real_extractor(self, precision))
+        made[-1].encoder_device = "cpu"  # what a GPU model's extractor says, with the CPU as the device
+        return made[-1]
+
+    monkeypatch.setattr(TrainedModel, "extractor", on_a_device)
+    deferred, deferred_segments = label_files(paths, trained, settings, speakers="all")
+    assert made and (in_workers["status"] == "ok").all() and (deferred["adapted"]).all()
+    probs = [f"prob_{c}" for c in EMOTIONS]
+    assert in_workers[probs].std().max() > 0.01  # the summary moves the probabilities
+    np.testing.assert_allclose(deferred[probs].to_numpy(), in_workers[probs].to_numpy(), atol=2e-3)
+    assert (deferred["emotion"] == in_workers["emotion"]).all()
+    assert len(deferred_segments) == len(in_workers_segments) > len(paths)
+
+
+def test_the_labels_are_softened_by_the_models_unseen_temperature_unless_asked_not_to(tmp_path, feature_params,
+                                                                                        capsys):
+    import torch
+
+    from conftest import TINY_ARCH
+    from ser.calibration import soften
+    from ser.models import build_model, save_checkpoint
+
+    torch.manual_seed(4)
+    save_checkpoint(tmp_path / "m.pt", build_model(TINY_ARCH, feature_params.n_mels, len(EMOTIONS)), TINY_ARCH,
+                    EMOTIONS, feature_params, extra={"temperature": 0.2, "unseen_temperature": 2.5})
+    for k in range(3):
+        write_tone(tmp_path / "in" / f"{k}.wav", seconds=1.0 + k, freq=150 + 90 * k)
+    args = [tmp_path / "in", "--model", tmp_path / "m.pt", "--speakers", "none", "--no-adapt"]
+    assert _run([*args, "-o", tmp_path / "soft.csv"]) == 0
+    assert "softened for corpora the model never heard (temperature 2.50" in capsys.readouterr().out
+    assert _run([*args, "-o", tmp_path / "plain.csv", "--no-soften"]) == 0
+    assert "never heard" not in capsys.readouterr().out
+    soft, plain = pd.read_csv(tmp_path / "soft.csv"), pd.read_csv(tmp_path / "plain.csv")
+    probs = [f"prob_{c}" for c in EMOTIONS]
+    assert (soft["emotion"] == plain["emotion"]).all() and (soft["confidence"] < plain["confidence"]).all()
+    # each window softened, then a file's windows averaged (one window a file here)
+    np.testing.assert_allclose(soft[probs].to_numpy(), soften(plain[probs].to_numpy(), 2.5), atol=2e-5)

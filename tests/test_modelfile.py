@@ -10,7 +10,7 @@ def test_reads_what_the_full_load_reads(tiny_checkpoint):
     _, meta = load_checkpoint(tiny_checkpoint)
     assert info == {"classes": meta["classes"], "feature_params": meta["feature_params"],
                     "normalisation": meta["extra"].get("normalisation", "clip"), "fused": False,
-                    "population": False}
+                    "population": False, "unseen_temperature": 1.0}
 
 
 def test_says_whether_the_model_fuses_a_linear_model(tmp_path, feature_params):

@@ -21,7 +21,7 @@ from pathlib import Path
 # the stream first: it imports ser.labeller.workers, which sets what must be set before torch loads
 from ser.labeller.stream import FeatureStream
 from ser.audio import LogMel
-from ser.device import pick_device
+from ser.device import chosen_device, pick_device
 from ser.grouping import GROUPINGS, speaker_keys
 from ser.labeller.loop import label_rows
 from ser.labeller.output import Table, check_output, printable_text, write_table
@@ -63,12 +63,14 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
 
         files, segments, used = label_files_on_cluster(paths, model_path, settings, device_name, speakers, groups,
                                                        cluster, cluster_certs, insecure_cluster)
-        return write_outputs(files, segments, out, segments_out, used, settings.uncertain_below)
+        softened = (read_model_info(model_path) or {}).get("unseen_temperature", 1.0) if settings.soften else 1.0
+        return write_outputs(files, segments, out, segments_out, used, settings.uncertain_below, softened)
     info = read_model_info(model_path)
     # Feature workers start before torch is imported; None: the checked load below says why
     first = first_pass_paths(paths, info["normalisation"], speakers, groups, settings) if info else None
-    extractor = (LogMel(info["feature_params"], functionals=info["fused"], encoder_precision=settings.precision)
-                 if info else None)
+    device = chosen_device(device_name)  # imports torch only where an NVIDIA GPU is there
+    extractor = (LogMel(info["feature_params"], functionals=info["fused"], encoder_precision=settings.precision,
+                        encoder_device=None if device == "cpu" else device) if info else None)
     stream = FeatureStream(paths if first is None else first, extractor, settings,
                            then=None if first is None else paths) if info else None
     try:
@@ -76,7 +78,7 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         from ser.trained import TrainedModel
 
         try:
-            trained = TrainedModel.load(model_path, pick_device(device_name))
+            trained = TrainedModel.load(model_path, pick_device(device))
         except ModelFileError as e:
             raise UserError(str(e)) from None
         if info is not None and (info["feature_params"] != trained.feature_params or info["classes"] != trained.classes):
@@ -90,11 +92,11 @@ def run(inputs: list[str], out: str, model_path: str, settings: Settings, device
         stream.close_passes()
     return write_outputs(files, segments, out, segments_out,
                          normalised_by(trained.normalisation, trained.population is not None, speakers),
-                         settings.uncertain_below)
+                         settings.uncertain_below, trained.unseen_temperature if settings.soften else 1.0)
 
 
 def write_outputs(files: Table, segments: Table, out: str, segments_out: str | None, used: str,
-                  uncertain_below: float) -> int:
+                  uncertain_below: float, softened: float = 1.0) -> int:
     """Write the labels (and segments), report, and return the exit code."""
     try:
         write_table(files, out)
@@ -109,6 +111,9 @@ def write_outputs(files: Table, segments: Table, out: str, segments_out: str | N
     adapted = [row for row in files.rows if row.get("adapted")]
     if adapted:
         print(f"predict: the model adapted to the speaker group of {len(adapted)} files (column adapted)")
+    if softened != 1.0:
+        print(f"predict: probabilities softened for corpora the model never heard (temperature {softened:.2f}; "
+              "--no-soften: as calibrated on its training corpora's held-out speakers)")
     uncertain = sum(1 for row in files.rows if row.get("uncertain"))
     print(f"predict: {uncertain} of {len(files.rows) - len(errors)} labels flagged uncertain (confidence below "
           f"{uncertain_below:g}; column uncertain)")
@@ -151,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=d.adapt,
                         help="adapt the model to each speaker group's windows before labelling them (test-time "
                         "adaptation, no labels; assumes a group holds several emotions; default: %(default)s)")
+    parser.add_argument("--soften", action=argparse.BooleanOptionalAction, default=d.soften,
+                        help="soften the probabilities by the model's unseen-corpus temperature, so that they are "
+                        "honest on recordings from corpora it never heard; --no-soften: as calibrated on held-out "
+                        "speakers of its training corpora (default: %(default)s)")
     parser.add_argument("--cluster", metavar="tls://HOST:PORT", help="label on this Dask scheduler's workers "
                         "(they read the audio at the same paths; the model is sent to them); tcp:// only on "
                         "127.0.0.1 unless --insecure-cluster")
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(d, batch_size=args.batch_size, n_jobs=args.jobs, segment_s=args.segment_s,
                                    hop_s=args.hop_s, precision=args.precision, max_duration_s=args.max_duration_s,
                                    uncertain_below=args.uncertain_below, min_group_windows=args.min_group_windows,
-                                   max_group_files=args.max_group_files, adapt=args.adapt)
+                                   max_group_files=args.max_group_files, adapt=args.adapt, soften=args.soften)
     try:
         settings.checked()
     except UserError as e:

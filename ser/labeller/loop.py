@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from ser.calibration import soften
 from ser.grouping import GroupStatistics
 from ser.labeller.output import Table, file_table, segment_table
 from ser.labeller.scoring import States, adapted_states, adapted_window_probabilities, group_models
@@ -58,6 +59,8 @@ def label_rows(paths: list[Path], trained: "TrainedModel", s: Settings,
         pieces = [r for _, r in pending]
         stats = [statistics.get(key_of.get(r["path"]), statistics.get(None)) for r in pieces]
         probs = adapted_window_probabilities(models, pieces, [key_of.get(r["path"]) for r in pieces], used, stats, s)
+        if s.soften:  # honest on corpora never heard, not only on its training corpora's held-out speakers
+            probs = soften(probs, trained.unseen_temperature)
         offset = 0
         for row_index, r in pending:
             window_probs = probs[offset : offset + len(r["features"])]

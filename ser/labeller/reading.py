@@ -53,9 +53,11 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
     """Features of the non-silent windows of one file from window `first_window` on, at most
     `max_windows` windows read (None: all), or the reason the file cannot be labelled.
     `next_window` says where a file cut short by max_windows goes on (else None), `first`
-    whether this is the file's first piece. A file with no non-silent window at all is
-    reported by the caller, which sees all its pieces. Runs in a worker and raises only for
-    what no file can be labelled without (ser.encoder.EncoderError)."""
+    whether this is the file's first piece. With an extractor whose encoder runs elsewhere
+    (encoder_device), `encoder_inputs` holds each window's input to it, and the functionals
+    lack its summary until the caller adds it (FeatureStream does). A file with no non-silent
+    window at all is reported by the caller, which sees all its pieces. Runs in a worker and
+    raises only for what no file can be labelled without (ser.encoder.EncoderError)."""
     result: dict[str, Any] = {"path": str(path), "features": None, "functionals": None, "starts": [], "ends": [],
                               "duration": None,
                               "error": "", "first": first_window == 0, "next_window": None, "windows_read": 0}
@@ -78,21 +80,7 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
                     if problem:
                         result["error"] = f"{path}: {problem}"
                         return result
-                features, functionals = [], []
-                windows = audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s, first_window, max_windows)
-                for start, end, y in windows:
-                    result["windows_read"] += 1
-                    if np.abs(y).max() >= s.silence_peak:
-                        logmel, described = extractor.describe(y)
-                        features.append(logmel)
-                        functionals.append(described)
-                        result["starts"].append(start)
-                        result["ends"].append(end)
-                if first_window + result["windows_read"] < count_windows(duration, s.segment_s, s.hop_s):
-                    result["next_window"] = first_window + result["windows_read"]
-            if features:
-                result["features"] = np.stack(features)
-                result["functionals"] = np.stack(functionals) if extractor.functionals else None
+                read_windows(audio, extractor, s, first_window, max_windows, result)
     except AudioError as e:
         result["error"] = str(e)
     except encoder.EncoderError:  # the encoder's weights, not this file: stop the run (exit 2), write nothing
@@ -100,8 +88,35 @@ def prepare(path: Path, extractor: LogMel, s: Settings, first_window: int = 0,
     except Exception as e:  # one bad file must not stop a batch of thousands
         result["error"] = f"{path}: {type(e).__name__}: {e}"
     if result["error"]:
-        result.update(features=None, functionals=None, starts=[], ends=[], next_window=None)
+        result.update(features=None, functionals=None, starts=[], ends=[], next_window=None, encoder_inputs=[])
     return result
+
+
+def read_windows(audio: AudioFile, extractor: LogMel, s: Settings, first_window: int, max_windows: int | None,
+                 result: dict[str, Any]) -> None:
+    """prepare()'s reading of an open file's windows into `result`: each non-silent window's
+    features, where it starts and ends, how many were read and where the file goes on."""
+    features, functionals, encoder_inputs = [], [], []
+    deferred = extractor.encoder_device is not None
+    for start, end, y in audio.windows(extractor.fp.sample_rate, s.segment_s, s.hop_s, first_window, max_windows):
+        result["windows_read"] += 1
+        if np.abs(y).max() >= s.silence_peak:
+            if deferred:  # the encoder runs on the caller's device (FeatureStream)
+                logmel, described, encoder_input = extractor.describe_deferred(y)
+                encoder_inputs.append(encoder_input)
+            else:
+                logmel, described = extractor.describe(y)
+            features.append(logmel)
+            functionals.append(described)
+            result["starts"].append(start)
+            result["ends"].append(end)
+    if first_window + result["windows_read"] < count_windows(audio.duration_s, s.segment_s, s.hop_s):
+        result["next_window"] = first_window + result["windows_read"]
+    if features:
+        result["features"] = np.stack(features)
+        result["functionals"] = np.stack(functionals) if extractor.functionals else None
+        if deferred and encoder_inputs[0] is not None:
+            result["encoder_inputs"] = encoder_inputs
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:

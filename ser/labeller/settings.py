@@ -30,6 +30,7 @@ class Settings:
     min_group_windows: int = MIN_GROUP_WINDOWS  # a smaller speaker group is heard as the average speaker
     max_group_files: int = MAX_GROUP_FILES  # a group's statistics come from at most this many of its files
     adapt: bool = True  # the model adapted to each speaker group's windows before labelling them (ser.adaptation)
+    soften: bool = True  # probabilities softened for corpora the model never heard (ser.calibration.soften)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Settings":
@@ -52,8 +53,9 @@ class Settings:
                 raise UserError(f"{name} must be a positive number, not {value!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if not isinstance(self.adapt, bool):
-            raise UserError(f"adapt must be true or false, not {self.adapt!r}")
+        for name in ("adapt", "soften"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, not {getattr(self, name)!r}")
         return self
 
 

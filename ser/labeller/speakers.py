@@ -104,7 +104,7 @@ def first_pass(sample: list[Path], keys: list[str], stream: Iterable[dict[str, A
 def speaker_setup(paths: list[Path], trained: "TrainedModel", s: Settings, stream: FeatureStream | None,
                   speakers: str, calibration: GroupStatistics | None,
                   groups: list[str] | None = None, heard: Statistics | None = None
-                  ) -> tuple[str, dict[str, str], Statistics, FeatureStream, Any]:
+                  ) -> tuple[str, dict[str, str], Statistics, Iterable[dict[str, Any]], Any]:
     """(what the input is normalised by, each path's speaker group, each group's statistics,
     the stream the model's pass reads, the windows kept to adapt the model to each group or
     None): a grouping's statistics (and with s.adapt, a sample of its windows) come from a
@@ -131,11 +131,11 @@ def speaker_setup(paths: list[Path], trained: "TrainedModel", s: Settings, strea
         if stream is not None and stream.paths != sample:
             raise ValueError("the caller's stream must be over first_pass_paths()")
         first = stream if stream is not None else FeatureStream(sample, extractor, s, then=paths)
+        if first.then != paths:
+            raise ValueError("the caller's second pass must be over every path")
         statistics, window_sample = first_pass(sample, [key_of[str(p)] for p in sample], first, extractor.fp, s,
                                                adapt_sample_cap(len(set(keys))))
-        stream = first.next_pass  # every file, for the model's pass (begun on the same workers)
-        if stream is not None and stream.paths != paths:
-            raise ValueError("the caller's second pass must be over every path")
+        stream = first.next_pieces()  # every file, for the model's pass (begun on the same workers)
     results = stream if stream is not None else FeatureStream(paths, extractor, s)
     if population is not None and used not in ("clip", "calibration"):
         statistics[None] = population  # no group, or one too small for its own: the average speaker

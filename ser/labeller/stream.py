@@ -10,9 +10,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 from joblib import effective_n_jobs
 
-from ser.audio import LogMel
+from ser import encoder
+from ser.audio import AudioFile, LogMel, count_windows
 from ser.labeller.reading import prepare
 from ser.labeller.settings import Settings
 from ser.labeller.workers import die_with_parent, one_core_worker, worker_context
@@ -27,6 +29,26 @@ WINDOWS_PER_TASK = 64
 
 
 STOP_GRACE_S = 1.0  # on Ctrl-C, running tasks get this long to finish before their workers are killed
+
+
+def kept_for_next_pass(first: list[Path], then: list[Path], s: Settings) -> set[str]:
+    """The files of a first pass whose pieces are kept for the second pass (`then`) instead of
+    computed again: those it reads too, in order, while their windows (as their headers tell)
+    fit in s.max_queued_windows (the memory of the features held ahead of the model, again).
+    Only regular files are opened (a FIFO would block); one that cannot be read is not kept."""
+    wanted, keep, budget = {str(p) for p in then}, set(), s.max_queued_windows
+    for path in first:
+        if str(path) not in wanted or not path.is_file() or path.stat().st_size == 0:
+            continue
+        try:
+            with AudioFile(path) as audio:
+                windows = count_windows(audio.duration_s, s.segment_s, s.hop_s)
+        except Exception:  # any problem: the next pass reads it again and says what it is
+            continue
+        if windows <= budget:
+            keep.add(str(path))
+            budget -= windows
+    return keep
 
 
 def _init_worker(extractor: LogMel, settings: Settings) -> None:
@@ -72,9 +94,13 @@ class FeatureStream:
     generator has no such bound: it buffers every finished result). Workers start by fork
     when that is safe (see ser.labeller.workers.worker_context).
     `then`: the paths of a second pass (the labeller's grouped run: a sample of each group's
-    files for the statistics, then every file), served by self.next_pass on the same workers,
+    files for the statistics, then every file), served by self.next_pieces() on the same workers,
     its tasks queued behind this pass's as soon as the bound allows: the workers go on to it
-    while the caller loads torch, instead of waiting for it and for a fork server's start."""
+    while the caller loads torch, instead of waiting for it and for a fork server's start. The
+    first pass's pieces of files the second reads too are kept for it (kept_for_next_pass), not
+    computed twice; self.next_pass computes the others.
+    An extractor whose encoder runs on a device (a GPU: LogMel.encoder_device) has the workers
+    send the encoder's inputs, and the encoder runs here on batches of windows (ser.encoder.run_deferred)."""
 
     def __init__(self, paths: list[Path], extractor: LogMel, s: Settings, then: list[Path] | None = None,
                  after: "FeatureStream | None" = None) -> None:
@@ -94,7 +120,11 @@ class FeatureStream:
                                             initargs=(extractor, s))
         if self.pool is not None:  # both passes' tasks together within the bound
             self._refill(self.max_pending - (0 if after is None else len(after.pending)))
-        self.next_pass = None if then is None else FeatureStream(then, extractor, s, after=self)
+        self.then = then
+        self.keep = set() if then is None else kept_for_next_pass(paths, then, s)  # read while the workers start
+        self.kept: dict[str, list[dict[str, Any]]] = {}  # path -> its pieces, as this pass met them
+        self.next_pass = None if then is None else FeatureStream(
+            [p for p in then if str(p) not in self.keep], extractor, s, after=self)
 
     def _refill(self, limit: int | None = None) -> None:
         while len(self.pending) < (self.max_pending if limit is None else limit):
@@ -104,6 +134,37 @@ class FeatureStream:
             self.pending.append(self.pool.submit(_prepare_group, group, 0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for piece in self._completed():
+            if piece["path"] in self.keep:
+                self.kept.setdefault(piece["path"], []).append(piece)
+            yield piece
+
+    def next_pieces(self) -> Iterator[dict[str, Any]]:
+        """The second pass's pieces in the order of `then`: those this pass kept, and next_pass's."""
+        position = {str(p): i for i, p in enumerate(self.then)}
+        waiting = sorted(self.kept, key=position.__getitem__)
+        done = 0
+        for piece in self.next_pass:
+            while done < len(waiting) and position[waiting[done]] < position[piece["path"]]:
+                yield from self.kept.pop(waiting[done])
+                done += 1
+            yield piece
+        for path in waiting[done:]:
+            yield from self.kept.pop(path)
+
+    def _completed(self) -> Iterator[dict[str, Any]]:
+        e = self.extractor
+        if e.encoder_device is None or e.fp.encoder is None or not e.functionals:
+            yield from self._pieces()
+            return
+        # the encoder on a GPU: the workers sent its inputs; it runs here on many windows at once
+        items = ((piece, piece.pop("encoder_inputs", [])) for piece in self._pieces())
+        for piece, summaries in encoder.run_deferred(items, e.fp.encoder, e.encoder_device, e.encoder_precision):
+            if len(summaries):
+                piece["functionals"] = np.concatenate([piece["functionals"], summaries], axis=1)
+            yield piece
+
+    def _pieces(self) -> Iterator[dict[str, Any]]:
         if self.pool is None:
             for group in self.groups:
                 continuation: Continuation | None = (group, 0)
