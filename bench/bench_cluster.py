@@ -1,6 +1,6 @@
 """Benchmark cluster labelling (Dask) against the local labeller on the same cores.
 
-    python bench/bench_cluster.py [--model data/model/model.pt] [--copies 1]
+    python bench/bench_cluster.py [--model data/model/model.pt] [--runs 3] [--copies 4]
 
 On the RAVDESS mirror's 1,200 clips (about 3.7 s each) and on 4,800 (them linked 4 times):
 the local `ser label` (2 worker processes) against `ser label --cluster` on a LocalCluster
@@ -31,11 +31,12 @@ RUNS = 3  # the median of three: a shared 2-core VM varies by ~25% within an hou
 COPIES = 4  # the big set: 4,800 files
 
 
-def timings(sets: dict[str, tuple[Path, int]], tmp: Path, model: Path, extra: list[str]) -> dict[str, float]:
+def timings(sets: dict[str, tuple[Path, int]], tmp: Path, model: Path, extra: list[str], runs: int = RUNS
+            ) -> dict[str, float]:
     """Whole-command files/s on the small and big sets (median of RUNS each), and the
     marginal rate: the extra files over the extra seconds, which the fixed start-up
     (interpreter, imports, connecting, the workers' first model load) does not count in."""
-    seconds = {name: median([label(folder, tmp / f"{name}.csv", model, *extra) for _ in range(RUNS)])
+    seconds = {name: median([label(folder, tmp / f"{name}.csv", model, *extra) for _ in range(runs)])
                for name, (folder, _) in sets.items()}
     (_, small), (_, big) = sets["small"], sets["big"]
     return {"small_files_per_s": round(small / seconds["small"], 1), "big_files_per_s": round(big / seconds["big"], 1),
@@ -84,6 +85,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "data/model/model.pt"))
+    parser.add_argument("--runs", type=int, default=RUNS, help="timings per set, the median counts")
+    parser.add_argument("--copies", type=int, default=COPIES, help="the big set: the clips linked this many times")
     args = parser.parse_args()
     model = Path(args.model)
     if not model.is_file():
@@ -93,20 +96,20 @@ def main() -> None:
         tmp = Path(tmp)
         zipfile.ZipFile(MIRROR).extractall(tmp / "clips")
         clips = sorted((tmp / "clips").rglob("*.wav"))
-        for copy in range(COPIES):  # the big set: the clips linked COPIES times
+        for copy in range(args.copies):  # the big set: the clips linked this many times
             (tmp / "many" / str(copy)).mkdir(parents=True)
             for path in clips:
                 (tmp / "many" / str(copy) / f"{path.parent.name}-{path.name}").symlink_to(path)
-        sets = {"small": (tmp / "clips", len(clips)), "big": (tmp / "many", COPIES * len(clips))}
+        sets = {"small": (tmp / "clips", len(clips)), "big": (tmp / "many", args.copies * len(clips))}
         result["files"] = {name: n for name, (_, n) in sets.items()}
-        result["local"] = timings(sets, tmp, model, [])
+        result["local"] = timings(sets, tmp, model, [], args.runs)
         reference = pd.read_csv(tmp / "small.csv")
         for workers in (1, 2):
             with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
                               dashboard_address="127.0.0.1:0", silence_logs=40) as cluster:
                 address = ["--cluster", cluster.scheduler_address]
                 label(tmp / "clips", tmp / "cold.csv", model, *address)  # workers import torch, load the model
-                result[f"cluster_{workers}_workers"] = timings(sets, tmp, model, address)
+                result[f"cluster_{workers}_workers"] = timings(sets, tmp, model, address, args.runs)
             labels = pd.read_csv(tmp / "small.csv")
             result[f"cluster_{workers}_workers"]["labels_same_as_local"] = round(
                 float((labels["emotion"] == reference["emotion"]).mean()), 4)
