@@ -124,6 +124,7 @@ def test_readme_is_for_users():
 @pytest.mark.parametrize("override, key, value", [
     ("train.lr=0.001", ("train", "lr"), 0.001),  # README's examples
     ("cv.folds=speakers", ("cv", "folds"), "speakers"),
+    ("train.augment.freq_mask=0", ("train", "augment", "freq_mask"), 0),  # inside a flow mapping
     ("features.encoder=null", ("features", "encoder"), None),  # the model before the encoder
     ("download.archives.tess.url=../shared/data/tess/tess.zip", ("download", "archives", "tess", "url"),
      "../shared/data/tess/tess.zip"),  # the Makefile's local archives
