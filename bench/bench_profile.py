@@ -109,7 +109,7 @@ def profile(paths: list[Path], fp: FeatureParams, precision: str, trained) -> di
             times["pitch_functionals"].append(time.perf_counter() - start)
             if model is not None:
                 start = time.perf_counter()
-                summary = encoder.summary(fp.encoder, spoken, fp.sample_rate, precision)
+                summary = encoder.summary(fp.encoder, spoken, fp.sample_rate, precision, fp.encoder_layers)
                 times["encoder"].append(time.perf_counter() - start)
                 described = np.concatenate([described, summary])
             if trained is not None:
@@ -155,7 +155,8 @@ def main() -> None:
         result = profile(paths, fp, args.precision, trained)
     facts = cpu_facts()
     spoken = result.pop("spoken_s")
-    flops = float(np.mean([encoder_flops(s) for s in spoken])) if fp.encoder else 0.0
+    layers = fp.encoder_layers or (encoder.LAYERS[fp.encoder] if fp.encoder else 0)
+    flops = float(np.mean([encoder_flops(s, layers=layers) for s in spoken])) if fp.encoder else 0.0
     ms = result["ms_per_clip"]
     total = sum(ms.values())
     chosen = encoder_precision(args.precision)

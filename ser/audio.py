@@ -49,6 +49,7 @@ class FeatureParams:
     amin: float  # power floor before log
     top_db: float | None  # dB relative to the clip's peak (loudness-invariant); None: absolute dB
     encoder: str | None = None  # a pretrained encoder's summary appended to the functionals (ser.encoder)
+    encoder_layers: int | None = None  # only its first so many layers (None: all)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureParams":
@@ -81,6 +82,7 @@ class FeatureParams:
         number("amin", 1e-30, 1)
         number("top_db", 1e-3, 400, optional=True)
         encoder.check_name(self.encoder)
+        encoder.check_layers(self.encoder, self.encoder_layers)
         if self.n_samples // self.hop_length > 1 << 16:
             raise ValueError(f"feature params make {self.n_frames} frames per clip (at most {1 << 16})")
 
@@ -300,7 +302,7 @@ class LogMel:
         if described is None or self.fp.encoder is None:
             return db, described
         return db, np.concatenate([described, encoder.summary(self.fp.encoder, spoken, self.fp.sample_rate,
-                                                            self.encoder_precision)])
+                                                            self.encoder_precision, self.fp.encoder_layers)])
 
     def describe_deferred(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Any]:
         """describe() for an encoder that runs elsewhere (encoder_device): (log-Mel, the functionals

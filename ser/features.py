@@ -41,7 +41,7 @@ def compute_parallel(paths: list[str], fp: FeatureParams, n_jobs: int, desc: str
     jobs = (delayed(extractor.clip_features_deferred)(path) for path in paths)
     parts = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=CLIPS_PER_TASK)(jobs)
     items = (((logmel, described), [mel]) for logmel, described, mel in parts)
-    for (logmel, described), summary in tqdm(encoder.run_deferred(items, fp.encoder, encoder_device, "float32"),
+    for (logmel, described), summary in tqdm(encoder.run_deferred(items, fp.encoder, encoder_device, "float32", fp.encoder_layers),
                                              total=len(paths), desc=desc, unit="clip"):
         yield logmel, np.concatenate([described, summary[0]])
 

@@ -77,6 +77,34 @@ def test_states_halve_the_frames_and_the_summary_pools_every_layer():
     assert np.isfinite(model.summary(np.zeros(50, np.float32))).all()  # silence, shorter than a window
 
 
+def test_the_first_layers_alone_are_the_full_stacks_first_layers_without_the_final_norm():
+    model = encoder.WhisperEncoder(encoder.read_weights(io.BytesIO(ct2_file(tiny_whisper(layers=3))), "model.bin"))
+    y = np.random.default_rng(2).normal(0, 0.1, 16000).astype(np.float32)
+    mel = encoder.whisper_logmel(y)[None]
+    full, first = model.states(mel), model.states(mel, layers=2)
+    assert len(full) == 3 and len(first) == 2
+    for a, b in zip(first, full[:2]):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    pooled = [torch.cat([h[0].mean(0), h[0].std(0, unbiased=False)]) for h in full]
+    np.testing.assert_allclose(model.summary(y, layers=2), torch.stack(pooled[:2]).mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.summary(y, layers=3), model.summary(y))
+    np.testing.assert_allclose(model.summaries(mel, [mel.shape[2]], layers=1)[0].numpy(), model.summary(y, layers=1),
+                               rtol=1e-5, atol=1e-6)  # the masked (batched) path keeps the first layers too
+    assert not np.allclose(model.summary(y, layers=1), model.summary(y))
+
+
+def test_feature_params_keep_a_whole_number_of_the_encoders_layers():
+    fp = FeatureParams.from_dict({**base_params(), "encoder": "whisper-base", "encoder_layers": 3})
+    assert fp.encoder_layers == 3 and fp.to_dict()["encoder_layers"] == 3
+    assert FeatureParams.from_dict({**base_params(), "encoder": "whisper-base"}).encoder_layers is None  # all six
+    for bad, reason in ((0, r"not a whole number in \[1, 6\]"), (7, "not a whole number"), (2.5, "not a whole"),
+                        (True, "not a whole")):
+        with pytest.raises(ValueError, match=reason):
+            FeatureParams.from_dict({**base_params(), "encoder": "whisper-base", "encoder_layers": bad})
+    with pytest.raises(ValueError, match="encoder_layers=3 needs an encoder"):
+        FeatureParams.from_dict({**base_params(), "encoder_layers": 3})
+
+
 def test_whisper_input_is_its_log_mel_floored_8_below_the_peak():
     t = np.arange(8000) / 16000
     mel = encoder.whisper_logmel((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)).numpy()
@@ -210,7 +238,7 @@ def test_summaries_of_many_clips_equal_each_clip_alone_in_their_order():
 def test_deferred_items_come_back_in_order_with_their_own_clips(monkeypatch):
     """run_deferred: each item with as many summary rows as it sent inputs (none too), in order,
     whether the encoder ran once for all or in several flushes."""
-    monkeypatch.setattr(encoder, "summaries", lambda name, mels, device, precision: np.stack(
+    monkeypatch.setattr(encoder, "summaries", lambda name, mels, device, precision, layers: np.stack(
         [np.full(2, float(m)) for m in mels]) if mels else np.zeros((0, 2)))
     for flush_at in (1, 3, 1000):
         monkeypatch.setattr(encoder, "DEFERRED_CLIPS", flush_at)

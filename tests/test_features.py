@@ -98,7 +98,7 @@ def test_the_encoder_on_a_device_gives_the_features_of_the_workers_and_its_own_c
 
     from ser.features import cache_key, load_functionals
 
-    fp = dataclasses.replace(feature_params, encoder="whisper-base")
+    fp = dataclasses.replace(feature_params, encoder="whisper-base", encoder_layers=3)  # both paths hear 3
     paths = [str(write_tone(tmp_path / f"c{i}.wav", seconds=0.3 + 0.4 * i, freq=150 + 50 * i)) for i in range(5)]
     cache = tmp_path / "cache"
     build(paths, fp, tmp_path / "workers", n_jobs=2, cache_dir=cache)

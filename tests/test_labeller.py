@@ -924,7 +924,8 @@ def _encoder_model(tmp_path, feature_params):
     from ser.models import build_model, save_checkpoint
     from ser.prosody import n_functionals
 
-    fp = FeatureParams.from_dict({**feature_params.to_dict(), "encoder": "whisper-base"})
+    # the encoder's first two layers: the model file's setting reaches the workers and the device alike
+    fp = FeatureParams.from_dict({**feature_params.to_dict(), "encoder": "whisper-base", "encoder_layers": 2})
     d = n_functionals(fp.n_mels) + encoder.n_values("whisper-base")
     rng = np.random.default_rng(5)
     head = LinearHead(rng.normal(0, 0.3, (len(EMOTIONS), d)), np.zeros(len(EMOTIONS)), 0.5, 1.0,

@@ -159,7 +159,8 @@ class FeatureStream:
             return
         # the encoder on a GPU: the workers sent its inputs; it runs here on many windows at once
         items = ((piece, piece.pop("encoder_inputs", [])) for piece in self._pieces())
-        for piece, summaries in encoder.run_deferred(items, e.fp.encoder, e.encoder_device, e.encoder_precision):
+        for piece, summaries in encoder.run_deferred(items, e.fp.encoder, e.encoder_device, e.encoder_precision,
+                                                      e.fp.encoder_layers):
             if len(summaries):
                 piece["functionals"] = np.concatenate([piece["functionals"], summaries], axis=1)
             yield piece
