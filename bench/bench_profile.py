@@ -155,7 +155,7 @@ def main() -> None:
         result = profile(paths, fp, args.precision, trained)
     facts = cpu_facts()
     spoken = result.pop("spoken_s")
-    layers = fp.encoder_layers or (encoder.LAYERS[fp.encoder] if fp.encoder else 0)
+    layers = fp.encoder_layers or encoder.LAYERS.get(fp.encoder, 0)
     flops = float(np.mean([encoder_flops(s, layers=layers) for s in spoken])) if fp.encoder else 0.0
     ms = result["ms_per_clip"]
     total = sum(ms.values())
