@@ -773,6 +773,56 @@ def test_adapt_labels_each_group_by_the_model_adapted_to_its_windows(tmp_path, f
     assert np.abs(plain.filter(like="prob_").iloc[0] - frame.filter(like="prob_").iloc[0]).max() > 1e-3
 
 
+def test_a_clusters_first_pass_labels_its_sample_from_the_features_it_read_once(tmp_path, feature_params,
+                                                                                 monkeypatch):
+    """hear_groups (a cluster worker's first pass): the group's statistics and adaptation, and its
+    sampled files' rows as label_rows gives them, each file decoded once."""
+    import ser.labeller.stream
+    from ser.labeller.loop import hear_groups, label_rows
+    from ser.labeller.speakers import adapt_sample_cap
+    from ser.trained import TrainedModel
+
+    files = [write_tone(tmp_path / "in" / f"{i}.wav", seconds=1 + 0.1 * i, freq=200 + 37 * i) for i in range(10)]
+    trained = TrainedModel.load(fused_model(tmp_path, feature_params, pitch_st=0.0)[0])
+    settings = Settings(**{**SETTINGS.__dict__, "adapt": True, "min_group_windows": 5})
+    keys, read, prepare_pieces = ["all"] * len(files), [], ser.labeller.stream.prepare_pieces
+    monkeypatch.setattr(ser.labeller.stream, "prepare_pieces", lambda paths, *a: read.extend(paths) or prepare_pieces(
+        paths, *a))
+    statistics, states, rows, segments = hear_groups(files, keys, trained, settings, adapt_sample_cap(1), "all", "all")
+    assert sorted(read) == sorted(files)  # once each
+    assert set(statistics) == {"all"} and set(states) == {"all"}
+    expected_rows, expected_segments = label_rows(files, trained, settings, None, "all", groups=keys)
+    pd.testing.assert_frame_equal(rows.to_frame(), expected_rows.to_frame())
+    pd.testing.assert_frame_equal(segments.to_frame(), expected_segments.to_frame())
+    assert rows.to_frame()["adapted"].all()
+
+
+def test_adaptation_runs_on_one_thread_whatever_the_machine_and_gives_the_threads_back(monkeypatch):
+    """A cluster worker has one thread, the local run all cores: the adaptation's backward sums
+    split by thread would set them a little apart (a near tie's label in bfloat16)."""
+    import types
+
+    import torch
+
+    import ser.adaptation
+    from ser.grouping import GroupStatistics
+    from ser.labeller.scoring import adapted_states
+
+    seen = []
+    monkeypatch.setattr(ser.adaptation, "adapted_state", lambda *a: seen.append(torch.get_num_threads()) or ({}, 1.0))
+    windows = np.zeros((ser.adaptation.MIN_CLIPS, 4, 8), dtype=np.float32)
+    sample = types.SimpleNamespace(kept={"anna": 1, "bob": 1}, windows=lambda key: (windows, None))
+    statistics = {key: GroupStatistics((np.zeros(4), np.ones(4))) for key in ("anna", "bob")}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = adapted_states(types.SimpleNamespace(head=None), "speaker", statistics, sample, SETTINGS)
+        assert seen == [1, 1] and set(states) == {"anna", "bob"}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("flag", ["-o", "--segments"])
 def test_the_speaker_manifest_is_never_an_output(tmp_path, tiny_checkpoint, capsys, flag):
     write_tone(tmp_path / "sp" / "a.wav")

@@ -103,15 +103,18 @@ def label_shard(paths: list[str], groups: list[str] | None, model_bytes: bytes, 
 
 
 def hear_shard(paths: list[str], keys: list[str], model_bytes: bytes, digest: str, settings: Settings,
-               device_name: str, cap: int, used: str) -> tuple[dict, dict]:
-    """On a worker: the first pass of some whole groups (ser.labeller.loop.hear_groups)."""
+               device_name: str, cap: int, used: str, speakers: str) -> tuple[dict, dict, list[dict], list[dict]]:
+    """On a worker: the first pass of some whole groups, their sampled files labelled with what it
+    heard (ser.labeller.loop.hear_groups): (statistics, adaptations, file rows, window rows)."""
     import dataclasses
 
     from ser.labeller.loop import hear_groups
 
     trained = _worker_model(model_bytes, digest, device_name)
     serial = dataclasses.replace(settings, n_jobs=1)
-    return hear_groups([Path(p) for p in paths], keys, trained, serial, cap, used)
+    statistics, states, files, segments = hear_groups([Path(p) for p in paths], keys, trained, serial, cap, used,
+                                                      speakers)
+    return statistics, states, files.rows, segments.rows
 
 
 def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path, classes: list[str],
@@ -119,18 +122,32 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
                      device_name: str = "auto", files_per_shard: int = FILES_PER_SHARD,
                      on_shard: Callable[[int, int], None] | None = None) -> tuple["Table", "Table"]:
     """label_rows of `paths` on the cluster: (file rows, window rows), in path order, as the
-    local run labels them. on_shard(done, total) is called as each shard's rows arrive."""
+    local run labels them. on_shard(files labelled, files in all) is called as each shard's rows
+    arrive (a grouped run's sampled files come with the first pass)."""
     model_bytes = Path(model_path).read_bytes()
     digest = hashlib.sha256(model_bytes).hexdigest()
     run = (client, model_bytes, digest, settings, device_name)
-    heard = _hear_groups(run, paths, model_path, speakers, groups, files_per_shard)
-    shards = shards_of(paths, groups if heard is None else None, files_per_shard)
+    first = _hear_groups(run, paths, model_path, speakers, groups, files_per_shard)
+    heard, results = (None, []) if first is None else (first[:2], [first[2:]])  # the sample's files: labelled
+    done = set() if first is None else {r["path"] for r in first[2]}
+    rest = [i for i, p in enumerate(paths) if str(p) not in done]
+    whole = None if heard is not None or groups is None else [groups[i] for i in rest]  # no first pass: groups whole
+    shards = [[rest[i] for i in s] for s in shards_of([paths[i] for i in rest], whole, files_per_shard)]
 
     def task(n: int, model: Any, shared: Any) -> tuple:
         return (label_shard, [str(paths[i]) for i in shards[n]], None if groups is None else [groups[i] for i in shards[n]],
                 model, digest, settings, speakers, device_name, shared)
 
-    results = _run_rounds(run, len(shards), task, [[paths[i] for i in s] for s in shards], heard, on_shard)
+    labelled = [len(done)]
+    if done and on_shard is not None:
+        on_shard(len(done), len(paths))
+
+    def shard_done(n: int) -> None:
+        labelled[0] += len(shards[n])
+        if on_shard is not None:
+            on_shard(labelled[0], len(paths))
+
+    results += _run_rounds(run, len(shards), task, [[paths[i] for i in s] for s in shards], heard, shard_done)
     order = {str(p): i for i, p in enumerate(paths)}
     rows = sorted((r for files, _ in results for r in files), key=lambda r: order[r["path"]])
     segments = sorted((r for _, segs in results for r in segs), key=lambda r: order[r["path"]])  # stable
@@ -140,9 +157,10 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
 
 
 def _hear_groups(run: tuple, paths: list[Path], model_path: str | Path, speakers: str, groups: list[str] | None,
-                 files_per_shard: int) -> tuple[dict, dict] | None:
+                 files_per_shard: int) -> tuple[dict, dict, list[dict], list[dict]] | None:
     """The first pass of a speaker model's grouped run, on the workers: (each group's statistics,
-    each group's adaptation); None when the local run would make no first pass either."""
+    each group's adaptation, the sampled files' rows, their window rows); None when the local run
+    would make no first pass either."""
     info = read_model_info(model_path)
     settings = run[3]
     if groups is None or info is None or info["normalisation"] != "speaker":
@@ -155,25 +173,29 @@ def _hear_groups(run: tuple, paths: list[Path], model_path: str | Path, speakers
 
     def task(n: int, model: Any, shared: Any) -> tuple:
         return (hear_shard, [str(sample[i]) for i in tasks[n]], [keys[i] for i in tasks[n]], model, run[2],
-                settings, run[4], cap, used)
+                settings, run[4], cap, used, speakers)
 
     statistics: dict = {}
     states: dict = {}
-    for part_statistics, part_states in _run_rounds(run, len(tasks), task, [[sample[i] for i in s] for s in tasks]):
-        statistics.update(part_statistics)
-        states.update(part_states)
-    return statistics, states
+    files: list[dict] = []
+    segments: list[dict] = []
+    for part in _run_rounds(run, len(tasks), task, [[sample[i] for i in s] for s in tasks]):
+        statistics.update(part[0])
+        states.update(part[1])
+        files += part[2]
+        segments += part[3]
+    return statistics, states, files, segments
 
 
 def _run_rounds(run: tuple, n_tasks: int, task: Callable[[int, Any, Any], tuple], files: list[list[Path]],
-                shared: Any = None, on_done: Callable[[int, int], None] | None = None) -> list[Any]:
-    """Each task's result, in task order. The model's bytes (and `shared`) are sent to every
-    worker each round; a round that lost them with the only worker sends its tasks again."""
+                shared: Any = None, on_done: Callable[[int], None] | None = None) -> list[Any]:
+    """Each task's result, in task order; on_done(task) as each arrives. The model's bytes (and
+    `shared`) are sent to every worker each round; a round that lost them with the only worker
+    sends its tasks again."""
     from distributed import as_completed
 
     client, model_bytes = run[0], run[1]
     results: list[Any] = [None] * n_tasks
-    done = 0
     for _ in range(RESUBMITS + 1):
         todo = [n for n, result in enumerate(results) if result is None]
         if not todo:
@@ -188,9 +210,8 @@ def _run_rounds(run: tuple, n_tasks: int, task: Callable[[int, Any, Any], tuple]
                 results[futures[future]] = _shard_result(future, files[futures[future]])
                 if results[futures[future]] is None:
                     continue  # the model's bytes died with the only worker: sent again next round
-                done += 1
                 if on_done is not None:
-                    on_done(done, n_tasks)
+                    on_done(futures[future])
         except (OSError, TimeoutError):  # distributed's CommClosedError is an OSError
             raise UserError("the cluster's scheduler was lost mid-run; nothing written") from None
         finally:
@@ -250,8 +271,7 @@ def label_files_on_cluster(paths: list[Path], model_path: str, settings: Setting
         with connect(address, certs, insecure) as client, \
                 tqdm(total=len(paths), desc="predict (cluster)", unit="file") as progress:
             files, segments = label_on_cluster(client, paths, model_path, info["classes"], settings, speakers, groups,
-                                               device_name, on_shard=lambda done, total: progress.update(
-                                                   round(len(paths) * done / total) - progress.n))
+                                               device_name, on_shard=lambda done, _: progress.update(done - progress.n))
     except Exception as e:
         if type(e).__name__ == "ModelFileError":  # raised on a worker too; ser.models imports torch
             raise UserError(str(e)) from None

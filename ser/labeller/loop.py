@@ -126,11 +126,17 @@ def label_files(paths: list[Path], trained: "TrainedModel", s: Settings, stream:
     return files.to_frame(), segments.to_frame()
 
 
-def hear_groups(sample: list[Path], keys: list[str], trained: "TrainedModel", s: Settings, cap: int, used: str
-                ) -> tuple[Statistics, States]:
+def hear_groups(sample: list[Path], keys: list[str], trained: "TrainedModel", s: Settings, cap: int, used: str,
+                speakers: str) -> tuple[Statistics, States, Table, Table]:
     """The first pass of a grouped run on its own (a cluster worker's share of it): the statistics
     and adaptations of the groups of `sample` (a sample of each group's files, as
-    grouping.statistics_sample draws it; `keys`: each file's group; `cap`: windows kept a group)."""
-    statistics, window_sample = first_pass(sample, keys, FeatureStream(sample, trained.extractor(s.precision), s),
-                                           trained.feature_params, s, cap)
-    return statistics, adapted_states(trained, used, statistics, window_sample, s)
+    grouping.statistics_sample draws it; `keys`: each file's group; `cap`: windows kept a group),
+    and the sample's files labelled with them, as label_rows would (file rows, window rows): their
+    features, computed for the statistics, serve the labels too (within s.max_queued_windows)."""
+    stream = FeatureStream(sample, trained.extractor(s.precision), s, then=sample)
+    statistics, window_sample = first_pass(sample, keys, stream, trained.feature_params, s, cap)
+    states = adapted_states(trained, used, statistics, window_sample, s)
+    pieces = stream.next_pieces()  # the sample again: the pieces the first pass kept, then the rest
+    files, segments = label_rows(sample, trained, s, pieces, speakers, groups=keys,  # type: ignore[arg-type]
+                                 heard=(statistics, states))
+    return statistics, states, files, segments

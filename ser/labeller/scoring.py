@@ -41,18 +41,27 @@ def group_models(trained: "TrainedModel", used: str, statistics: Statistics, win
 def adapted_states(trained: "TrainedModel", used: str, statistics: Statistics, window_sample: Any, s: Settings
                    ) -> States:
     """Each group's adaptation (ser.adaptation.adapted_state) to its kept windows, for every group
-    with statistics of its own and at least MIN_CLIPS windows kept."""
+    with statistics of its own and at least MIN_CLIPS windows kept. On one thread, whatever the
+    machine: the backward passes' sums are split by thread, so a local run on all cores and a
+    cluster worker on one would adapt a little apart (in bfloat16, enough to move a near tie)."""
+    import torch
+
     from ser.adaptation import MIN_CLIPS, adapted_state
 
     states = {}
     keys = [] if window_sample is None else [k for k in window_sample.kept if k in statistics]
-    for key in tqdm(keys, desc="adapt to speakers", unit="group", disable=not keys):
-        features, functionals = window_sample.windows(key)
-        if len(features) < MIN_CLIPS:
-            continue
-        piece = {"features": features, "functionals": functionals}
-        z = None if trained.head is None else functional_input([piece], [statistics[key]], trained.head)
-        states[key] = adapted_state(trained, model_input([piece], used, [statistics[key]]), z, s.precision)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key in tqdm(keys, desc="adapt to speakers", unit="group", disable=not keys):
+            features, functionals = window_sample.windows(key)
+            if len(features) < MIN_CLIPS:
+                continue
+            piece = {"features": features, "functionals": functionals}
+            z = None if trained.head is None else functional_input([piece], [statistics[key]], trained.head)
+            states[key] = adapted_state(trained, model_input([piece], used, [statistics[key]]), z, s.precision)
+    finally:
+        torch.set_num_threads(threads)
     return states
 
 
