@@ -5,9 +5,10 @@ The cluster runs the same code as the local run, in the same two passes: each wo
 model once (its bytes are sent to every worker, so workers need the audio at the same paths but
 not the model file). A speaker-normalised model's grouped run first hears each group on the
 workers (ser.labeller.loop.hear_groups: the statistics and adaptation of a sample of its files,
-the sample the local run draws, a group whole in one task); then every file is labelled in shards
-by label_rows with what was heard, so a big group (a flat folder is one) is labelled by every
-worker and each file gets the local run's label. The rows come back and are put in path order:
+the sample the local run draws, a group whole in one task, which labels the sample from the
+features it read); then every other file is labelled in shards by label_rows with what was heard,
+so a big group (a flat folder is one) is labelled by every worker and each file gets the local
+run's label. The rows come back and are put in path order:
 the output has the local run's columns, error rows and order.
 
 A worker that dies mid-shard loses nothing: the scheduler runs its shard again on another
