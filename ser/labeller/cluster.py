@@ -129,8 +129,9 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
     digest = hashlib.sha256(model_bytes).hexdigest()
     run = (client, model_bytes, digest, settings, device_name)
     first = _hear_groups(run, paths, model_path, speakers, groups, files_per_shard)
-    heard, results = (None, []) if first is None else (first[:2], [first[2:]])  # the sample's files: labelled
-    done = set() if first is None else {r["path"] for r in first[2]}
+    heard = None if first is None else first[:2]
+    results = [] if first is None else [first[2:]]  # the sampled files, labelled in the first pass
+    done = {r["path"] for files, _ in results for r in files}
     rest = [i for i, p in enumerate(paths) if str(p) not in done]
     whole = None if heard is not None or groups is None else [groups[i] for i in rest]  # no first pass: groups whole
     shards = [[rest[i] for i in s] for s in shards_of([paths[i] for i in rest], whole, files_per_shard)]
@@ -139,14 +140,15 @@ def label_on_cluster(client: "Client", paths: list[Path], model_path: str | Path
         return (label_shard, [str(paths[i]) for i in shards[n]], None if groups is None else [groups[i] for i in shards[n]],
                 model, digest, settings, speakers, device_name, shared)
 
-    labelled = [len(done)]
+    labelled = len(done)
     if done and on_shard is not None:
-        on_shard(len(done), len(paths))
+        on_shard(labelled, len(paths))
 
     def shard_done(n: int) -> None:
-        labelled[0] += len(shards[n])
+        nonlocal labelled
+        labelled += len(shards[n])
         if on_shard is not None:
-            on_shard(labelled[0], len(paths))
+            on_shard(labelled, len(paths))
 
     results += _run_rounds(run, len(shards), task, [[paths[i] for i in s] for s in shards], heard, shard_done)
     order = {str(p): i for i, p in enumerate(paths)}
