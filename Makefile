@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-weights.tx
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup browser repro cv loco test app bench clean-venv
+.PHONY: setup browser repro cv loco fast test app bench clean-venv
 
 # Measured: installing requirements.txt (torch's CUDA build) peaks at 7.7 GB on disk, 5.8 GB after.
 $(STAMP): requirements.txt requirements-weights.txt pyproject.toml
@@ -57,6 +57,11 @@ cv: setup
 loco: setup
 	$(RUN) loco/dvc.yaml
 
+# The fast model (fast/dvc.yaml: data/model/fast.pt, no encoder at labelling): trained, scored on the test
+# speakers and left one corpus out, after repro, with the same archives (`make fast SHARED=../shared/data`).
+fast: setup
+	$(RUN) fast/dvc.yaml
+
 # The demo page's browser tests drive Debian's Chromium; install it when missing (as root).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -76,6 +81,7 @@ bench: setup
 	python bench/bench_profile.py --precision auto
 	python bench/bench_features.py
 	python bench/bench_predict.py
+	[ ! -f data/model/fast.pt ] || python bench/bench_predict.py --model data/model/fast.pt
 	python bench/bench_cluster.py
 	python bench/bench_repro.py
 	python -m bench.bench_hostile

@@ -25,7 +25,7 @@ from ser.models import infer
 from ser.trained import TrainedModel, scored_probs
 from ser.training import (SCORED_GROUPINGS, apply_statistics, fit_ensemble, fit_head, grouped_functionals,
                           grouped_statistics, grouping_keys, input_statistics, load_clips, load_raw,
-                          sampling_weights, train_classes)
+                          model_feature_params, recipe_functionals, sampling_weights, train_classes)
 from ser.device import pick_device
 from ser.util import UserError
 
@@ -87,9 +87,9 @@ def leave_one_out(data: tuple[str, str], recipe: dict[str, Any], left_out: str, 
     temperature = fit_temperature(infer(model, x_cal, recipe["batch_size"], device), y_cal) if len(x_cal) else 1.0
     head = fit_head(recipe, data[0], train_clips, y, len(classes), weights, (y_cal, cal_clips))
     # the model as a model file would carry it (its network kept unfused, as trained)
-    trained = TrainedModel(model, classes, fp, {"temperature": temperature, "normalisation": norm,
+    trained = TrainedModel(model, classes, model_feature_params(recipe, fp), {"temperature": temperature, "normalisation": norm,
                                                 "fusion": None if head is None else head.to_record()}, device=device)
-    functionals = feature_store.load_functionals(data[0], test_clips["path"]) if head is not None else None
+    functionals = recipe_functionals(recipe, data[0], test_clips["path"]) if head is not None else None
     minutes = round((time.perf_counter() - start) / 60, 2)
     groupings = SCORED_GROUPINGS if norm == "speaker" else ("speaker",)  # a clip model normalises itself
     population = average_speaker(*stats, train_clips["speaker"]) if norm == "speaker" else None

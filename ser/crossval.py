@@ -30,10 +30,9 @@ from joblib import Parallel, delayed
 from ser import features as feature_store
 from ser.audio import FeatureParams
 from ser.metrics import confusion_matrix, scores_from_confusion
-from ser.features import load_functionals
 from ser.trained import TrainedModel, scored_probs
 from ser.training import (fit_ensemble, fit_head, grouped_functionals, input_statistics, load_clips, load_raw,
-                          sampling_weights, train_classes)
+                          model_feature_params, recipe_functionals, sampling_weights, train_classes)
 from ser.device import pick_device
 from ser.util import UserError
 
@@ -100,7 +99,7 @@ def train_stage_model(model_path: str, recipe: dict[str, Any], features_dir: str
         return None
     trained = TrainedModel.load(model_path, device)
     # feature params too: run by hand after a features change, the model file can be stale
-    same_features = trained.feature_params == feature_store.load(features_dir)[2]
+    same_features = trained.feature_params == model_feature_params(recipe, feature_store.load(features_dir)[2])
     return trained if same_features and trained.extra.get("recipe") == recipe else None
 
 
@@ -128,7 +127,7 @@ def run_fold(data: tuple[str, str], recipe: dict[str, Any], folds: list[Fold], k
         print(f"cv fold {k + 1}/{len(folds)}: the train stage's model (same recipe and actors)", flush=True)
     minutes = (time.perf_counter() - start) / 60 if trained is None else 0.0
     z = None if head is None else grouped_functionals(
-        load_functionals(data[0], test_clips["path"]), test_clips, "speaker", head)
+        recipe_functionals(recipe, data[0], test_clips["path"]), test_clips, "speaker", head)
     probs = scored_probs(model, head, x_test, z, recipe["batch_size"], device).exp().numpy()
     predicted = probs.argmax(1)
     scores = scores_from_confusion(confusion_matrix(y_test.numpy(), predicted, len(classes)), classes)

@@ -154,8 +154,11 @@ def load(features_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, FeaturePar
     return array, index, fp
 
 
-def load_functionals(features_dir: str | Path, paths: "pd.Series | list[str]") -> np.ndarray:
-    """The functionals (rows, ser.prosody's and any encoder's) of the clips at `paths`, in their order."""
+def load_functionals(features_dir: str | Path, paths: "pd.Series | list[str]", encoder: bool = True) -> np.ndarray:
+    """The functionals (rows, ser.prosody's and any encoder's) of the clips at `paths`, in their order;
+    encoder False: ser.prosody's alone (what a model without the encoder hears)."""
+    import json
+
     features_dir = Path(features_dir)
     if not (features_dir / FUNCTIONALS_NAME).is_file():
         raise UserError(f"{features_dir} has no {FUNCTIONALS_NAME}; rerun the features stage")
@@ -163,4 +166,5 @@ def load_functionals(features_dir: str | Path, paths: "pd.Series | list[str]") -
     missing = [p for p in paths if p not in row_of]
     if missing:
         raise UserError(f"{features_dir} has no features of {missing[0]}; rerun the features stage")
-    return np.load(features_dir / FUNCTIONALS_NAME)[[row_of[p] for p in paths]]
+    rows = np.load(features_dir / FUNCTIONALS_NAME, mmap_mode="r")[[row_of[p] for p in paths]]
+    return rows if encoder else rows[:, : n_functionals(json.loads((features_dir / PARAMS_NAME).read_text())["n_mels"])]

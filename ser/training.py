@@ -6,6 +6,7 @@ the test actors never reach this module, and cross-validation (ser.crossval) mea
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,23 @@ def grouped_functionals(f: np.ndarray, clips: pd.DataFrame, grouping: str, head:
     return standardise(f, *(head.population if keys is None else group_statistics(f, keys)))
 
 
+def uses_encoder(r: dict[str, Any]) -> bool:
+    """Whether recipe r's linear model hears the encoder's summary (r["encoder"], default true) when
+    the features have one; false: a model that labels without running the encoder (params fast)."""
+    return r.get("encoder", True) is not False
+
+
+def model_feature_params(r: dict[str, Any], fp: FeatureParams) -> FeatureParams:
+    """The feature params a model of recipe r hears, from those of its training features `fp`: without
+    the encoder when the recipe leaves it out, so that the labeller does not run it."""
+    return fp if uses_encoder(r) else replace(fp, encoder=None, encoder_layers=None)
+
+
+def recipe_functionals(r: dict[str, Any], features_dir: str, paths: "pd.Series | list[str]") -> np.ndarray:
+    """The functionals of the clips at `paths` that recipe r's linear model hears (uses_encoder)."""
+    return feature_store.load_functionals(features_dir, paths, encoder=uses_encoder(r))
+
+
 def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch.Tensor, n_classes: int,
              weights: torch.Tensor | None, calibration: tuple[torch.Tensor, pd.DataFrame] | None
              ) -> LinearHead | None:
@@ -84,11 +102,11 @@ def fit_head(r: dict[str, Any], features_dir: str, clips: pd.DataFrame, y: torch
     epochs draw them), calibrated on `calibration` (labels, clips of held-out speakers)."""
     if not (r.get("fusion") or {}).get("weight"):
         return None
-    f = feature_store.load_functionals(features_dir, clips["path"])
+    f = recipe_functionals(r, features_dir, clips["path"])
     held_out = None
     if calibration is not None and len(calibration[1]):
         y_cal, cal_clips = calibration
-        held_out = (feature_store.load_functionals(features_dir, cal_clips["path"]), y_cal.numpy(),
+        held_out = (recipe_functionals(r, features_dir, cal_clips["path"]), y_cal.numpy(),
                     cal_clips["speaker"].to_numpy())
     try:
         return train_head(f, y.numpy(), clips["speaker"].to_numpy(), n_classes,
@@ -349,7 +367,7 @@ def calibrate(model: torch.nn.Module, r: dict[str, Any], split: tuple[torch.Tens
                "nll_before": round(float(F.cross_entropy(logits, y)), 5),
                "nll_after": round(float(F.cross_entropy(logits / t, y)), 5)}
     if head is not None:
-        f = feature_store.load_functionals(features_dir, clips["path"])
+        f = recipe_functionals(r, features_dir, clips["path"])
         fused = fused_log_probs(logits / t, grouped_functionals(f, clips, "speaker", head), head)
         figures.update(fused_ece=round(expected_calibration_error(fused.exp().numpy(), y.numpy()), 5),
                        fused_nll=round(float(F.nll_loss(fused, y)), 5))

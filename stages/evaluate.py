@@ -38,7 +38,8 @@ def main() -> None:
     if len(raw) == 0:
         raise UserError("evaluate: no test clips; set metadata.test_actors")
     # a linear model's input: the speakers' standardised functionals (ser.fusion)
-    functionals = load_functionals(args.features, clips["path"]) if trained.head else None
+    functionals = (load_functionals(args.features, clips["path"], encoder=trained.feature_params.encoder is not None)
+                   if trained.head else None)
     metrics, frame, cm, probs = score_test_speakers(trained, raw, y, clips, functionals, p["batch_size"])
     write_json(args.metrics, round_floats(metrics))
     with atomic_path(args.reliability) as tmp:

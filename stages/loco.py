@@ -19,8 +19,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in ("features", "metadata", "metrics", "table", "predictions"):
         parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--overlay", help="a params section whose settings replace the recipe's (fast)")
     args = parser.parse_args()
-    recipe = yaml.safe_load(Path("params.yaml").read_text())["train"]  # the recipe under test
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    recipe = {**params["train"], **(params[args.overlay]["recipe"] if args.overlay else {})}  # the recipe under test
     table, summary, predictions = leave_one_corpus_out((args.features, args.metadata), recipe)
     with atomic_path(args.table) as tmp:
         table.to_csv(tmp, index=False)

@@ -81,9 +81,10 @@ def tiny_checkpoint(tmp_path, feature_params) -> Path:
     return path
 
 
-def synthetic_dataset(root, feature_params, per_class=24):
+def synthetic_dataset(root, feature_params, per_class=24, encoder=None):
     """Two emotions that differ by which mel bands are loud in the first half of the clip (a
-    pattern over time: the model subtracts each clip's own mean per band); actors 1-5 train, 6 test."""
+    pattern over time: the model subtracts each clip's own mean per band); actors 1-5 train, 6 test.
+    encoder (a name): the features say they hold its summary, whose first 16 values tell the emotions apart."""
     rng = np.random.default_rng(0)
     rows, arrays = [], []
     for actor in range(1, 7):
@@ -101,6 +102,14 @@ def synthetic_dataset(root, feature_params, per_class=24):
     # functionals: noise, but the first 32 are higher for angry (what the linear model can learn)
     functionals = rng.normal(0, 1, (len(rows), n_functionals(feature_params.n_mels))).astype(np.float32)
     functionals[:, :32] += np.array([[3.0] if r["emotion"] == "angry" else [0.0] for r in rows], dtype=np.float32)
+    if encoder is not None:
+        from dataclasses import replace
+
+        from ser.encoder import n_values
+
+        summary = rng.normal(0, 1, (len(rows), n_values(encoder))).astype(np.float32)
+        summary[:, :16] += np.array([[4.0] if r["emotion"] == "angry" else [0.0] for r in rows], dtype=np.float32)
+        functionals, feature_params = np.hstack([functionals, summary]), replace(feature_params, encoder=encoder)
     np.save(features / FUNCTIONALS_NAME, functionals)
     pd.DataFrame({"path": [r["path"] for r in rows]}).to_parquet(features / INDEX_NAME)
     (features / PARAMS_NAME).write_text(json.dumps(feature_params.to_dict()))

@@ -4,12 +4,13 @@ import pytest
 
 from conftest import synthetic_dataset, train_params
 from ser.calibration import expected_calibration_error
+from ser import crosscorpus
 from ser.crosscorpus import leave_one_corpus_out, score_shared
 from ser.util import UserError
 
 
-def _two_corpora(tmp_path, feature_params):
-    features, metadata = synthetic_dataset(tmp_path, feature_params)  # actors 1-6
+def _two_corpora(tmp_path, feature_params, encoder=None):
+    features, metadata = synthetic_dataset(tmp_path, feature_params, encoder=encoder)  # actors 1-6
     clips = pd.read_parquet(metadata)
     clips["corpus"] = np.where(clips["actor"] <= 3, "studio_a", "studio_b")
     clips["speaker"] = clips["corpus"] + ":" + clips["actor"].astype(str)
@@ -67,6 +68,20 @@ def test_a_fusion_recipe_is_scored_fused_and_its_linear_model_never_hears_the_le
     assert np.allclose(predictions.filter(like="prob_").sum(axis=1), 1, atol=1e-3)
     # weight 1: the linear model alone, which learns the functionals that are higher for angry (conftest)
     assert table["uar"].min() >= 0.8
+
+
+def test_a_fast_recipe_is_scored_without_the_encoder(tmp_path, feature_params, monkeypatch):
+    from ser.prosody import n_functionals
+
+    data = _two_corpora(tmp_path, feature_params, encoder="whisper-base")
+    widths = []
+    score = crosscorpus.scored_probs
+    monkeypatch.setattr("ser.crosscorpus.scored_probs", lambda model, head, x, z, *a: widths.append(
+        z.shape[1]) or score(model, head, x, z, *a))
+    recipe = train_params(epochs=2, normalisation="speaker", encoder=False, fusion={"weight": 0.4, "c": 1.0})
+    table, _, predictions = leave_one_corpus_out(data, recipe)
+    assert set(widths) == {n_functionals(feature_params.n_mels)}  # the prosody's functionals alone
+    assert table["uar"].min() >= 0.8 and np.allclose(predictions.filter(like="prob_").sum(axis=1), 1, atol=1e-3)
 
 
 def test_a_clip_normalised_model_is_scored_once(tmp_path, feature_params):

@@ -109,3 +109,16 @@ def test_the_encoder_on_a_device_gives_the_features_of_the_workers_and_its_own_c
     assert cache_key(fp, "cuda:0") == cache_key(fp) + "-cuda" and cache_key(feature_params, "cuda") == cache_key(feature_params)
     assert build(paths, fp, tmp_path / "again", n_jobs=1, cache_dir=cache)[1] == 0
     assert len(list(cache.iterdir())) == 2
+
+
+def test_without_the_encoder_the_functionals_are_the_prosodys_alone(tmp_path, feature_params):
+    from conftest import synthetic_dataset
+    from ser.features import load_functionals
+    from ser.prosody import n_functionals
+
+    features, metadata = synthetic_dataset(tmp_path, feature_params, encoder="whisper-base")
+    paths = ["a6/sad1.wav", "a1/angry0.wav"]
+    every = load_functionals(features, paths)
+    assert every.shape == (2, n_functionals(feature_params.n_mels) + 1024)
+    np.testing.assert_array_equal(load_functionals(features, paths, encoder=False),
+                                  every[:, : n_functionals(feature_params.n_mels)])

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 
-PIPELINES = [ROOT / "dvc.yaml", ROOT / "cv" / "dvc.yaml", ROOT / "loco" / "dvc.yaml"]
+PIPELINES = [ROOT / "dvc.yaml", ROOT / "cv" / "dvc.yaml", ROOT / "loco" / "dvc.yaml", ROOT / "fast" / "dvc.yaml"]
 PROJECT_PACKAGES = {"ser", "stages", "bench", "tests"}
 
 
@@ -109,7 +109,7 @@ def test_no_library_file_is_long_and_the_labeller_is_in_rooms():
 
 def test_params_are_short_and_every_setting_says_what_it_is():
     lines = (ROOT / "params.yaml").read_text().splitlines()
-    assert len(lines) <= 80
+    assert len(lines) <= 84
     for line in lines:
         value = re.match(r"^\s+\w+:\s*(\S.*)$", line)
         if value:  # a setting with a value (sections and their heads need none)
@@ -182,7 +182,8 @@ def test_the_library_has_no_import_circle_even_through_imports_inside_functions(
 def test_the_page_or_the_labeller_reruns_no_training_and_the_decoding_code_reruns_every_model_stage():
     runs = {name: set(stage["deps"]) for name, stage in _stages()}
     interfaces = {"ser/app.py", "ser/cli.py", *(str(p.relative_to(ROOT)) for p in (ROOT / "ser/labeller").glob("*.py"))}
-    for name in ("dvc.yaml:train", "dvc.yaml:evaluate", "cv/dvc.yaml:cv", "loco/dvc.yaml:loco"):
+    for name in ("dvc.yaml:train", "dvc.yaml:evaluate", "cv/dvc.yaml:cv", "loco/dvc.yaml:loco", "fast/dvc.yaml:train",
+                 "fast/dvc.yaml:evaluate", "fast/dvc.yaml:loco"):
         assert not runs[name] & interfaces, (name, runs[name] & interfaces)
     assert all("ser/audio.py" in deps for name, deps in runs.items() if not name.endswith(":download"))
 
@@ -194,3 +195,6 @@ def test_the_unseen_temperature_the_model_carries_is_the_one_leave_one_corpus_ou
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     fitted = json.loads((ROOT / "metrics/loco.json").read_text())["unseen_temperature"]
     assert params["confidence"]["unseen_temperature"] == fitted
+    # the fast model's own, from make fast's leave-one-corpus-out
+    fitted = json.loads((ROOT / "metrics/fast/loco.json").read_text())["unseen_temperature"]
+    assert params["fast"]["unseen_temperature"] == fitted

@@ -219,3 +219,31 @@ def test_int8_is_the_labellers_not_a_training_precision(feature_params):
     x, y = torch.zeros(4, feature_params.n_mels, feature_params.n_frames), torch.zeros(4, dtype=torch.long)
     with pytest.raises(UserError, match="train.precision int8"):
         fit_ensemble(train_params(precision="int8"), x, y, feature_params, 2, CPU)
+
+
+
+FAST = {"encoder": False, "fusion": {"weight": 0.4, "c": 1.0}}
+
+
+def test_a_fast_recipe_trains_a_model_that_hears_no_encoder(tmp_path, feature_params):
+    from ser.features import load
+    from ser.fusion import LinearHead
+    from ser.prosody import n_functionals
+    from ser.training import model_feature_params
+
+    features, metadata = synthetic_dataset(tmp_path, feature_params, encoder="whisper-base")
+    fp = load(features)[2]
+    assert fp.encoder == "whisper-base" and model_feature_params(FAST, fp) == feature_params  # no encoder
+    model, history, record = train(train_params(**FAST), str(features), str(metadata), CPU)
+    assert LinearHead.from_record(record["fusion"]).weight.shape == (2, n_functionals(feature_params.n_mels))
+    # the CNN is the same as with the encoder (it hears the log-Mel only); the linear model differs
+    default, history_default, record_default = train(train_params(fusion=FAST["fusion"]), str(features),
+                                                      str(metadata), CPU)
+    assert history == history_default
+    assert LinearHead.from_record(record_default["fusion"]).weight.shape == (2, fp_width(features))
+
+
+def fp_width(features):
+    import numpy as np
+
+    return np.load(features / "functionals.npy", mmap_mode="r").shape[1]
